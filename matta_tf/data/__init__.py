@@ -1,0 +1,50 @@
+"""Relevance data: the feature schema, tf.Example records, TFRecord shards and `tf.data` input.
+
+Also builds real MovieLens events offline (`prepare_movielens`) and synthetic events at scale
+(`generate_synthetic`).
+"""
+
+from matta_tf.data.examples import (
+    RecordError,
+    check_example,
+    decode_example,
+    encode_example,
+    feature_spec,
+    parse_example_bytes,
+    parse_examples,
+    serialize_example,
+)
+from matta_tf.data.movielens import MovieLensConfig, build_events, movielens_schema, prepare_movielens
+from matta_tf.data.schema import Feature, Label, Schema, SchemaError
+from matta_tf.data.synthetic import SyntheticConfig, generate_synthetic, synthetic_schema
+from matta_tf.data.tfrecords import ShardedTFRecordWriter, list_files, make_dataset, read_records, write_records
+from matta_tf.data.vocabulary import build_vocabulary, lookup_layer
+
+__all__ = [
+    "Feature",
+    "Label",
+    "MovieLensConfig",
+    "RecordError",
+    "Schema",
+    "SchemaError",
+    "ShardedTFRecordWriter",
+    "SyntheticConfig",
+    "build_events",
+    "build_vocabulary",
+    "check_example",
+    "decode_example",
+    "encode_example",
+    "feature_spec",
+    "generate_synthetic",
+    "list_files",
+    "lookup_layer",
+    "make_dataset",
+    "movielens_schema",
+    "parse_example_bytes",
+    "parse_examples",
+    "prepare_movielens",
+    "read_records",
+    "serialize_example",
+    "synthetic_schema",
+    "write_records",
+]
