@@ -8,7 +8,8 @@ import pandas as pd
 import pytest
 
 from matta_tf.data import MovieLensConfig, Schema, build_events, decode_example, movielens_schema, read_records
-from matta_tf.data.movielens import load_ratings, prepare_movielens, split_by_time
+from matta_tf.data.movielens import load_ratings, prepare_movielens
+from matta_tf.data.splits import split_by_time
 
 
 @pytest.fixture(scope="module")

@@ -32,10 +32,10 @@ from tqdm.auto import tqdm
 
 from matta_tf.data.examples import serialize_example
 from matta_tf.data.schema import Feature, Label, Schema
+from matta_tf.data.splits import SPLITS, check_split_fractions, split_by_time
 from matta_tf.data.tfrecords import ShardedTFRecordWriter
 from matta_tf.data.vocabulary import build_vocabulary
 
-SPLITS = ("train", "validation", "test")
 UNKNOWN_YEAR = 0.0
 _YEAR_BOUNDARIES = (1900.0, 1950.0, 1970.0, 1980.0, 1990.0, 1995.0, 2000.0, 2005.0, 2010.0)
 _COUNT_BOUNDARIES = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0)
@@ -67,13 +67,7 @@ class MovieLensConfig:
     def __post_init__(self) -> None:
         if self.task not in ("binary", "multiclass"):
             raise ValueError(f"`task` must be 'binary' or 'multiclass'. Received: task={self.task!r}")
-        fractions = tuple(float(f) for f in self.split_fractions)
-        if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1.0) > 1e-6:
-            raise ValueError(
-                "`split_fractions` must be three positive fractions summing to 1. "
-                f"Received: split_fractions={self.split_fractions!r}"
-            )
-        object.__setattr__(self, "split_fractions", fractions)
+        object.__setattr__(self, "split_fractions", check_split_fractions(self.split_fractions))
         if not 0.5 <= self.label_threshold <= 5.0:
             raise ValueError(f"`label_threshold` must be in [0.5, 5]. Received: label_threshold={self.label_threshold}")
         for field in ("history_length", "min_count", "num_shards"):
@@ -119,14 +113,6 @@ def _genres(value: str) -> list[str]:
     if not isinstance(value, str) or value in ("", "(no genres listed)"):
         return []
     return value.split("|")
-
-
-def split_by_time(timestamps: np.ndarray, fractions: tuple[float, float, float]) -> np.ndarray:
-    """Split names by time: cut points at the fractions' quantiles; equal timestamps share a split."""
-    ordered = np.sort(timestamps)
-    first_cut = ordered[min(int(len(ordered) * fractions[0]), len(ordered) - 1)]
-    second_cut = ordered[min(int(len(ordered) * (fractions[0] + fractions[1])), len(ordered) - 1)]
-    return np.where(timestamps < first_cut, SPLITS[0], np.where(timestamps < second_cut, SPLITS[1], SPLITS[2]))
 
 
 def _history_features(events: pd.DataFrame, positive: pd.Series, history_length: int) -> pd.DataFrame:

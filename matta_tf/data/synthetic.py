@@ -29,9 +29,9 @@ from tqdm.auto import tqdm
 
 from matta_tf.data.examples import serialize_example
 from matta_tf.data.schema import Feature, Label, Schema
+from matta_tf.data.splits import SPLITS, check_split_fractions
 from matta_tf.data.tfrecords import ShardedTFRecordWriter
 
-SPLITS = ("train", "validation", "test")
 DEVICES = ("android", "ios", "web", "tv")
 _PRICE_BOUNDARIES = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0)
 
@@ -75,13 +75,7 @@ class SyntheticConfig:
                       "nonlinear_units", "num_shards", "chunk_size"):
             if int(getattr(self, field)) < 1:
                 raise ValueError(f"`{field}` must be >= 1. Received: {field}={getattr(self, field)!r}")
-        fractions = tuple(float(f) for f in self.split_fractions)
-        if len(fractions) != 3 or min(fractions) <= 0 or abs(sum(fractions) - 1.0) > 1e-6:
-            raise ValueError(
-                "`split_fractions` must be three positive fractions summing to 1. "
-                f"Received: split_fractions={self.split_fractions!r}"
-            )
-        object.__setattr__(self, "split_fractions", fractions)
+        object.__setattr__(self, "split_fractions", check_split_fractions(self.split_fractions))
 
 
 class GroundTruth:
