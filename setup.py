@@ -28,6 +28,7 @@ setup(
         "matplotlib>=3.8,<4",
         "tqdm>=4.66,<5",
         "scipy>=1.11,<2",
+        "grpcio>=1.60,<2",
     ],
     extras_require={
         "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "ruff>=0.6"],

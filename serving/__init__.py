@@ -1,0 +1,92 @@
+"""Serving matta-tf models with TF Serving: export every Mix'n'Match size, configure, call, A/B test.
+
+```python
+from serving import ModelEntry, PredictionClient, ServableModel, export_for_serving, raw_features, write_model_config
+
+exported = export_for_serving([ServableModel.extract(nested, spec, schema) for spec in specs], "runs/serving")
+write_model_config("runs/serving/models.config",
+                   [ModelEntry("relevance", "runs/serving/relevance", labels={"control": 1, "treatment": 2})])
+# tensorflow_model_server --model_config_file=runs/serving/models.config   (or: matta serve ...)
+client = PredictionClient("127.0.0.1:8500", "relevance")
+client.predict(raw_features(records, schema), label="treatment")["probabilities"]
+```
+
+Names are imported on first use, so `serving.ab` (assignment and analysis) loads without TensorFlow.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+_EXPORTS = {
+    "ExportedServable": "serving.export",
+    "ServableModel": "serving.export",
+    "export_for_serving": "serving.export",
+    "raw_features": "serving.export",
+    "raw_input_signature": "serving.export",
+    "ModelEntry": "serving.model_config",
+    "read_model_config": "serving.model_config",
+    "write_model_config": "serving.model_config",
+    "Prediction": "serving.client",
+    "PredictionClient": "serving.client",
+    "PredictionError": "serving.client",
+    "LocalModelServer": "serving.server",
+    "ABAnalysis": "serving.ab",
+    "ABTest": "serving.ab",
+    "Arm": "serving.ab",
+    "ExposureLog": "serving.ab",
+    "analyze_ab_test": "serving.ab",
+    "predict_for_user": "serving.ab",
+    "read_exposures": "serving.ab",
+    "sample_ratio_check": "serving.ab",
+    "write_ab_report": "serving.ab",
+}
+
+__all__ = [
+    "ABAnalysis",
+    "ABTest",
+    "Arm",
+    "ExportedServable",
+    "ExposureLog",
+    "LocalModelServer",
+    "ModelEntry",
+    "Prediction",
+    "PredictionClient",
+    "PredictionError",
+    "ServableModel",
+    "analyze_ab_test",
+    "export_for_serving",
+    "predict_for_user",
+    "raw_features",
+    "raw_input_signature",
+    "read_exposures",
+    "read_model_config",
+    "sample_ratio_check",
+    "write_ab_report",
+    "write_model_config",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'serving' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)
+
+
+if TYPE_CHECKING:
+    from serving.ab import (
+        ABAnalysis,
+        ABTest,
+        Arm,
+        ExposureLog,
+        analyze_ab_test,
+        predict_for_user,
+        read_exposures,
+        sample_ratio_check,
+        write_ab_report,
+    )
+    from serving.client import Prediction, PredictionClient, PredictionError
+    from serving.export import ExportedServable, ServableModel, export_for_serving, raw_features, raw_input_signature
+    from serving.model_config import ModelEntry, read_model_config, write_model_config
+    from serving.server import LocalModelServer

@@ -1,0 +1,208 @@
+"""Shampoo's training-step time and optimizer memory relative to Adam, on a relevance-model-shaped network.
+
+Every optimizer trains its own copy of the same network (same seed) on the same cached random batches,
+all in one process. For each of `jit_compile` off and on, Adam and Shampoo with
+`preconditioning_compute_steps` 1, 10 and 100 are compiled and warmed up first (tracing, graph
+optimization, XLA, the first inverse roots: all excluded), then timed in interleaved rounds with the
+order rotating. A round times `model.fit` over a whole number of root-recomputation periods, so the
+amortized root cost is in the figure. The ratio reported is the median over rounds of
+`step(config) / step(Adam)` measured in the same round, which is robust to a machine whose load
+drifts; wall-clock and process CPU-time ratios are both printed (on a shared machine the CPU time is
+the steadier measure of the work done).
+
+Shampoo runs with its defaults except `start_preconditioning_step=1` (every timed step is a
+preconditioned step) and, under XLA, `root_method="newton"` (XLA's `eigh` is a slow Jacobi iteration
+on CPU). `--tuned` adds a configuration tuned for this network (embedding tables take the grafted
+Adam step, biases a diagonal factor, 128-blocks, statistics every 10 steps) to show what a user can
+trade; its settings are printed.
+
+The network is a hook: `--model MODULE:FUNCTION` is called with the batch size and returns
+`(model, dataset, loss)`: an unbuilt-optimizer `keras.Model`, a `tf.data.Dataset` of
+`(features, labels)` batches that repeats, and a Keras loss. The default builds the MovieLens relevance
+model's shape from random data: user (671 x 32) and item (9066 x 32) embedding tables, four 20 x 8
+context tables, concatenation, Dense 256-128-64-1, binary cross-entropy on logits, batch 512.
+
+Run from the repository root:
+
+    python benchmarks/shampoo_step_time.py                 # both jit settings, the default network
+    python benchmarks/shampoo_step_time.py --jit off --tuned --rounds 5
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+from matta_tf.optimizers import Shampoo  # noqa: E402
+
+TUNED = dict(
+    exponent_override={"embedding": 0},
+    diagonal_rank1=True,
+    block_size=128,
+    statistics_compute_steps=10,
+)
+
+
+def relevance_shaped_model(batch_size: int) -> tuple[keras.Model, tf.data.Dataset, keras.losses.Loss]:
+    """The MovieLens relevance model's shape on random data (the default `--model`)."""
+    keras.utils.set_random_seed(0)
+    inputs = {
+        "user": keras.Input((), dtype="int32", name="user"),
+        "item": keras.Input((), dtype="int32", name="item"),
+    }
+    embedded = [
+        keras.layers.Embedding(671, 32, name="user_embedding")(inputs["user"]),
+        keras.layers.Embedding(9066, 32, name="item_embedding")(inputs["item"]),
+    ]
+    for k in range(4):
+        inputs[f"context_{k}"] = keras.Input((), dtype="int32", name=f"context_{k}")
+        embedded.append(keras.layers.Embedding(20, 8, name=f"context_{k}_embedding")(inputs[f"context_{k}"]))
+    hidden = keras.layers.Concatenate()(embedded)
+    for units in (256, 128, 64):
+        hidden = keras.layers.Dense(units, activation="relu")(hidden)
+    model = keras.Model(inputs, keras.layers.Dense(1)(hidden))
+
+    # 64 batches held in memory, already batched: the input pipeline costs (almost) nothing per step.
+    rng = np.random.default_rng(0)
+    shape = (64, batch_size)
+    features = {
+        "user": rng.integers(0, 671, shape, dtype=np.int32),
+        "item": rng.integers(0, 9066, shape, dtype=np.int32),
+        **{f"context_{k}": rng.integers(0, 20, shape, dtype=np.int32) for k in range(4)},
+    }
+    labels = rng.integers(0, 2, shape).astype(np.float32)
+    dataset = tf.data.Dataset.from_tensor_slices((features, labels)).repeat().prefetch(4)
+    return model, dataset, keras.losses.BinaryCrossentropy(from_logits=True)
+
+
+def load_hook(spec: str) -> Callable[..., Any]:
+    """`"package.module:function"` -> the function."""
+    module, _, name = spec.partition(":")
+    if not module or not name:
+        raise ValueError(f"`--model` must be MODULE:FUNCTION. Received: {spec!r}")
+    return getattr(importlib.import_module(module), name)
+
+
+def state_bytes(optimizer: keras.optimizers.Optimizer) -> int:
+    """Bytes of the optimizer's variables (its state), counters and learning rate included."""
+    return sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in optimizer.variables)
+
+
+def make_configs(jit: bool, tuned: bool) -> dict[str, tuple[Callable[[], keras.optimizers.Optimizer], int]]:
+    """name -> (optimizer factory, root period: timed steps must be a multiple of it)."""
+    shampoo = dict(start_preconditioning_step=1)
+    if jit:
+        shampoo["root_method"] = "newton"
+    configs = {"adam": (keras.optimizers.Adam, 1)}
+    for period in (1, 10, 100):
+        configs[f"shampoo k={period}"] = (
+            lambda period=period: Shampoo(preconditioning_compute_steps=period, **shampoo),
+            period,
+        )
+    if tuned:
+        for period in (10, 100):
+            configs[f"tuned k={period}"] = (
+                lambda period=period: Shampoo(preconditioning_compute_steps=period, **shampoo, **TUNED),
+                max(period, TUNED["statistics_compute_steps"]),
+            )
+    return configs
+
+
+def run(args: argparse.Namespace, jit: bool) -> list[dict[str, Any]]:
+    factory = load_hook(args.model)
+    configs = make_configs(jit, args.tuned)
+    trained = {}
+    for name, (make_optimizer, period) in configs.items():
+        model, dataset, loss = factory(args.batch_size)
+        optimizer = make_optimizer()
+        model.compile(optimizer=optimizer, loss=loss, jit_compile=jit)
+        started = time.perf_counter()
+        model.fit(dataset, steps_per_epoch=args.warmup_steps, epochs=1, verbose=0)
+        warmup = time.perf_counter() - started
+        # Pure-Python loops would dominate k=1 under XLA: time fewer steps where each is slow.
+        steps = max(period, args.steps // 10) if period == 1 else max(period, args.steps)
+        trained[name] = dict(model=model, dataset=dataset, steps=steps, warmup=warmup, memory=state_bytes(optimizer))
+        print(f"  compiled {name:14s} (jit={jit}) in {warmup:6.1f} s", flush=True)
+
+    names = list(trained)
+    wall: dict[str, list[float]] = {name: [] for name in names}
+    cpu: dict[str, list[float]] = {name: [] for name in names}
+    for round_index in range(args.rounds):
+        order = names[round_index % len(names) :] + names[: round_index % len(names)]
+        for name in order:
+            entry = trained[name]
+            wall_start, cpu_start = time.perf_counter(), time.process_time()
+            entry["model"].fit(entry["dataset"], steps_per_epoch=entry["steps"], epochs=1, verbose=0)
+            wall[name].append((time.perf_counter() - wall_start) / entry["steps"] * 1e3)
+            cpu[name].append((time.process_time() - cpu_start) / entry["steps"] * 1e3)
+
+    rows = []
+    for name in names:
+        wall_ratio = statistics.median(w / a for w, a in zip(wall[name], wall["adam"], strict=True))
+        cpu_ratio = statistics.median(c / a for c, a in zip(cpu[name], cpu["adam"], strict=True))
+        rows.append(
+            dict(
+                jit=jit,
+                name=name,
+                wall_ms=statistics.median(wall[name]),
+                cpu_ms=statistics.median(cpu[name]),
+                wall_ratio=wall_ratio,
+                cpu_ratio=cpu_ratio,
+                warmup=trained[name]["warmup"],
+                memory=trained[name]["memory"],
+                memory_ratio=trained[name]["memory"] / trained["adam"]["memory"],
+            )
+        )
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", default=f"{__name__}:relevance_shaped_model", help="MODULE:FUNCTION hook")
+    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=200, help="timed steps per round (k=1: a tenth)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--warmup-steps", type=int, default=10)
+    parser.add_argument("--jit", choices=("off", "on", "both"), default="both")
+    parser.add_argument("--tuned", action="store_true", help="add the tuned Shampoo configuration")
+    args = parser.parse_args()
+
+    print(
+        f"TensorFlow {tf.__version__}, Keras {keras.__version__}, {platform.processor() or platform.machine()}, "
+        f"{os.cpu_count()} CPUs, load average at start {os.getloadavg()[0]:.1f}"
+    )
+    rows = []
+    for jit in {"off": [False], "on": [True], "both": [False, True]}[args.jit]:
+        rows += run(args, jit)
+    print(f"load average at end {os.getloadavg()[0]:.1f}")
+    if args.tuned:
+        print(f"tuned = {TUNED}")
+    print()
+    print(
+        "| jit_compile | optimizer | step (ms, wall) | vs Adam (wall) | vs Adam (CPU time) | warm-up (s) |"
+        " optimizer state (MB) | state vs Adam |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        print(
+            f"| {'on' if row['jit'] else 'off'} | {row['name']} | {row['wall_ms']:.2f} | {row['wall_ratio']:.2f}x "
+            f"| {row['cpu_ratio']:.2f}x | {row['warmup']:.1f} | {row['memory'] / 2**20:.2f} "
+            f"| {row['memory_ratio']:.2f}x |"
+        )
+
+
+if __name__ == "__main__":
+    main()

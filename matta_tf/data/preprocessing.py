@@ -1,0 +1,102 @@
+"""Raw features to model-ready tensors: lookups, bucketization and padding, as one Keras layer.
+
+`FeaturePreprocessor` runs every lookup of a schema. It is kept apart from the network so that the
+network is pure dense math (it compiles with XLA, `jit_compile=True`: hash-table lookups and ragged
+tensors do not), while the exported serving model chains the two, so TF Serving takes raw ids and
+strings and needs no Python.
+
+Output per model feature (metadata features are dropped):
+- categorical and bucketized numeric: int32 indices, shape `(batch,)`, in `[0, cardinality)`;
+- multi-valued: int32 indices, shape `(batch, max_length)`: index `k + 1` for lookup index `k` and
+  0 for padding (the last `max_length` values are kept, the rest padded on the right);
+- raw numeric: float32 `(x - mean) / std` (identity without them), shape `(batch, shape)`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import keras
+import tensorflow as tf
+
+from matta_tf.data.schema import Feature, Schema
+from matta_tf.data.vocabulary import lookup_layer
+
+DEFAULT_MAX_LENGTH = 16
+PADDING_INDEX = 0
+
+
+def padded_length(feature: Feature) -> int:
+    """Number of values a multi-valued feature is padded or truncated to."""
+    return feature.max_length or DEFAULT_MAX_LENGTH
+
+
+def embedding_rows(feature: Feature) -> int:
+    """Rows an embedding table needs for the preprocessed feature (one extra for padding if multi-valued)."""
+    return feature.cardinality + (1 if feature.is_multi_valued else 0)
+
+
+@keras.saving.register_keras_serializable(package="matta_tf")
+class FeaturePreprocessor(keras.layers.Layer):
+    """Maps a dict of raw feature tensors to model-ready tensors (see the module docstring).
+
+    Args:
+        schema: The schema of the raw features (a `Schema` or its `to_dict()` form).
+        **kwargs: Args passed to `keras.layers.Layer`.
+
+    Example:
+
+    ```python
+    preprocessor = FeaturePreprocessor(schema)
+    dataset = make_dataset(files, schema, 512, labels="label")
+    dataset = dataset.map(lambda x, y: (preprocessor(x), y))
+    ```
+    """
+
+    def __init__(self, schema: Schema | dict, **kwargs: Any) -> None:
+        super().__init__(trainable=False, **kwargs)
+        self.schema = schema if isinstance(schema, Schema) else Schema.from_dict(schema)
+        self.features = self.schema.model_features
+        self.lookups = {
+            f.name: lookup_layer(f, name=f"{f.name}_lookup")
+            for f in self.features
+            if f.is_categorical or f.boundaries is not None
+        }
+
+    def call(self, inputs: dict[str, Any]) -> dict[str, Any]:
+        outputs = {}
+        for feature in self.features:
+            if feature.name not in inputs:
+                raise KeyError(f"missing feature {feature.name!r}; the schema has {[f.name for f in self.features]}")
+            value = inputs[feature.name]
+            if feature.is_multi_valued:
+                outputs[feature.name] = self._pad(feature, value)
+            elif feature.name in self.lookups:
+                outputs[feature.name] = tf.cast(self.lookups[feature.name](tf.reshape(value, [-1])), tf.int32)
+            else:
+                value = tf.reshape(tf.cast(value, tf.float32), [-1, feature.shape])
+                if feature.mean is not None:
+                    value = value - feature.mean
+                if feature.std is not None:
+                    value = value / feature.std
+                outputs[feature.name] = value
+        return outputs
+
+    def _pad(self, feature: Feature, value: Any) -> tf.Tensor:
+        length = padded_length(feature)
+        if not isinstance(value, tf.RaggedTensor):
+            # A dense (batch, n) tensor from a serving request: empty strings / negative ids are padding.
+            value = tf.convert_to_tensor(value)
+            if value.shape.rank == 1:
+                value = tf.expand_dims(value, 1)
+            present = tf.not_equal(value, "") if value.dtype == tf.string else tf.greater_equal(value, 0)
+            value = tf.ragged.boolean_mask(value, present)
+        value = value[:, -length:]
+        indices = tf.ragged.map_flat_values(lambda v: tf.cast(self.lookups[feature.name](v), tf.int32) + 1, value)
+        return indices.to_tensor(default_value=PADDING_INDEX, shape=[None, length])
+
+    def get_config(self) -> dict[str, Any]:
+        config = super().get_config()
+        config.pop("trainable", None)
+        config["schema"] = self.schema.to_dict()
+        return config

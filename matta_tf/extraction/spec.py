@@ -1,0 +1,157 @@
+"""`SubmodelSpec`: a plain, serializable description of one Mix'n'Match sub-model.
+
+A nested network offers a choice at each *choosable* layer: a nested layer whose Student and TA
+widths differ is taken at `"student"` or `"ta"` width, and a TA-only (depth-nested) layer is kept
+(`"ta"`) or dropped (`"student"`). Layers whose streams have equal widths, and layers whose width
+follows their input (normalization, concatenation, cross layers), offer no choice. A spec maps every
+choosable layer's name to its choice, so `SubmodelSpec.uniform(model, "student")` is the Student and
+`SubmodelSpec.uniform(model, "ta")` the TA.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+import keras
+
+from matta_tf.layers import (
+    NestedDense,
+    NestedEmbedding,
+    NestedGAU,
+    NestedTransformerBlock,
+    TAOnly,
+)
+
+CHOICES = ("student", "ta")
+
+
+class SpecError(ValueError):
+    """A spec does not fit its nested model; the message names the layer."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ChoosableLayer:
+    """A layer of a nested model that a spec chooses a width for."""
+
+    name: str
+    kind: str  # "width" (Student or TA width) or "depth" (TA-only: kept or dropped)
+    widths: tuple[int, int]  # (Student, TA) output widths; (0, 1) for depth layers
+
+
+def _widths(layer: Any) -> tuple[int, int] | None:
+    if isinstance(layer, NestedDense):
+        return layer.student_units, layer.ta_units
+    if isinstance(layer, NestedEmbedding):
+        return layer.student_dim, layer.ta_dim
+    if isinstance(layer, NestedGAU):
+        return layer.student_expansion_dim, layer.ta_expansion_dim
+    if isinstance(layer, NestedTransformerBlock):
+        return layer.student_ffn_dim, layer.ta_ffn_dim
+    return None
+
+
+def nested_layers_in_order(model: keras.Model) -> list[Any]:
+    """The model's operations in the order the graph runs them (each layer once)."""
+    ordered, seen = [], set()
+    for depth in sorted(model._nodes_by_depth, reverse=True):
+        for node in model._nodes_by_depth[depth]:
+            operation = node.operation
+            if operation is None or node.is_input or id(operation) in seen:
+                continue
+            seen.add(id(operation))
+            ordered.append(operation)
+    return ordered
+
+
+def choosable_layers(model: keras.Model) -> list[ChoosableLayer]:
+    """The layers a spec chooses for, in graph order."""
+    found = []
+    for layer in nested_layers_in_order(model):
+        if isinstance(layer, TAOnly):
+            found.append(ChoosableLayer(layer.name, "depth", (0, 1)))
+            continue
+        widths = _widths(layer)
+        if widths is not None and widths[0] != widths[1]:
+            found.append(ChoosableLayer(layer.name, "width", widths))
+        elif isinstance(layer, (NestedGAU, NestedTransformerBlock)) and (
+            layer._stream_widths("student") != layer._stream_widths("ta")
+        ):
+            found.append(ChoosableLayer(layer.name, "width", (0, 1)))
+    return found
+
+
+@dataclasses.dataclass(frozen=True)
+class SubmodelSpec:
+    """One Mix'n'Match sub-model: a choice (`"student"` or `"ta"`) per choosable layer.
+
+    Args:
+        choices: Layer name -> `"student"` or `"ta"`. For TA-only layers `"ta"` keeps the layer and
+            `"student"` drops it.
+        name: A label for tables and plots, e.g. `"student"`, `"ta"`, `"wnw-4"`.
+
+    Example:
+
+    ```python
+    spec = SubmodelSpec.uniform(nested, "student")
+    spec = spec.replace(head_0="ta")
+    spec.validate(nested)
+    SubmodelSpec.from_json(spec.to_json()) == spec
+    ```
+    """
+
+    choices: Mapping[str, str]
+    name: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "choices", dict(self.choices))
+        for layer, choice in self.choices.items():
+            if choice not in CHOICES:
+                raise SpecError(
+                    f"spec {self.name!r}: layer {layer!r} takes 'student' or 'ta'. Received: {choice!r}"
+                    + (" (an untrained width: the layer was trained at its Student and TA widths only)"
+                       if isinstance(choice, int) else "")
+                )
+
+    @classmethod
+    def uniform(cls, model: keras.Model, choice: str, name: str | None = None) -> SubmodelSpec:
+        """Every choosable layer at the same choice: the Student (`"student"`) or the TA (`"ta"`)."""
+        return cls({layer.name: choice for layer in choosable_layers(model)}, name=name or choice)
+
+    def replace(self, name: str | None = None, **choices: str) -> SubmodelSpec:
+        return SubmodelSpec({**self.choices, **choices}, name=self.name if name is None else name)
+
+    def validate(self, model: keras.Model) -> SubmodelSpec:
+        """Checks that the spec names every choosable layer of `model` and nothing else."""
+        expected = [layer.name for layer in choosable_layers(model)]
+        unknown = sorted(set(self.choices) - set(expected))
+        if unknown:
+            raise SpecError(
+                f"spec {self.name!r} names layer {unknown[0]!r}, which is not a choosable layer of "
+                f"'{model.name}'. Choosable layers: {expected}"
+            )
+        missing = [name for name in expected if name not in self.choices]
+        if missing:
+            raise SpecError(f"spec {self.name!r} gives no choice for layer {missing[0]!r} of '{model.name}'")
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "choices": dict(self.choices)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SubmodelSpec:
+        unknown = sorted(set(data) - {"name", "choices"})
+        if unknown:
+            raise SpecError(f"spec: unknown field {unknown[0]!r}. Known fields: ['choices', 'name']")
+        if not isinstance(data.get("choices"), Mapping):
+            raise SpecError("spec: `choices` must be a mapping of layer name to 'student' or 'ta'")
+        return cls(data["choices"], name=data.get("name", ""))
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> SubmodelSpec:
+        return cls.from_dict(json.loads(text))

@@ -1,0 +1,547 @@
+"""`mnestify`: turns a given Student Keras model into the nested Student+TA network (MatTA, section 3.2).
+
+The Student's functional graph is replayed with every tensor replaced by a pair of activation
+streams `(student, ta)`: layers with weights become their nested counterparts (layer M-nesting and
+d_model M-nesting), weightless layers run on each stream, and TA-only layers can be inserted (depth
+M-nesting). The result is a `keras.Model` with the Student's inputs and outputs
+`[student_output, ta_output]`.
+"""
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import keras
+import keras_rs
+
+from matta_tf.layers import (
+    GAU,
+    NestedConcatenate,
+    NestedDense,
+    NestedEmbedding,
+    NestedGAU,
+    NestedNormalization,
+    NestedTransformerBlock,
+    TAOnly,
+    TransformerBlock,
+    _nesting,
+)
+
+# Weightless element-wise layers: they run on each stream, and a Dense still counts as an output
+# layer when its output reaches a model output through them only.
+_ELEMENTWISE_LAYERS = (
+    keras.layers.Activation,
+    keras.layers.ReLU,
+    keras.layers.LeakyReLU,
+    keras.layers.ELU,
+    keras.layers.Softmax,
+    keras.layers.Dropout,
+    keras.layers.GaussianNoise,
+    keras.layers.GaussianDropout,
+    keras.layers.AlphaDropout,
+    keras.layers.Identity,
+)
+# All weightless layers that run unchanged on each stream (element-wise, merges, pooling over tokens).
+_PER_STREAM_LAYERS = _ELEMENTWISE_LAYERS + (
+    keras.layers.Add,
+    keras.layers.Subtract,
+    keras.layers.Multiply,
+    keras.layers.Average,
+    keras.layers.Maximum,
+    keras.layers.Minimum,
+    keras.layers.Dot,
+    keras.layers.GlobalAveragePooling1D,
+    keras.layers.GlobalMaxPooling1D,
+    keras.layers.Flatten,
+)
+
+SUPPORTED_LAYERS = (
+    "Dense, Embedding, keras_rs.layers.EmbedReduce, LayerNormalization (last axis), "
+    "RMSNormalization (last axis), Concatenate, matta_tf.layers.GAU, matta_tf.layers.TransformerBlock, "
+    "nested Sequential/functional models, and the weightless layers "
+    + ", ".join(cls.__name__ for cls in _PER_STREAM_LAYERS)
+)
+
+
+class _Streams:
+    """The Student's and the TA's activations for one tensor of the Student model."""
+
+    def __init__(self, student: Any, ta: Any) -> None:
+        self.student = student
+        self.ta = ta
+
+    @property
+    def shared(self) -> bool:
+        return self.student is self.ta
+
+    def as_input(self) -> Any:
+        """What a nested layer is called on: one tensor when shared, else the pair."""
+        return self.ta if self.shared else (self.student, self.ta)
+
+
+def mnestify(
+    student: keras.Model,
+    width_multiplier: float = 2.0,
+    layer_width_multipliers: Mapping[str, float] | None = None,
+    d_model_multiplier: float = 1.0,
+    num_heads_multiplier: float = 1.0,
+    ta_only_after: Mapping[str, int | Sequence[keras.layers.Layer]] | None = None,
+    copy_student_weights: bool = True,
+    student_init: str = "standalone",
+    name: str | None = None,
+) -> keras.Model:
+    """M-nestifies a Student Keras model into a Student+TA network with shared parameters.
+
+    Each layer of the Student becomes a nested layer whose Student stream computes exactly the
+    Student's layer and whose TA stream is wider (or the TA gets extra layers):
+
+    - `Dense(units)` -> `NestedDense(units, round(units * m))`, except output layers (whose output
+      reaches a model output through element-wise layers only), which keep `units` and nest only
+      their input;
+    - `Embedding(input_dim, d)` / `keras_rs.layers.EmbedReduce` -> `NestedEmbedding(input_dim, d,
+      round(d * d_model_multiplier))` (d_model M-nesting);
+    - `TransformerBlock(h, head_dim, f)` -> `NestedTransformerBlock` with TA FFN width
+      `round(f * m)` and `round(h * num_heads_multiplier)` heads; `GAU(e, s)` -> `NestedGAU` with TA
+      widths `round(e * m)`, `round(s * m)`; their model width follows their inputs;
+    - `LayerNormalization` / `RMSNormalization` -> `NestedNormalization` (per-stream statistics);
+    - `Concatenate` -> `NestedConcatenate` (the Student's features stay a prefix of the TA's);
+    - weightless layers (dropout, activations, merges, pooling) run on each stream.
+
+    `m` is `layer_width_multipliers[layer.name]` if given, else `width_multiplier`.
+
+    Args:
+        student: a built `keras.Sequential` or functional `keras.Model` made of the supported layers
+            (nested Sequential/functional sub-models are inlined).
+        width_multiplier: float `>= 1`. Global TA/Student width ratio of Dense units, Transformer
+            FFN widths and GAU widths. Defaults to `2.0`.
+        layer_width_multipliers: optional mapping from a Student layer name to its own multiplier
+            (for an Embedding it replaces `d_model_multiplier`). `1.0` keeps a layer's width.
+        d_model_multiplier: float `>= 1`. TA/Student ratio of embedding widths (d_model M-nesting).
+            Defaults to `1.0`.
+        num_heads_multiplier: float `>= 1`. TA/Student ratio of attention heads. Defaults to `1.0`.
+        ta_only_after: optional mapping from a Student layer name to the TA-only layers inserted
+            after it (depth M-nesting): an int `n` adds `n` layers mirroring it at the TA's width
+            (a residual `Dense` after a `Dense`, a `TransformerBlock` or `GAU` after one), or give a
+            sequence of plain layers (wrapped in `TAOnly`, residual) or `TAOnly` layers.
+        copy_student_weights: bool. Whether the Student part starts from `student`'s weights (the
+            paper starts from a production model), so the Student stream reproduces `student`
+            before any training. Otherwise every weight is freshly initialized. Defaults to `True`.
+        student_init: `"standalone"` (default) or `"ta_slice"`: how fresh nested weights are
+            initialized, see `matta_tf.layers.NestedDense`.
+        name: optional model name. Defaults to `f"{student.name}_mnested"`.
+
+    Returns:
+        A `keras.Model` with the Student's inputs whose outputs are `[student_output, ta_output]`
+        (for a multi-output Student, `[student_outputs, ta_outputs]`).
+
+    Raises:
+        ValueError: for an unsupported layer (naming it, its class and the supported layers), an
+            unknown layer name in the options, or a multiplier below 1.
+
+    Example:
+
+    ```python
+    student = keras.Sequential(
+        [
+            keras.Input((16,)),
+            keras.layers.Dense(32, activation="relu", name="hidden"),
+            keras.layers.Dense(1, name="logit"),
+        ]
+    )
+    nested = matta_tf.mnestify(student, width_multiplier=4.0, ta_only_after={"hidden": 1})
+    student_logit, ta_logit = nested(np.random.rand(8, 16))  # student_logit == student(x)
+    ```
+
+    References:
+    - [Verma et al., 2025. Matryoshka Model Learning for Improved Elastic Student Models](
+      https://doi.org/10.1145/3711896.3737245), section 3.2.
+    """
+    return _Mnestifier(
+        width_multiplier=width_multiplier,
+        layer_width_multipliers=dict(layer_width_multipliers or {}),
+        d_model_multiplier=d_model_multiplier,
+        num_heads_multiplier=num_heads_multiplier,
+        ta_only_after=dict(ta_only_after or {}),
+        copy_student_weights=copy_student_weights,
+        student_init=student_init,
+    ).run(student, name)
+
+
+class _Mnestifier:
+    def __init__(
+        self,
+        width_multiplier: float,
+        layer_width_multipliers: dict[str, float],
+        d_model_multiplier: float,
+        num_heads_multiplier: float,
+        ta_only_after: dict[str, Any],
+        copy_student_weights: bool,
+        student_init: str,
+    ) -> None:
+        for arg, value in (
+            ("width_multiplier", width_multiplier),
+            ("d_model_multiplier", d_model_multiplier),
+            ("num_heads_multiplier", num_heads_multiplier),
+        ):
+            _check_multiplier(arg, value)
+        for layer_name, value in layer_width_multipliers.items():
+            _check_multiplier(f"layer_width_multipliers['{layer_name}']", value)
+        _nesting.check_choice("student_init", student_init, _nesting.STUDENT_INITS)
+        self.width_multiplier = width_multiplier
+        self.layer_width_multipliers = layer_width_multipliers
+        self.d_model_multiplier = d_model_multiplier
+        self.num_heads_multiplier = num_heads_multiplier
+        self.ta_only_after = ta_only_after
+        self.copy_student_weights = copy_student_weights
+        self.student_init = student_init
+        self.output_layers: set[int] = set()
+        self.seen_names: set[str] = set()
+        self.used_names: set[str] = set()
+        self.converted: dict[int, keras.layers.Layer] = {}
+        self.ta_only: dict[int, list[TAOnly]] = {}
+        self.weight_pairs: list[tuple[keras.layers.Layer, keras.layers.Layer]] = []
+        self.prefix = ""
+
+    def run(self, student: keras.Model, name: str | None) -> keras.Model:
+        graph = _functional_graph(student)
+        self.output_layers = _output_layers(graph)
+        inputs = [_copy_input(tensor) for tensor in graph.inputs]
+        self.used_names.update(tensor._keras_history.operation.name for tensor in inputs)
+        outputs = graph._run_through_graph([_Streams(x, x) for x in inputs], call_fn=self._convert_call)
+        unknown = (set(self.layer_width_multipliers) | set(self.ta_only_after)) - self.seen_names
+        if unknown:
+            raise ValueError(
+                "`layer_width_multipliers` and `ta_only_after` must name layers of the Student. "
+                f"Unknown: {sorted(unknown)}"
+            )
+        flat = keras.tree.flatten(outputs)
+        student_outputs = keras.tree.pack_sequence_as(outputs, [s.student for s in flat])
+        ta_outputs = keras.tree.pack_sequence_as(outputs, [s.ta for s in flat])
+        if len(flat) == 1:
+            student_outputs, ta_outputs = flat[0].student, flat[0].ta
+        # Keep the Student's input structure (e.g. a dict of features).
+        model_inputs = keras.tree.pack_sequence_as(graph._inputs_struct, inputs)
+        nested = keras.Model(model_inputs, [student_outputs, ta_outputs], name=name or f"{student.name}_mnested")
+        if self.copy_student_weights:
+            for plain, nested_layer in self.weight_pairs:
+                nested_layer.assign_subnet(plain)
+        return nested
+
+    def _convert_call(self, operation: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(operation, keras.Model):
+            return self._inline(operation, *args, **kwargs)
+        self.seen_names.add(operation.name)
+        try:
+            outputs = self._call_nested(operation, args, kwargs)
+        except ValueError as error:
+            if "mnestify" in str(error):
+                raise
+            raise ValueError(
+                f"mnestify: calling the nested version of layer '{operation.name}' "
+                f"({operation.__class__.__name__}) on the Student and TA streams failed. Check that "
+                "the TA widths agree where streams meet (e.g. set `layer_width_multipliers` so that "
+                f"both inputs of a merge have the same TA width). Cause: {error}"
+            ) from error
+        for ta_only in self._ta_only_layers(operation):
+            outputs = _Streams(*ta_only(outputs.as_input()))
+        return outputs
+
+    def _inline(self, model: keras.Model, *args: Any, **kwargs: Any) -> Any:
+        graph = _functional_graph(model)
+        outer_prefix = self.prefix
+        self.prefix = f"{outer_prefix}{model.name}_"
+        try:
+            return graph._run_through_graph(args[0], call_fn=self._convert_call)
+        finally:
+            self.prefix = outer_prefix
+
+    def _call_nested(self, layer: Any, args: tuple, kwargs: dict) -> _Streams:
+        streams = [x for x in keras.tree.flatten((args, kwargs)) if isinstance(x, _Streams)]
+        if isinstance(layer, keras.layers.Dense):
+            return self._nested_layer(layer, self._nested_dense)(streams[0])
+        if isinstance(layer, keras.layers.Embedding):
+            return self._call_embedding(layer, args, kwargs)
+        if isinstance(layer, (keras.layers.LayerNormalization, keras.layers.RMSNormalization)):
+            return self._nested_layer(layer, self._nested_normalization)(streams[0])
+        if isinstance(layer, TransformerBlock):
+            return self._nested_layer(layer, self._nested_transformer_block)(streams[0], kwargs)
+        if isinstance(layer, GAU):
+            return self._nested_layer(layer, self._nested_gau)(streams[0], kwargs)
+        if isinstance(layer, keras.layers.Concatenate):
+            concatenate = self._converted(layer, lambda: NestedConcatenate(layer.axis, name=self._name(layer.name)))
+            return _Streams(*concatenate([s.as_input() for s in args[0]]))
+        if isinstance(layer, _PER_STREAM_LAYERS):
+            return self._call_per_stream(layer, args, kwargs, streams)
+        raise ValueError(
+            f"mnestify does not support layer '{layer.name}' of class "
+            f"{layer.__class__.__module__}.{layer.__class__.__name__}. Supported: {SUPPORTED_LAYERS}."
+        )
+
+    def _nested_layer(self, layer: Any, make: Any) -> Any:
+        """A function calling the nested counterpart of `layer` (created once) on `_Streams`."""
+
+        def call(streams: _Streams, kwargs: dict | None = None) -> _Streams:
+            nested = self._converted(layer, lambda: make(layer, streams))
+            return _Streams(*nested(streams.as_input(), **(kwargs or {})))
+
+        return call
+
+    def _converted(self, layer: Any, make: Any) -> Any:
+        if id(layer) not in self.converted:
+            nested = make()
+            self.converted[id(layer)] = nested
+            if layer.weights:
+                self.weight_pairs.append((layer, nested))
+        return self.converted[id(layer)]
+
+    def _widen(self, layer: Any, width: int, default: float | None = None) -> int:
+        """The TA's width: `width` times the layer's own multiplier, else `default` (`width_multiplier`)."""
+        default = self.width_multiplier if default is None else default
+        return max(width, int(round(width * self.layer_width_multipliers.get(layer.name, default))))
+
+    def _nested_dense(self, layer: keras.layers.Dense, streams: _Streams) -> NestedDense:
+        is_output = id(layer) in self.output_layers and layer.name not in self.layer_width_multipliers
+        ta_units = layer.units if is_output else self._widen(layer, layer.units)
+        return NestedDense(
+            layer.units,
+            ta_units,
+            activation=layer.activation,
+            use_bias=layer.use_bias,
+            kernel_initializer=_nesting.clone_initializer(layer.kernel_initializer),
+            bias_initializer=_nesting.clone_initializer(layer.bias_initializer),
+            kernel_regularizer=layer.kernel_regularizer,
+            bias_regularizer=layer.bias_regularizer,
+            kernel_constraint=layer.kernel_constraint,
+            bias_constraint=layer.bias_constraint,
+            student_init=self.student_init,
+            dtype=layer.dtype_policy,
+            name=self._name(layer.name),
+        )
+
+    def _call_embedding(self, layer: keras.layers.Embedding, args: tuple, kwargs: dict) -> _Streams:
+        if getattr(layer, "mask_zero", False):
+            raise ValueError(
+                f"mnestify does not support layer '{layer.name}' of class Embedding with "
+                "`mask_zero=True`. Supported: Embedding without masking."
+            )
+        values = [a.ta if isinstance(a, _Streams) else a for a in args]
+        kw = {k: (v.ta if isinstance(v, _Streams) else v) for k, v in kwargs.items()}
+        if any(isinstance(a, _Streams) and not a.shared for a in list(args) + list(kwargs.values())):
+            raise ValueError(f"mnestify: the ids of embedding '{layer.name}' must be the same for both streams.")
+        combiner = layer.combiner if isinstance(layer, keras_rs.layers.EmbedReduce) else None
+        nested = self._converted(
+            layer,
+            lambda: NestedEmbedding(
+                layer.input_dim,
+                layer.output_dim,
+                self._widen(layer, layer.output_dim, self.d_model_multiplier),
+                embeddings_initializer=_nesting.clone_initializer(layer.embeddings_initializer),
+                embeddings_regularizer=layer.embeddings_regularizer,
+                embeddings_constraint=layer.embeddings_constraint,
+                combiner=combiner,
+                student_init=self.student_init,
+                dtype=layer.dtype_policy,
+                name=self._name(layer.name),
+            ),
+        )
+        return _Streams(*nested(*values, **kw))
+
+    def _nested_normalization(self, layer: Any, streams: _Streams) -> NestedNormalization:
+        rank = len(streams.ta.shape)
+        axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+        if [a % rank for a in axis] != [rank - 1]:
+            raise ValueError(
+                f"mnestify supports normalization over the last axis only. Layer '{layer.name}' "
+                f"({layer.__class__.__name__}) normalizes over axis={layer.axis}."
+            )
+        if isinstance(layer, keras.layers.RMSNormalization):
+            return NestedNormalization(
+                "rms_norm", epsilon=layer.epsilon, dtype=layer.dtype_policy, name=self._name(layer.name)
+            )
+        return NestedNormalization(
+            "layer_norm",
+            epsilon=layer.epsilon,
+            center=layer.center,
+            scale=layer.scale,
+            dtype=layer.dtype_policy,
+            name=self._name(layer.name),
+        )
+
+    def _nested_transformer_block(self, layer: TransformerBlock, streams: _Streams) -> NestedTransformerBlock:
+        return NestedTransformerBlock(
+            layer.num_heads,
+            layer.head_dim,
+            layer.ffn_dim,
+            self._widen(layer, layer.ffn_dim),
+            ta_num_heads=max(layer.num_heads, int(round(layer.num_heads * self.num_heads_multiplier))),
+            activation=layer.activation,
+            causal=layer.causal,
+            normalization=layer.normalization,
+            epsilon=layer.epsilon,
+            dropout=layer.dropout,
+            kernel_initializer=_nesting.clone_initializer(layer.kernel_initializer),
+            bias_initializer=_nesting.clone_initializer(layer.bias_initializer),
+            student_init=self.student_init,
+            dtype=layer.dtype_policy,
+            name=self._name(layer.name),
+        )
+
+    def _nested_gau(self, layer: GAU, streams: _Streams) -> NestedGAU:
+        return NestedGAU(
+            layer.expansion_dim,
+            self._widen(layer, layer.expansion_dim),
+            student_key_dim=layer.key_dim,
+            ta_key_dim=self._widen(layer, layer.key_dim),
+            activation=layer.activation,
+            use_bias=layer.use_bias,
+            normalization=layer.normalization,
+            epsilon=layer.epsilon,
+            dropout=layer.dropout,
+            kernel_initializer=_nesting.clone_initializer(layer.kernel_initializer),
+            bias_initializer=_nesting.clone_initializer(layer.bias_initializer),
+            student_init=self.student_init,
+            dtype=layer.dtype_policy,
+            name=self._name(layer.name),
+        )
+
+    def _call_per_stream(self, layer: Any, args: tuple, kwargs: dict, streams: list) -> _Streams:
+        if isinstance(layer, keras.layers.Flatten):
+            stream = streams[0]
+            if not stream.shared and len(stream.ta.shape) > 2 and (stream.student.shape[-1] != stream.ta.shape[-1]):
+                raise ValueError(
+                    f"mnestify does not support layer '{layer.name}' of class Flatten on tokens whose "
+                    "width is nested (it would interleave the Student's and the TA-only features). "
+                    "Use GlobalAveragePooling1D, or keep the width with `layer_width_multipliers`."
+                )
+
+        def pick(stream_name: str) -> Any:
+            def switch(x: Any) -> Any:
+                return getattr(x, stream_name) if isinstance(x, _Streams) else x
+
+            return keras.tree.map_structure(switch, (args, kwargs))
+
+        if all(s.shared for s in streams):
+            shared_args, shared_kwargs = pick("ta")
+            y = self._clone(layer, self._name(layer.name))(*shared_args, **shared_kwargs)
+            return _Streams(y, y)
+        student_args, student_kwargs = pick("student")
+        ta_args, ta_kwargs = pick("ta")
+        return _Streams(
+            self._clone(layer, self._name(layer.name))(*student_args, **student_kwargs),
+            self._clone(layer, self._name(f"{layer.name}_ta"))(*ta_args, **ta_kwargs),
+        )
+
+    def _clone(self, layer: Any, name: str) -> Any:
+        config = dict(layer.get_config())
+        config["name"] = name
+        return layer.__class__.from_config(config)
+
+    def _ta_only_layers(self, layer: Any) -> list[TAOnly]:
+        if layer.name not in self.ta_only_after:
+            return []
+        if id(layer) not in self.ta_only:
+            self.ta_only[id(layer)] = self._make_ta_only(layer, self.ta_only_after[layer.name])
+        return self.ta_only[id(layer)]
+
+    def _make_ta_only(self, layer: Any, spec: Any) -> list[TAOnly]:
+        if isinstance(spec, int) and not isinstance(spec, bool):
+            nested = self.converted.get(id(layer))
+            return [
+                TAOnly(
+                    self._mirror_at_ta_width(layer, nested),
+                    residual=isinstance(nested, NestedDense),
+                    name=self._name(f"{layer.name}_ta_only_{i}"),
+                )
+                for i in range(spec)
+            ]
+        layers = []
+        for i, extra in enumerate(spec):
+            if not isinstance(extra, keras.layers.Layer):
+                raise ValueError(
+                    f"`ta_only_after['{layer.name}']` must be an int or a sequence of Keras layers. Received: {spec!r}"
+                )
+            if not isinstance(extra, TAOnly):
+                extra = TAOnly(extra, name=self._name(f"{layer.name}_ta_only_{i}"))
+            layers.append(extra)
+        return layers
+
+    def _mirror_at_ta_width(self, layer: Any, nested: Any) -> keras.layers.Layer:
+        if isinstance(nested, NestedDense):
+            return keras.layers.Dense(
+                nested.ta_units,
+                activation=nested.activation,
+                use_bias=nested.use_bias,
+                kernel_initializer=_nesting.clone_initializer(nested.kernel_initializer),
+                bias_initializer=_nesting.clone_initializer(nested.bias_initializer),
+                dtype=nested.dtype_policy,
+            )
+        if isinstance(nested, (NestedTransformerBlock, NestedGAU)):
+            config = nested.extract_config("ta")
+            config.pop("name")
+            return (TransformerBlock if isinstance(nested, NestedTransformerBlock) else GAU).from_config(config)
+        raise ValueError(
+            f"`ta_only_after['{layer.name}']`: an int count mirrors Dense, TransformerBlock and GAU "
+            f"layers only; '{layer.name}' is a {layer.__class__.__name__}. Pass a list of layers."
+        )
+
+    def _name(self, name: str) -> str:
+        candidate = name if name not in self.used_names else f"{self.prefix}{name}"
+        suffix = 1
+        unique = candidate
+        while unique in self.used_names:
+            unique = f"{candidate}_{suffix}"
+            suffix += 1
+        self.used_names.add(unique)
+        return unique
+
+
+def _check_multiplier(name: str, value: Any) -> None:
+    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"`{name}` must be a number >= 1. Received: {name}={value!r}")
+
+
+def _functional_graph(model: keras.Model) -> keras.Model:
+    """A functional view of a built Sequential or functional model (sharing its layers)."""
+    if isinstance(model, keras.Sequential):
+        try:
+            inputs, outputs = model.inputs, model.outputs
+        except (AttributeError, ValueError) as error:
+            raise ValueError(
+                f"mnestify needs a built Sequential model: start '{model.name}' with a `keras.Input`."
+            ) from error
+        # A Sequential takes and returns single tensors, not lists of one.
+        return keras.Model(inputs[0], outputs[0], name=model.name)
+    if not hasattr(model, "_nodes_by_depth"):
+        raise ValueError(
+            f"mnestify needs a Sequential or functional model. Received '{model.name}' of class "
+            f"{model.__class__.__name__} (a subclassed model has no graph to nest)."
+        )
+    return model
+
+
+def _copy_input(tensor: Any) -> Any:
+    return keras.Input(
+        shape=tensor.shape[1:],
+        batch_size=tensor.shape[0],
+        dtype=tensor.dtype,
+        sparse=tensor.sparse,
+        ragged=tensor.ragged,
+        name=tensor._keras_history.operation.name,
+    )
+
+
+def _output_layers(model: keras.Model) -> set[int]:
+    """Ids of the Dense layers whose output reaches a model output through element-wise layers only."""
+    found: set[int] = set()
+
+    def visit(tensor: Any) -> None:
+        operation, node_index, tensor_index = tensor._keras_history
+        if isinstance(operation, keras.layers.Dense):
+            found.add(id(operation))
+        elif isinstance(operation, _ELEMENTWISE_LAYERS):
+            visit(operation._inbound_nodes[node_index].input_tensors[0])
+        elif isinstance(operation, keras.Model):
+            visit(keras.tree.flatten(_functional_graph(operation).outputs)[tensor_index])
+
+    for output in keras.tree.flatten(model.outputs):
+        visit(output)
+    return found

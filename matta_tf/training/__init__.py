@@ -1,0 +1,22 @@
+"""MatTA training: `MatTAModel` co-trains the Student and the TA of a nested network (Algorithm 1).
+
+The loss terms (eqs. 1-3) are pure functions in `matta_tf.training.losses`, the distillation
+curriculum (section 3.1.1) is `DistillationSchedule`, and `MidEpochBackupAndRestore` resumes a
+killed run mid-epoch with the same result as an uninterrupted one.
+"""
+
+from matta_tf.training.backup import MidEpochBackupAndRestore
+from matta_tf.training.matta_model import MODES, MatTAModel
+from matta_tf.training.metrics import AUCLoss, LatestValue
+from matta_tf.training.networks import IndependentStudentTA
+from matta_tf.training.schedules import DistillationSchedule
+
+__all__ = [
+    "AUCLoss",
+    "DistillationSchedule",
+    "IndependentStudentTA",
+    "LatestValue",
+    "MODES",
+    "MatTAModel",
+    "MidEpochBackupAndRestore",
+]

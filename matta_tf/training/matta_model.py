@@ -1,0 +1,411 @@
+"""`MatTAModel`: the Student and the TA of a nested network, co-trained with online distillation."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import keras
+import tensorflow as tf
+from keras import ops
+
+from matta_tf.data.schema import Label
+from matta_tf.training import losses
+from matta_tf.training._checks import check_choice
+from matta_tf.training.metrics import AUCLoss, LatestValue
+from matta_tf.training.schedules import DistillationSchedule
+
+MODES = ("matta", "student_only", "ta_only")
+PREDICTIONS = ("probabilities", "logits")
+STREAMS = ("student", "ta")
+# Loss terms in the order of `loss_weights`: L_S, L_TA, L_D.
+TERMS = ("student", "ta", "distillation")
+_ACTIVE_TERMS = {"matta": TERMS, "student_only": ("student",), "ta_only": ("ta",)}
+
+
+@keras.saving.register_keras_serializable(package="matta_tf")
+class MatTAModel(keras.Model):
+    """Trains the Student and the TA of a nested network together (MatTA, Algorithm 1).
+
+    `network` maps the inputs to a pair `(student_logits, ta_logits)`. Each training step minimizes
+
+    `L = w_S L_S + w_TA L_TA + w_D(t) L_D`,
+
+    `L_S = -sum_i y_i log p_S,i` (eq. 1), `L_TA = -sum_i y_i log p_TA,i` (eq. 2) and
+    `L_D = -sum_i p_TA,i log p_S,i` (eq. 3), each averaged over the batch with the sample weights
+    (`sum_b w_b L_b / batch_size`, Keras' `"sum_over_batch_size"`). No gradient flows into the TA from
+    L_D: the TA's probabilities are a constant target there (see `matta_tf.training.losses`).
+    `w_D(t) = loss_weights[2] * distillation_schedule(t)`, with `t` the optimizer's iteration counter,
+    so the curriculum resumes with the optimizer's state and needs no Python-side state per step.
+
+    Labels are converted to the target `y` as `label` says: event class indices become one-hot,
+    teacher probabilities are used as they are, teacher logits go through a sigmoid or softmax.
+    A dict of labels (e.g. from `make_dataset(..., labels=None)`) is read at `label.name`.
+
+    Modes, all from one code path (the same network, a different loss):
+
+    - `"matta"`: the three terms above.
+    - `"student_only"`: `w_S L_S`, the Student trained alone (the baseline).
+    - `"ta_only"`: `w_TA L_TA`, the TA trained alone.
+
+    The no-parameter-sharing ablation (paper Table 4) is a property of the network: wrap two
+    independent networks with `IndependentStudentTA`.
+
+    Metrics (prefixed `val_` on validation data), for the streams the mode trains:
+
+    - `loss`, `student_loss`, `ta_loss`, `distillation_loss` (unweighted batch means of each term),
+      `distillation_weight` (`w_D(t)` at the latest step);
+    - `student_auc`, `ta_auc` (AUROC), `student_auc_loss`, `ta_auc_loss` (AucLoss, `1 - AUROC`),
+      `student_log_loss`, `ta_log_loss` (cross-entropy against the hard target);
+    - `churn`: fraction of examples on which the Student and the TA predict different classes
+      (the two sides of 0.5 for a binary task, the argmax otherwise), `"matta"` mode only.
+
+    AUROC and log loss need a hard target: for soft (teacher) labels it is `y >= 0.5` (binary) or
+    the argmax class (multi-class). Multi-class AUROC is the one-vs-rest macro average over classes
+    (`keras.metrics.AUC(multi_label=True)`; a class without positives in the data counts as 0).
+
+    `model(x)` returns `{"student": logits, "ta": logits}`; `predict` returns the same dict of
+    probabilities (`sigmoid`, `(batch, 1)`, or `softmax`, `(batch, C)`), or of logits with
+    `predictions="logits"`. Both streams are returned in every mode (in `"student_only"` mode the
+    TA's are those of an untrained TA). `compile` takes the optimizer and the usual execution
+    options (`jit_compile`, `steps_per_execution`, ...) but no `loss` or `metrics`.
+
+    Args:
+        network: Keras layer or model returning `(student_logits, ta_logits)`, each `(batch, 1)` for
+            a binary label or `(batch, num_classes)`.
+        label: `matta_tf.data.Label` describing the labels (task, number of classes, stored
+            representation). Defaults to `Label("label")`: binary event labels (class indices).
+        mode: `"matta"` (default), `"student_only"` or `"ta_only"`.
+        loss_weights: Three non-negative numbers `(w_S, w_TA, w_D)`. Defaults to `(1.0, 1.0, 1.0)`.
+        distillation_schedule: `DistillationSchedule` ramping `w_D` up from 0. Defaults to
+            `DistillationSchedule()`, the constant 1 (no curriculum).
+        predictions: What `predict` returns: `"probabilities"` (default) or `"logits"`.
+        auc_num_thresholds: Thresholds of the AUROC metrics. Defaults to 200.
+        **kwargs: Args passed to `keras.Model` (e.g. `name`).
+
+    Example:
+
+    ```python
+    x = np.random.rand(256, 8).astype("float32")
+    y = (x.sum(axis=1) > 4).astype("int64")
+    inputs = keras.Input((8,))
+    hidden = NestedDense(16, 64, activation="relu")(inputs)
+    network = keras.Model(inputs, NestedDense(1, 1)(hidden))   # (student_logit, ta_logit)
+    model = MatTAModel(network, distillation_schedule=DistillationSchedule(0, 100))
+    model.compile(optimizer=keras.optimizers.Adam(1e-3))
+    model.fit(x, y, batch_size=32, epochs=2)
+    model.predict(x)["student"]   # (256, 1) Student probabilities
+    ```
+
+    References:
+    - [Verma et al., 2025. Matryoshka Model Learning for Improved Elastic Student Models](
+      https://doi.org/10.1145/3711896.3737245), section 3.1 and Algorithm 1.
+    """
+
+    def __init__(
+        self,
+        network: keras.layers.Layer,
+        label: Label | Mapping[str, Any] | None = None,
+        mode: str = "matta",
+        loss_weights: Sequence[float] = (1.0, 1.0, 1.0),
+        distillation_schedule: DistillationSchedule | None = None,
+        predictions: str = "probabilities",
+        auc_num_thresholds: int = 200,
+        **kwargs: Any,
+    ) -> None:
+        if not isinstance(network, keras.layers.Layer):
+            raise ValueError(
+                "`network` must be a Keras layer or model returning `(student_logits, ta_logits)`. "
+                f"Received: network={network!r}"
+            )
+        label = _as_label(label)
+        check_choice("mode", mode, MODES)
+        loss_weights = _check_loss_weights(loss_weights, mode)
+        if distillation_schedule is None:
+            distillation_schedule = DistillationSchedule()
+        if not isinstance(distillation_schedule, DistillationSchedule):
+            raise ValueError(
+                "`distillation_schedule` must be a `DistillationSchedule`. "
+                f"Received: distillation_schedule={distillation_schedule!r}"
+            )
+        check_choice("predictions", predictions, PREDICTIONS)
+        if not isinstance(auc_num_thresholds, int) or isinstance(auc_num_thresholds, bool) or auc_num_thresholds < 2:
+            raise ValueError(
+                f"`auc_num_thresholds` must be an integer > 1. Received: auc_num_thresholds={auc_num_thresholds!r}"
+            )
+        super().__init__(**kwargs)
+        self.network = network
+        self.label = label
+        self.mode = mode
+        self.loss_weights = loss_weights
+        self.distillation_schedule = distillation_schedule
+        self.predictions = predictions
+        self.auc_num_thresholds = auc_num_thresholds
+        self.terms = _ACTIVE_TERMS[mode]
+        self.streams = tuple(stream for stream in STREAMS if stream in self.terms)
+        self.logit_width = losses.logit_width(label.task, label.num_classes)
+        self._create_metrics()
+        # The model has no variables of its own: it is built when its network is (e.g. a functional
+        # network), so `BackupAndRestore` and weight loading work before the first call.
+        self.built = network.built
+
+    def _create_metrics(self) -> None:
+        # Attribute order is the order of the progress bar and of `History`.
+        self.term_trackers = [keras.metrics.Mean(name=f"{term}_loss") for term in self.terms]
+        self.distillation_weight_tracker = (
+            LatestValue(name="distillation_weight") if "distillation" in self.terms else None
+        )
+        multi_label = self.label.task == "multiclass"
+        auc_args = dict(
+            num_thresholds=self.auc_num_thresholds,
+            multi_label=multi_label,
+            num_labels=self.label.num_classes if multi_label else None,
+        )
+        self.stream_metrics = [
+            [
+                keras.metrics.AUC(name=f"{stream}_auc", **auc_args),
+                AUCLoss(name=f"{stream}_auc_loss", **auc_args),
+                keras.metrics.Mean(name=f"{stream}_log_loss"),
+            ]
+            for stream in self.streams
+        ]
+        self.churn_tracker = keras.metrics.Mean(name="churn") if self.mode == "matta" else None
+
+    # ---- forward -----------------------------------------------------------------------------------
+    def call(self, inputs: Any, training: bool | None = None) -> dict[str, Any]:
+        outputs = self.network(inputs, training=training)
+        student_logits, ta_logits = self._check_network_outputs(outputs)
+        return {"student": student_logits, "ta": ta_logits}
+
+    def _check_network_outputs(self, outputs: Any) -> tuple[Any, Any]:
+        if not isinstance(outputs, (tuple, list)) or len(outputs) != 2:
+            raise ValueError(
+                f"`network` must return a pair `(student_logits, ta_logits)`. Received: {_describe(outputs)}"
+            )
+        for name, logits in zip(("student_logits", "ta_logits"), outputs, strict=True):
+            shape = tuple(getattr(logits, "shape", ()))
+            if len(shape) != 2 or shape[-1] != self.logit_width:
+                raise ValueError(
+                    f"`network` must return logits of shape (batch, {self.logit_width}) for a "
+                    f"{self.label.task} label with {self.label.num_classes} classes. Received: {name}.shape={shape}"
+                )
+        return outputs[0], outputs[1]
+
+    def predict_step(self, data: Any) -> dict[str, Any]:
+        outputs = super().predict_step(data)
+        if self.predictions == "logits":
+            return outputs
+        return {stream: losses.probabilities(logits, self.label.task) for stream, logits in outputs.items()}
+
+    # ---- loss ----------------------------------------------------------------------------------------
+    def distillation_weight(self) -> Any:
+        """`w_D(t) = loss_weights[2] * distillation_schedule(t)` at the optimizer's current step `t`."""
+        step = self.optimizer.iterations if getattr(self, "optimizer", None) is not None else 0
+        return self.loss_weights[2] * self.distillation_schedule(step)
+
+    def targets(self, y: Any) -> Any:
+        """The target distribution `y` of eqs. (1)-(2) from labels as stored (see `losses.label_targets`)."""
+        if isinstance(y, Mapping):
+            if self.label.name not in y:
+                raise ValueError(
+                    f"The labels are a dict without the key `{self.label.name}` (`label.name`). "
+                    f"Received: keys={sorted(y)}"
+                )
+            y = y[self.label.name]
+        if y is None:
+            raise ValueError("`MatTAModel` needs labels to compute its loss. Received: y=None")
+        return losses.label_targets(y, self.label.task, self.label.representation, self.label.num_classes)
+
+    def compute_loss(
+        self,
+        x: Any = None,
+        y: Any = None,
+        y_pred: Any = None,
+        sample_weight: Any = None,
+        training: bool = True,
+    ) -> Any:
+        """`L = w_S L_S + w_TA L_TA + w_D(t) L_D` for one (per-replica) batch, plus layer losses.
+
+        As Keras' own `compute_loss` on the TensorFlow backend, the total is divided by the number of
+        replicas in sync, so that summing gradients over replicas gives the global-batch mean.
+        """
+        del x, training
+        student_logits, ta_logits = y_pred["student"], y_pred["ta"]
+        targets = self.targets(y)
+        task = self.label.task
+        per_example = {
+            "student": lambda: losses.student_loss(targets, student_logits, task),
+            "ta": lambda: losses.ta_loss(targets, ta_logits, task),
+            "distillation": lambda: losses.distillation_loss(student_logits, ta_logits, task),
+        }
+        weights = dict(zip(TERMS, self.loss_weights, strict=True))
+        if "distillation" in self.terms:
+            weights["distillation"] = self.distillation_weight()
+            self.distillation_weight_tracker.update_state(weights["distillation"])
+        batch_size = ops.shape(student_logits)[0]
+        total = ops.zeros((), "float32")
+        for term, tracker in zip(self.terms, self.term_trackers, strict=True):
+            value = _batch_mean(per_example[term](), sample_weight)
+            tracker.update_state(value, sample_weight=batch_size)
+            total = total + weights[term] * value
+        total = _per_replica(total)
+        for loss in self.losses:
+            total = total + _per_replica(ops.sum(ops.cast(loss, "float32")))
+        return total
+
+    def compute_metrics(self, x: Any, y: Any, y_pred: Any, sample_weight: Any = None) -> dict[str, Any]:
+        del x
+        task = self.label.task
+        hard = losses.hard_targets(self.targets(y), task)
+        weights = None if sample_weight is None else ops.reshape(ops.cast(sample_weight, "float32"), (-1,))
+        column_weights = None if weights is None else ops.reshape(weights, (-1, 1))
+        for stream, (auc, auc_loss, log_loss) in zip(self.streams, self.stream_metrics, strict=True):
+            logits = y_pred[stream]
+            probabilities = losses.probabilities(logits, task)
+            auc.update_state(hard, probabilities, sample_weight=column_weights)
+            auc_loss.update_state(hard, probabilities, sample_weight=column_weights)
+            log_loss.update_state(losses.cross_entropy(hard, logits, task), sample_weight=weights)
+        if self.churn_tracker is not None:
+            self.churn_tracker.update_state(
+                losses.disagreement(y_pred["student"], y_pred["ta"], task), sample_weight=weights
+            )
+        return self.get_metrics_result()
+
+    def train_step(self, data: Any) -> dict[str, Any]:
+        return self._per_step_logs(super().train_step(data))
+
+    def test_step(self, data: Any) -> dict[str, Any]:
+        return self._per_step_logs(super().test_step(data))
+
+    def _per_step_logs(self, logs: dict[str, Any]) -> dict[str, Any]:
+        # Keras 3.15 averages per-step logs over MultiWorkerMirroredStrategy workers with
+        # `strategy.reduce("MEAN", value, axis=0)`, which rejects the scalar metric results (for any
+        # model): give each a batch axis of 1. Epoch logs are read from the synchronized metrics.
+        strategy = self.distribute_strategy
+        multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
+        if multi_worker and strategy.extended._in_multi_worker_mode():
+            return {name: ops.reshape(value, (1,)) for name, value in logs.items()}
+        return logs
+
+    def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None) -> None:
+        # Keras 3.15's TensorFlow trainer reads the first (x, y, sample_weight) batch for the
+        # symbolic build with one `strategy.reduce` call on the whole tuple; `reduce` takes a single
+        # value and fails under MultiWorkerMirroredStrategy (for any model). The shapes of one
+        # replica's batch are all the build needs.
+        strategy = self._distribute_strategy
+        if strategy is None or iterator is None:
+            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
+        for _, _, batches in iterator:
+            data_batch = tf.nest.map_structure(
+                lambda value: strategy.experimental_local_results(value)[0]
+                if isinstance(value, tf.distribute.DistributedValues)
+                else value,
+                next(batches),
+            )
+            break
+        with strategy.scope():
+            self._symbolic_build(data_batch=data_batch)
+
+    # ---- compile and serialization --------------------------------------------------------------------
+    def compile(
+        self,
+        optimizer: Any = "rmsprop",
+        loss: Any = None,
+        loss_weights: Any = None,
+        metrics: Any = None,
+        weighted_metrics: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        """Keras' `compile` without `loss`, `loss_weights` and `metrics`: the model defines its own."""
+        given = {"loss": loss, "loss_weights": loss_weights, "metrics": metrics, "weighted_metrics": weighted_metrics}
+        for name, value in given.items():
+            if value is not None:
+                raise ValueError(
+                    f"`MatTAModel.compile` takes no `{name}`: the loss and the metrics follow from the "
+                    "constructor's `label`, `mode`, `loss_weights` and `distillation_schedule`. "
+                    f"Received: {name}={value!r}"
+                )
+        super().compile(optimizer=optimizer, **kwargs)
+
+    def compile_from_config(self, config: dict[str, Any]) -> None:
+        # Keras skips `compile` on load for models that override it; this one only narrows its arguments.
+        self.compile(**keras.saving.deserialize_keras_object(config))
+        if self.built:
+            self.optimizer.build(self.trainable_variables)
+
+    def get_config(self) -> dict[str, Any]:
+        config: dict[str, Any] = super().get_config()
+        config.update(
+            network=keras.saving.serialize_keras_object(self.network),
+            label=dataclasses.asdict(self.label),
+            mode=self.mode,
+            loss_weights=list(self.loss_weights),
+            distillation_schedule=keras.saving.serialize_keras_object(self.distillation_schedule),
+            predictions=self.predictions,
+            auc_num_thresholds=self.auc_num_thresholds,
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> MatTAModel:
+        config = dict(config)
+        network = keras.saving.deserialize_keras_object(config.pop("network"))
+        schedule = keras.saving.deserialize_keras_object(config.pop("distillation_schedule"))
+        return cls(network, distillation_schedule=schedule, **config)
+
+
+def _as_label(label: Label | Mapping[str, Any] | None) -> Label:
+    if label is None:
+        return Label("label")
+    if isinstance(label, Label):
+        return label
+    if isinstance(label, Mapping):
+        return Label(**label)
+    raise ValueError(f"`label` must be a `matta_tf.data.Label`. Received: label={label!r}")
+
+
+def _check_loss_weights(loss_weights: Any, mode: str) -> tuple[float, float, float]:
+    valid = (
+        isinstance(loss_weights, Sequence)
+        and not isinstance(loss_weights, str)
+        and len(loss_weights) == 3
+        and all(isinstance(w, numbers.Real) and not isinstance(w, bool) for w in loss_weights)
+        and all(math.isfinite(w) and w >= 0 for w in loss_weights)
+    )
+    if not valid:
+        raise ValueError(f"`loss_weights` must be three non-negative numbers. Received: loss_weights={loss_weights!r}")
+    weights = tuple(float(w) for w in loss_weights)
+    active = [weights[TERMS.index(term)] for term in _ACTIVE_TERMS[mode]]
+    if (mode == "matta" and not any(active)) or (mode != "matta" and not active[0]):
+        raise ValueError(
+            f"`loss_weights` gives every loss term of mode {mode!r} the weight 0. "
+            f"Received: mode={mode!r}, loss_weights={loss_weights!r}"
+        )
+    return weights
+
+
+def _describe(outputs: Any) -> str:
+    if isinstance(outputs, Mapping):
+        return f"a dict with keys {sorted(outputs)}"
+    if isinstance(outputs, (tuple, list)):
+        return f"a {type(outputs).__name__} of {len(outputs)} items"
+    if hasattr(outputs, "shape"):
+        return f"one tensor of shape {tuple(outputs.shape)}"
+    return f"{outputs!r}"
+
+
+def _batch_mean(values: Any, sample_weight: Any) -> Any:
+    """`sum_b w_b v_b / batch_size`, Keras' `"sum_over_batch_size"` reduction (0 for an empty batch)."""
+    count = ops.cast(ops.shape(values)[0], values.dtype)
+    if sample_weight is not None:
+        values = values * ops.reshape(ops.cast(sample_weight, values.dtype), (-1,))
+    return ops.divide_no_nan(ops.sum(values), count)
+
+
+def _per_replica(value: Any) -> Any:
+    """`value / num_replicas_in_sync`: gradients are summed over replicas, so each adds its share."""
+    replicas = tf.distribute.get_strategy().num_replicas_in_sync
+    return value if replicas == 1 else value * (1.0 / replicas)

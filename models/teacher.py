@@ -1,0 +1,402 @@
+"""The Teacher: a large relevance model, trained once on event labels and exported for batch scoring.
+
+In the paper's production setting the labels come from a very large Teacher that is trained once
+and cannot serve live traffic; it scores logged events offline (the Beam job in
+`pipelines/label_with_teacher.py`) and its soft labels train the Student+TA.
+
+The Teacher is the reference relevance architecture at Teacher size (wide embeddings, deep towers
+and head, several DCN-v2 cross layers in the keras-rs `FeatureCross` form), built as a plain
+single-stream network (`RelevanceConfig.student_config()`). It is exported as a SavedModel whose
+`serving_default` signature takes serialized tf.Example records, so any Beam worker (or TF Serving)
+can score raw records with no Python preprocessing:
+
+- input `examples`: string tensor `[batch]` of serialized tf.Example;
+- output `logits`: float32 `[batch, 1]` (binary) or `[batch, C]` (multiclass);
+- output `probabilities`: sigmoid of the logit `[batch, 1]` (probability of the positive class) or
+  the softmax `[batch, C]`.
+
+Lookups (vocabularies, buckets) are inside the SavedModel.
+
+Example:
+
+```python
+run = train_teacher("runs/movielens/data", "runs/movielens/teacher", TeacherConfig(epochs=2))
+teacher = tf.saved_model.load(run.saved_model)   # any TensorFlow program, or `Teacher(run.saved_model)`
+outputs = teacher.signatures["serving_default"](examples=tf.constant(records))
+outputs["probabilities"]  # [batch, 1]
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from matta_tf.data.examples import parse_examples
+from matta_tf.data.schema import Label, Schema, SchemaError
+from matta_tf.data.tfrecords import make_dataset
+from models.relevance import ConfigError, RelevanceConfig, build_relevance_network, relevance_preprocessor
+
+SIGNATURE = "serving_default"
+INPUT = "examples"
+LOGITS = "logits"
+PROBABILITIES = "probabilities"
+SAVED_MODEL_DIR = "saved_model"
+SUMMARY_FILE = "teacher.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+    """Size and training settings of the Teacher.
+
+    Args:
+        embedding_dim: Embedding width of every feature. Defaults to 64.
+        tower_units: Hidden widths of each role's (user, context, item) tower. Defaults to `(256, 128)`.
+        num_cross_layers: DCN-v2 cross layers over the concatenated towers. Defaults to 3.
+        head_units: Hidden widths of the head MLP. Defaults to `(512, 256, 128)`.
+        label: The event label the Teacher learns (its task and classes come from the schema).
+            Defaults to `"label"`.
+        epochs: Passes over the training split. Defaults to 3.
+        batch_size: Records per training step. Defaults to 512.
+        learning_rate: Adam learning rate. Defaults to 1e-3.
+        shuffle_buffer: Records in the training shuffle buffer. Defaults to 20,000.
+        seed: Seed of the initialization and the shuffling. Defaults to 0.
+    """
+
+    embedding_dim: int = 64
+    tower_units: tuple[int, ...] = (256, 128)
+    num_cross_layers: int = 3
+    head_units: tuple[int, ...] = (512, 256, 128)
+    label: str = "label"
+    epochs: int = 3
+    batch_size: int = 512
+    learning_rate: float = 1e-3
+    shuffle_buffer: int = 20_000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tower_units", tuple(int(u) for u in self.tower_units))
+        object.__setattr__(self, "head_units", tuple(int(u) for u in self.head_units))
+        for field in ("embedding_dim", "epochs", "batch_size"):
+            if int(getattr(self, field)) < 1:
+                raise ConfigError(f"`{field}` must be >= 1. Received: {field}={getattr(self, field)!r}")
+        for field in ("num_cross_layers", "shuffle_buffer"):
+            if int(getattr(self, field)) < 0:
+                raise ConfigError(f"`{field}` must be >= 0. Received: {field}={getattr(self, field)!r}")
+        for field in ("tower_units", "head_units"):
+            if any(u < 1 for u in getattr(self, field)):
+                raise ConfigError(f"`{field}` must be positive widths. Received: {field}={getattr(self, field)!r}")
+        if not self.learning_rate > 0:
+            raise ConfigError(f"`learning_rate` must be > 0. Received: learning_rate={self.learning_rate!r}")
+        if not isinstance(self.label, str) or not self.label:
+            raise ConfigError(f"`label` must be a label name. Received: label={self.label!r}")
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TeacherConfig:
+        """Builds a config from plain data (e.g. YAML); unknown fields are errors naming the field."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"teacher config: unknown field {unknown[0]!r}. Known fields: {sorted(known)}")
+        return cls(**data)
+
+    def network_config(self, num_logits: int) -> RelevanceConfig:
+        """The relevance network of this size as a plain single-stream model (no TA nesting)."""
+        return RelevanceConfig(
+            embedding_dim=self.embedding_dim,
+            tower_units=self.tower_units,
+            num_cross_layers=self.num_cross_layers,
+            head_units=self.head_units,
+            num_logits=num_logits,
+        ).student_config()
+
+
+def num_logits(label: Label) -> int:
+    """Logits a model needs for `label`: 1 for a binary label (sigmoid), C for C classes (softmax)."""
+    return 1 if label.task == "binary" else label.num_classes
+
+
+def build_teacher(schema: Schema, config: TeacherConfig = TeacherConfig()) -> keras.Model:
+    """The Teacher network: preprocessed features (see `FeaturePreprocessor`) -> logits.
+
+    Args:
+        schema: Schema of the events; must hold `config.label`.
+        config: Teacher size. Defaults to `TeacherConfig()`.
+
+    Returns:
+        A Keras model with one output, logits of shape `(batch, num_logits(label))`.
+
+    Example:
+
+    ```python
+    network = build_teacher(schema, TeacherConfig(embedding_dim=8, tower_units=(16,), head_units=(16,)))
+    logits = network(relevance_preprocessor(schema)(raw_features))
+    ```
+    """
+    label = schema.label(config.label)
+    relevance = build_relevance_network(schema, config.network_config(num_logits(label)), name="teacher_relevance")
+    # A single-stream network returns the same logits twice; the Teacher keeps one.
+    return keras.Model(relevance.inputs, relevance.outputs[0], name="teacher")
+
+
+def export_teacher(network: keras.Model, schema: Schema, path: str, label: str = "label") -> str:
+    """Writes `network` with parsing and preprocessing as a SavedModel that scores serialized tf.Example.
+
+    The `serving_default` signature takes `examples` (string `[batch]`) and returns `logits` and
+    `probabilities` (see the module docstring). Records need every model feature of `schema`
+    (metadata features and labels are not read).
+
+    Args:
+        network: A model from `build_teacher` (preprocessed features -> logits).
+        schema: Schema of the records the Teacher scores.
+        path: Output directory of the SavedModel.
+        label: Name of the label the network predicts; its task picks sigmoid or softmax.
+            Defaults to `"label"`.
+
+    Returns:
+        `path`.
+
+    Example:
+
+    ```python
+    export_teacher(network, schema, "/tmp/teacher/saved_model")
+    teacher = tf.saved_model.load("/tmp/teacher/saved_model")
+    teacher.signatures["serving_default"](examples=tf.constant(records))["probabilities"]
+    ```
+    """
+    task = schema.label(label).task
+    features = Schema(features=schema.model_features, name=schema.name)
+    preprocessor = relevance_preprocessor(features)
+    preprocessor(parse_examples(tf.constant([], tf.string), features, labels=False))  # ExportArchive needs it built
+
+    def serve(examples: tf.Tensor) -> dict[str, tf.Tensor]:
+        raw = parse_examples(examples, features, labels=False)
+        logits = network(preprocessor(raw), training=False)
+        probabilities = tf.sigmoid(logits) if task == "binary" else tf.nn.softmax(logits, axis=-1)
+        return {LOGITS: logits, PROBABILITIES: probabilities}
+
+    archive = keras.export.ExportArchive()
+    archive.track(preprocessor)
+    archive.track(network)
+    archive.add_endpoint(SIGNATURE, serve, input_signature=[tf.TensorSpec([None], tf.string, name=INPUT)])
+    archive.write_out(path, verbose=False)
+    return path
+
+
+def teacher_output_width(path: str) -> int:
+    """Width of the `probabilities` output of a Teacher SavedModel (1: binary, C: C classes).
+
+    Read from the SavedModel's signature, without loading its variables.
+
+    Args:
+        path: SavedModel directory (local or any `tf.io.gfile` filesystem).
+
+    Example:
+
+    ```python
+    width = teacher_output_width("runs/movielens/teacher/saved_model")
+    ```
+    """
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    proto = saved_model_pb2.SavedModel()
+    graph_file = os.path.join(path, "saved_model.pb")
+    if not tf.io.gfile.exists(graph_file):
+        raise FileNotFoundError(f"not a SavedModel directory (no saved_model.pb). Received: path={path!r}")
+    with tf.io.gfile.GFile(graph_file, "rb") as handle:
+        proto.ParseFromString(handle.read())
+    for meta_graph in proto.meta_graphs:
+        signature = meta_graph.signature_def.get(SIGNATURE)
+        if signature is None:
+            continue
+        missing = {INPUT} - set(signature.inputs) or {LOGITS, PROBABILITIES} - set(signature.outputs)
+        if missing:
+            raise ValueError(
+                f"the {SIGNATURE!r} signature of {path} lacks {sorted(missing)}: a Teacher takes {INPUT!r} "
+                f"and returns {LOGITS!r} and {PROBABILITIES!r}"
+            )
+        return int(signature.outputs[PROBABILITIES].tensor_shape.dim[-1].size)
+    raise ValueError(f"{path} has no {SIGNATURE!r} signature")
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherRun:
+    """What `train_teacher` wrote: the SavedModel path and the training summary (also in `teacher.json`)."""
+
+    saved_model: str
+    summary: dict
+
+
+def train_teacher(
+    data_dir: str,
+    out_dir: str,
+    config: TeacherConfig = TeacherConfig(),
+    *,
+    train_split: str = "train",
+    validation_split: str | None = "validation",
+    verbose: str | int = "auto",
+) -> TeacherRun:
+    """Trains the Teacher once on event labels (Adam) and exports it as a SavedModel.
+
+    Args:
+        data_dir: Prepared events: `schema.yaml` and one folder of TFRecords per split.
+        out_dir: Output directory; gets `saved_model/` and `teacher.json` (config, label, metrics).
+        config: Teacher size and training settings. Defaults to `TeacherConfig()`.
+        train_split: Folder of `data_dir` to train on. Defaults to `"train"`.
+        validation_split: Folder evaluated after each epoch, or `None`. Skipped when absent.
+            Defaults to `"validation"`.
+        verbose: Keras `fit` verbosity (`"auto"`: a progress bar). Defaults to `"auto"`.
+
+    Returns:
+        A `TeacherRun` with the SavedModel path and the summary.
+
+    Example:
+
+    ```python
+    run = train_teacher("runs/movielens/data", "runs/movielens/teacher", TeacherConfig(epochs=1))
+    print(run.summary["validation"])
+    ```
+    """
+    saved_model = os.path.join(out_dir, SAVED_MODEL_DIR)
+    if tf.io.gfile.exists(saved_model):
+        raise FileExistsError(f"{saved_model} exists; choose another out_dir. Received: out_dir={out_dir!r}")
+    schema = Schema.load(data_dir)
+    label = schema.label(config.label)
+    if label.source != "event":
+        raise ConfigError(f"the Teacher learns an event label; {config.label!r} has source={label.source!r}")
+    keras.utils.set_random_seed(config.seed)
+    network = build_teacher(schema, config)
+    if label.task == "binary":
+        loss = keras.losses.BinaryCrossentropy(from_logits=True)
+        metrics = [keras.metrics.AUC(from_logits=True, name="auc")]
+    else:
+        loss = keras.losses.SparseCategoricalCrossentropy(from_logits=True)
+        metrics = [keras.metrics.SparseCategoricalAccuracy(name="accuracy")]
+    network.compile(optimizer=keras.optimizers.Adam(config.learning_rate), loss=loss, metrics=metrics)
+
+    preprocessor = relevance_preprocessor(schema)
+
+    def dataset(split: str, shuffle: bool) -> tf.data.Dataset:
+        records = make_dataset(
+            os.path.join(data_dir, split), schema, config.batch_size, labels=config.label,
+            shuffle_buffer=config.shuffle_buffer if shuffle else 0, seed=config.seed,
+        )
+        if label.task == "binary":
+            records = records.map(lambda x, y: (x, tf.cast(tf.reshape(y, [-1, 1]), tf.float32)))
+        return records.map(lambda x, y: (preprocessor(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+
+    validation = None
+    if validation_split and tf.io.gfile.exists(os.path.join(data_dir, validation_split)):
+        validation = dataset(validation_split, shuffle=False)
+    history = network.fit(dataset(train_split, shuffle=True), epochs=config.epochs, validation_data=validation,
+                          shuffle=False, verbose=verbose)
+    export_teacher(network, schema, saved_model, label=config.label)
+    summary = {
+        "config": dataclasses.asdict(config),
+        "label": config.label,
+        "task": label.task,
+        "num_classes": label.num_classes,
+        "parameters": int(network.count_params()),
+        "history": {name: [float(v) for v in values] for name, values in history.history.items()},
+        "saved_model": saved_model,
+    }
+    with tf.io.gfile.GFile(os.path.join(out_dir, SUMMARY_FILE), "w") as handle:
+        handle.write(json.dumps(summary, indent=2))
+    return TeacherRun(saved_model=saved_model, summary=summary)
+
+
+class Teacher:
+    """A loaded Teacher SavedModel that scores serialized tf.Example records in one call.
+
+    A single record is scored as a batch of two (itself twice): on CPU, oneDNN uses another kernel for
+    a one-row matmul whose rounding differs in the last bits, and a record's scores must not depend on
+    the batch it happens to be in (the Beam job's output is deterministic to the bit).
+
+    Args:
+        path: SavedModel directory written by `export_teacher` (any `tf.io.gfile` path).
+
+    Attributes:
+        width: Output width: 1 for a binary Teacher, C for C classes.
+
+    Example:
+
+    ```python
+    teacher = Teacher("runs/movielens/teacher/saved_model")
+    scores = teacher(records)          # {"logits": [n, w], "probabilities": [n, w]}
+    ```
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._module = tf.saved_model.load(path)  # the signature needs its module alive
+        self._signature = self._module.signatures[SIGNATURE]
+        self.width = int(self._signature.structured_outputs[PROBABILITIES].shape[-1])
+
+    def __call__(self, records: Sequence[bytes]) -> dict[str, np.ndarray]:
+        count = len(records)
+        if count == 0:
+            raise ValueError("`records` is empty: a Teacher scores at least one record")
+        batch = list(records) * 2 if count == 1 else records
+        outputs = self._signature(**{INPUT: tf.constant(batch, tf.string)})
+        return {name: outputs[name].numpy()[:count] for name in (LOGITS, PROBABILITIES)}
+
+
+def main(argv: Sequence[str] | None = None, prog: str = "python -m models.teacher") -> int:
+    """Command-line entry (`python -m models.teacher`, `matta train-teacher`): trains and exports the Teacher.
+
+    Args:
+        argv: Flags. Defaults to `sys.argv[1:]`.
+        prog: Program name shown in help. Defaults to `"python -m models.teacher"`.
+
+    Example:
+
+    ```python
+    main(["--data", "runs/movielens/data", "--out", "runs/movielens/teacher", "--epochs", "2"])
+    ```
+    """
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Trains the large Teacher once on event labels and exports a SavedModel that scores "
+        "serialized tf.Example records (signature serving_default: examples -> logits, probabilities). "
+        "Then label events with `python -m pipelines.label_with_teacher`.",
+    )
+    parser.add_argument("--data", required=True, help="prepared events (schema.yaml + split folders)")
+    parser.add_argument("--out", required=True, help="output directory (gets saved_model/ and teacher.json)")
+    parser.add_argument("--config", help="YAML file of TeacherConfig fields (flags below override it)")
+    defaults = TeacherConfig()
+    parser.add_argument("--label", help=f"event label to learn (default {defaults.label!r})")
+    parser.add_argument("--epochs", type=int, help=f"default {defaults.epochs}")
+    parser.add_argument("--batch-size", type=int, help=f"default {defaults.batch_size}")
+    parser.add_argument("--learning-rate", type=float, help=f"default {defaults.learning_rate}")
+    parser.add_argument("--seed", type=int, help=f"default {defaults.seed}")
+    args = parser.parse_args(argv)
+    values: dict[str, Any] = {}
+    if args.config:
+        import yaml
+
+        with tf.io.gfile.GFile(args.config) as handle:
+            values = yaml.safe_load(handle) or {}
+    for field in ("label", "epochs", "batch_size", "learning_rate", "seed"):
+        if getattr(args, field) is not None:
+            values[field] = getattr(args, field)
+    try:
+        run = train_teacher(args.data, args.out, TeacherConfig.from_dict(values))
+    except (SchemaError, FileExistsError, FileNotFoundError, ValueError) as error:  # ConfigError is a ValueError
+        print(f"train-teacher: error: {error}", file=sys.stderr)
+        return 2
+    print(json.dumps({"saved_model": run.saved_model, "parameters": run.summary["parameters"],
+                      "history": {k: v[-1] for k, v in run.summary["history"].items()}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

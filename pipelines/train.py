@@ -1,0 +1,157 @@
+"""Train the relevance model with MatTA (or a baseline / ablation arm) from prepared or labelled events.
+
+One entry point, `train_relevance`, serves the main job (`matta run`) and the ablation experiment
+(`benchmarks/ablation.py`): the arm (MatTA, Student alone, TA alone, no parameter sharing), the
+optimizer (Shampoo or Adam) and the labels (teacher soft labels or event labels) are arguments; the
+code path is the same.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from matta_tf.data import Schema, make_dataset
+from matta_tf.extraction import binary_metrics
+from matta_tf.optimizers import Shampoo
+from matta_tf.training import DistillationSchedule, IndependentStudentTA, MatTAModel
+from models.relevance import RelevanceConfig, build_relevance_network, relevance_preprocessor
+from pipelines.config import TrainingConfig
+
+ARMS = ("matta", "student_only", "ta_only", "no_sharing")
+TEACHER_LABEL = "teacher_probability"
+EVENT_LABEL = "label"
+
+
+def relevance_config(training: TrainingConfig, num_logits: int = 1) -> RelevanceConfig:
+    return RelevanceConfig(
+        embedding_dim=training.embedding_dim, tower_units=training.tower_units,
+        num_cross_layers=training.num_cross_layers, head_units=training.head_units, num_logits=num_logits,
+        ta_width_multiplier=training.ta_width_multiplier, ta_embedding_multiplier=training.ta_embedding_multiplier,
+        ta_only_blocks=training.ta_only_blocks, student_init=training.student_init,
+    )
+
+
+def _single_output(network: keras.Model, name: str) -> keras.Model:
+    return keras.Model(network.inputs, network.outputs[0], name=name)
+
+
+def build_network(schema: Schema, config: RelevanceConfig, arm: str) -> keras.Layer:
+    """The pair-output network an arm trains: nested, Student-only, or two independent networks."""
+    if arm not in ARMS:
+        raise ValueError(f"`arm` must be one of {ARMS}. Received: arm={arm!r}")
+    if arm == "student_only":
+        return build_relevance_network(schema, config.student_config(), name="student")
+    if arm == "no_sharing":
+        student = _single_output(build_relevance_network(schema, config.student_config(), name="s"), "student")
+        ta = _single_output(build_relevance_network(schema, config.ta_config(), name="t"), "ta")
+        return IndependentStudentTA(student, ta, name="independent")
+    return build_relevance_network(schema, config, name="nested")
+
+
+def make_optimizer(name: str, learning_rate: float, total_steps: int) -> keras.optimizers.Optimizer:
+    """Shampoo (Adam grafting, roots every 10 steps) or Adam, with the same learning rate."""
+    if name == "adam":
+        return keras.optimizers.Adam(learning_rate)
+    start = min(100, max(1, total_steps // 10))
+    return Shampoo(learning_rate, grafting="adam", start_preconditioning_step=start,
+                   preconditioning_compute_steps=10, block_size=512, diagonal_threshold=2048)
+
+
+def input_datasets(data_dir: str, schema: Schema, label: str, batch_size: int, seed: int,
+                   eval_labels: tuple[str, ...]) -> dict[str, tf.data.Dataset]:
+    """Preprocessed, cached training data (shuffled) and evaluation data (with every label in `eval_labels`)."""
+    preprocessor = relevance_preprocessor(schema)
+
+    def preprocess(features: dict, labels: Any) -> tuple:
+        return preprocessor(features), labels
+
+    train = make_dataset(os.path.join(data_dir, "train"), schema, batch_size, labels=label)
+    train = train.map(preprocess).cache().shuffle(64, seed=seed).prefetch(tf.data.AUTOTUNE)
+    datasets = {"train": train}
+    for split in ("validation", "test"):
+        if os.path.isdir(os.path.join(data_dir, split)):
+            evaluation = make_dataset(os.path.join(data_dir, split), schema, 2048, labels=list(eval_labels))
+            datasets[split] = evaluation.map(preprocess).cache()
+    return datasets
+
+
+def evaluate_streams(network: keras.Layer, dataset: tf.data.Dataset, label: str) -> dict[str, dict[str, float]]:
+    """AUROC, AucLoss and log loss of both streams' logits against `label` (>= 0.5 is positive)."""
+    call = tf.function(lambda x: network(x, training=False))
+    labels, student, ta = [], [], []
+    for features, targets in dataset:
+        s, t = call(features)
+        student.append(np.asarray(s))
+        ta.append(np.asarray(t))
+        labels.append(np.asarray(targets[label]))
+    y = np.concatenate(labels).reshape(-1)
+    return {"student": binary_metrics(y, np.concatenate(student)), "ta": binary_metrics(y, np.concatenate(ta))}
+
+
+@dataclasses.dataclass
+class TrainingRun:
+    network: keras.Layer
+    history: dict[str, list[float]]
+    metrics: dict[str, Any]
+
+
+def train_relevance(
+    data_dir: str,
+    out_dir: str | None,
+    training: TrainingConfig,
+    arm: str = "matta",
+    optimizer: str | None = None,
+    verbose: str | int = "auto",
+) -> TrainingRun:
+    """Trains one arm on `data_dir`'s training split and evaluates it on validation and test.
+
+    Args:
+        data_dir: Events with `schema.yaml` (teacher-labelled ones carry `teacher_probability`).
+        out_dir: Where to write `network.keras`, `history.json` and `metrics.json`; `None` writes nothing.
+        training: Sizes, optimizer, learning rate, epochs, loss weights and ramp.
+        arm: `"matta"` (nested, three losses), `"student_only"` (the baseline), `"ta_only"`, or
+            `"no_sharing"` (MatTA losses on independent Student and TA networks).
+        optimizer: Overrides `training.optimizer` (`"shampoo"` or `"adam"`).
+        verbose: Keras `fit` verbosity.
+
+    Returns:
+        The trained pair-output network, the per-epoch history and test metrics of both streams against
+        the event label (and the teacher label when the data has one).
+    """
+    schema = Schema.load(data_dir)
+    label_name = TEACHER_LABEL if training.labels == "teacher" else EVENT_LABEL
+    label = schema.label(label_name)
+    eval_labels = tuple(name for name in (EVENT_LABEL, TEACHER_LABEL) if name in [lab.name for lab in schema.labels])
+    keras.utils.set_random_seed(training.seed)
+    datasets = input_datasets(data_dir, schema, label_name, training.batch_size, training.seed, eval_labels)
+    steps = sum(1 for _ in datasets["train"]) * training.epochs
+    network = build_network(schema, relevance_config(training), arm)
+    mode = {"matta": "matta", "no_sharing": "matta", "student_only": "student_only", "ta_only": "ta_only"}[arm]
+    weights = training.loss_weights if mode == "matta" else (1.0, 1.0, 0.0)
+    model = MatTAModel(
+        network, label=label, mode=mode, loss_weights=weights,
+        distillation_schedule=DistillationSchedule(training.distillation_start_step, training.distillation_ramp_steps,
+                                                   training.distillation_ramp_shape),
+    )
+    model.compile(optimizer=make_optimizer(optimizer or training.optimizer, training.learning_rate, steps),
+                  jit_compile=True)
+    history = model.fit(datasets["train"], epochs=training.epochs, verbose=verbose)
+    metrics: dict[str, Any] = {"arm": arm, "optimizer": optimizer or training.optimizer, "labels": label_name}
+    for split in ("validation", "test"):
+        if split in datasets:
+            metrics[split] = {name: evaluate_streams(network, datasets[split], name) for name in eval_labels}
+    if out_dir is not None:
+        os.makedirs(out_dir, exist_ok=True)
+        network.save(os.path.join(out_dir, "network.keras"))
+        with open(os.path.join(out_dir, "history.json"), "w", encoding="utf-8") as handle:
+            json.dump({k: [float(v) for v in vs] for k, vs in history.history.items()}, handle, indent=1)
+        with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as handle:
+            json.dump(metrics, handle, indent=1)
+    return TrainingRun(network, history.history, metrics)

@@ -1,0 +1,351 @@
+"""`PredictionClient`: Predict against TF Serving (or `matta serve`) over gRPC or REST.
+
+One client talks to one model of one server. A call asks for the latest version, a version number,
+or a version label (an A/B arm such as `control` or `treatment`); each attempt has a timeout, and
+failures that are worth retrying (the server is unavailable or overloaded) are retried with
+exponential back-off. Errors are raised as `PredictionError` with TF Serving's status code name
+(`INVALID_ARGUMENT`, `NOT_FOUND`, ...) and its message.
+
+Example:
+
+```python
+client = PredictionClient("127.0.0.1:8500", model_name="relevance")                  # gRPC
+client = PredictionClient("http://127.0.0.1:8501", model_name="relevance", protocol="rest")
+prediction = client.predict(raw_features(records, schema), label="treatment")
+prediction["probabilities"], prediction.version
+```
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import grpc
+import numpy as np
+import tensorflow as tf
+from tensorflow.core.framework import types_pb2
+from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
+
+from serving.export import EXAMPLES_INPUT, EXAMPLES_SIGNATURE, SERVING_SIGNATURE
+
+PROTOCOLS = ("grpc", "rest")
+RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
+# TF Serving's HTTP statuses, back to the status codes they come from.
+_CODE_OF_HTTP = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 409: "ALREADY_EXISTS", 429: "RESOURCE_EXHAUSTED",
+                 501: "UNIMPLEMENTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED", 408: "DEADLINE_EXCEEDED"}
+_MAX_MESSAGE_BYTES = 64 << 20
+
+
+class PredictionError(Exception):
+    """A failed call: `code` is the status name (`"INVALID_ARGUMENT"`, ...), `http_status` the REST status."""
+
+    def __init__(self, code: str, message: str, http_status: int | None = None):
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.http_status = http_status
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """The outputs of one Predict call and the version that computed them.
+
+    `version` is the served version; REST responses do not say it, so it is `None` there unless the
+    call asked for a version number.
+    """
+
+    outputs: dict[str, np.ndarray]
+    model_name: str
+    version: int | None
+    signature_name: str
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.outputs[name]
+
+
+class PredictionClient:
+    """Predict and model metadata over gRPC (`PredictionService`) or REST (`/v1/models/...`).
+
+    Args:
+        target: `"host:port"` of the gRPC port, or `"http://host:port"` (or `"host:port"`) of the REST
+            port.
+        model_name: The model to call.
+        protocol: `"grpc"` (default) or `"rest"`.
+        timeout: Seconds per attempt. Defaults to 5.
+        retries: Further attempts after a retryable failure (`UNAVAILABLE`, `RESOURCE_EXHAUSTED`,
+            connection refused or reset). Defaults to 2.
+        backoff: Seconds before the first retry, doubled for each further one. Defaults to 0.05.
+        rest_format: REST request layout: `"columnar"` (`inputs`, default) or `"row"` (`instances`).
+
+    Example:
+
+    ```python
+    with PredictionClient("127.0.0.1:8500", "relevance") as client:
+        scores = client.predict(inputs, label="control")["probabilities"]
+    ```
+    """
+
+    def __init__(
+        self,
+        target: str,
+        model_name: str,
+        protocol: str = "grpc",
+        timeout: float = 5.0,
+        retries: int = 2,
+        backoff: float = 0.05,
+        rest_format: str = "columnar",
+    ):
+        if protocol not in PROTOCOLS:
+            raise ValueError(f"`protocol` must be one of {list(PROTOCOLS)}. Received: protocol={protocol!r}")
+        if rest_format not in ("columnar", "row"):
+            raise ValueError(f"`rest_format` must be 'columnar' or 'row'. Received: rest_format={rest_format!r}")
+        if timeout <= 0:
+            raise ValueError(f"`timeout` must be > 0 seconds. Received: timeout={timeout}")
+        if retries < 0:
+            raise ValueError(f"`retries` must be >= 0. Received: retries={retries}")
+        self.model_name = model_name
+        self.protocol = protocol
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.backoff = float(backoff)
+        self.rest_format = rest_format
+        if protocol == "grpc":
+            self._channel = grpc.insecure_channel(target.removeprefix("grpc://"), options=[
+                ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
+                ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
+            ])
+            self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+        else:
+            self._base_url = (target if "://" in target else f"http://{target}").rstrip("/")
+            self._opener = urllib.request.build_opener()
+
+    # ---- public calls ---------------------------------------------------------------------------
+    def predict(
+        self,
+        inputs: Mapping[str, Any],
+        *,
+        version: int | None = None,
+        label: str | None = None,
+        signature_name: str = SERVING_SIGNATURE,
+        output_filter: Sequence[str] = (),
+    ) -> Prediction:
+        """Runs one Predict call.
+
+        Args:
+            inputs: Named input tensors (numpy arrays, lists or scalars). Python/numpy `float64`
+                values are sent as `float32`, `str` as strings, `int` as `int64`.
+            version: Ask for this version. Defaults to none (the latest, or `label`).
+            label: Ask for the version this label points at (e.g. an A/B arm). Defaults to none.
+            signature_name: Signature to run. Defaults to `"serving_default"`.
+            output_filter: Output names to return. Defaults to all.
+
+        Returns:
+            A `Prediction` with one numpy array per output (REST: decoded from JSON, `float64` for
+            floating outputs).
+
+        Raises:
+            PredictionError: the server refused the request or could not be reached.
+        """
+        if version is not None and label is not None:
+            raise ValueError(f"give `version` or `label`, not both. Received: version={version}, label={label!r}")
+        arrays = {name: _as_array(value) for name, value in inputs.items()}
+        if self.protocol == "grpc":
+            request = predict_pb2.PredictRequest()
+            _set_model_spec(request.model_spec, self.model_name, version, label, signature_name)
+            for name, value in arrays.items():
+                request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+            request.output_filter.extend(output_filter)
+            response = self._with_retries(lambda: self._stub.Predict(request, timeout=self.timeout))
+            outputs = {name: tf.make_ndarray(proto) for name, proto in response.outputs.items()}
+            return Prediction(outputs, response.model_spec.name, response.model_spec.version.value,
+                              response.model_spec.signature_name)
+        body: dict[str, Any] = {"signature_name": signature_name}
+        if self.rest_format == "columnar":
+            body["inputs"] = {name: _json_value(name, value) for name, value in arrays.items()}
+        else:
+            body["instances"] = _rows(arrays)
+        result = self._rest("POST", f"{self._model_path(version, label)}:predict", body)
+        outputs = _outputs_from_json(result, output_filter)
+        if output_filter:  # TF Serving's REST API has no output filter: select here
+            outputs = {name: outputs[name] for name in output_filter if name in outputs}
+        return Prediction(outputs, self.model_name, version, signature_name)
+
+    def predict_examples(
+        self, examples: Sequence[bytes], *, version: int | None = None, label: str | None = None
+    ) -> Prediction:
+        """Predict on serialized tf.Example records through the export's `examples` signature."""
+        values = np.array([bytes(example) for example in examples], dtype=object)
+        return self.predict({EXAMPLES_INPUT: values}, version=version, label=label, signature_name=EXAMPLES_SIGNATURE)
+
+    def metadata(self, *, version: int | None = None, label: str | None = None) -> dict[str, Any]:
+        """The served version and its signatures: `{"version": int, "signatures": {name: {...}}}`.
+
+        Each signature lists its `inputs` and `outputs` as `{name: {"dtype": ..., "shape": [...]}}`
+        (`-1` for a dimension of any size).
+        """
+        if self.protocol == "grpc":
+            request = get_model_metadata_pb2.GetModelMetadataRequest(metadata_field=["signature_def"])
+            _set_model_spec(request.model_spec, self.model_name, version, label, "")
+            response = self._with_retries(lambda: self._stub.GetModelMetadata(request, timeout=self.timeout))
+            signature_map = get_model_metadata_pb2.SignatureDefMap()
+            response.metadata["signature_def"].Unpack(signature_map)
+            signatures = {
+                key: {side: {name: {"dtype": tf.as_dtype(info.dtype).name,
+                                    "shape": [d.size for d in info.tensor_shape.dim]}
+                             for name, info in getattr(signature, side).items()}
+                      for side in ("inputs", "outputs")}
+                for key, signature in signature_map.signature_def.items() if not key.startswith("__")
+            }
+            return {"version": int(response.model_spec.version.value), "signatures": signatures}
+        result = self._rest("GET", f"{self._model_path(version, label)}/metadata")
+        signature_defs = result["metadata"]["signature_def"]["signature_def"]
+        signatures = {
+            key: {side: {name: {"dtype": tf.as_dtype(types_pb2.DataType.Value(info["dtype"])).name,
+                                "shape": [int(d["size"]) for d in info.get("tensor_shape", {}).get("dim", [])]}
+                         for name, info in signature.get(side, {}).items()}
+                  for side in ("inputs", "outputs")}
+            for key, signature in signature_defs.items() if not key.startswith("__")
+        }
+        return {"version": int(result["model_spec"]["version"]), "signatures": signatures}
+
+    def status(self) -> list[dict[str, Any]]:
+        """REST only: the served versions and their states (`GET /v1/models/<name>`)."""
+        if self.protocol != "rest":
+            raise ValueError("`status()` uses the REST API; create the client with protocol='rest'")
+        return self._rest("GET", f"/v1/models/{self.model_name}")["model_version_status"]
+
+    def close(self) -> None:
+        if self.protocol == "grpc":
+            self._channel.close()
+
+    def __enter__(self) -> PredictionClient:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.close()
+
+    # ---- transport ------------------------------------------------------------------------------
+    def _model_path(self, version: int | None, label: str | None) -> str:
+        path = f"/v1/models/{self.model_name}"
+        if version is not None:
+            return f"{path}/versions/{int(version)}"
+        if label is not None:
+            return f"{path}/labels/{label}"
+        return path
+
+    def _with_retries(self, call: Any) -> Any:
+        for attempt in range(self.retries + 1):
+            try:
+                return call()
+            except grpc.RpcError as error:
+                failure = PredictionError(error.code().name, error.details() or "")
+            except PredictionError as error:
+                failure = error
+            if failure.code not in RETRYABLE or attempt == self.retries:
+                raise failure
+            time.sleep(self.backoff * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def _rest(self, method: str, path: str, body: Any = None) -> Any:
+        data = None if body is None else json.dumps(body).encode("utf-8")
+
+        def call() -> Any:
+            request = urllib.request.Request(self._base_url + path, data=data, method=method,
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with self._opener.open(request, timeout=self.timeout) as response:
+                    return json.loads(response.read().decode("utf-8"))
+            except urllib.error.HTTPError as error:
+                text = error.read().decode("utf-8", errors="replace")
+                try:
+                    message = json.loads(text)["error"]
+                except (ValueError, KeyError, TypeError):
+                    message = text or error.reason
+                raise PredictionError(_CODE_OF_HTTP.get(error.code, "INTERNAL"), message, error.code) from None
+            except (urllib.error.URLError, ConnectionError) as error:
+                reason = getattr(error, "reason", error)
+                if isinstance(reason, TimeoutError):
+                    raise PredictionError("DEADLINE_EXCEEDED", f"no response in {self.timeout} s") from None
+                raise PredictionError("UNAVAILABLE", f"{self._base_url}: {reason}") from None
+            except TimeoutError:
+                raise PredictionError("DEADLINE_EXCEEDED", f"no response in {self.timeout} s") from None
+
+        return self._with_retries(call)
+
+
+def _set_model_spec(spec: Any, name: str, version: int | None, label: str | None, signature_name: str) -> None:
+    spec.name = name
+    spec.signature_name = signature_name
+    if version is not None:
+        spec.version.value = int(version)
+    elif label is not None:
+        spec.version_label = label
+
+
+def _as_array(value: Any) -> np.ndarray:
+    array = np.asarray(value)
+    if array.dtype == np.float64:
+        return array.astype(np.float32)
+    if array.dtype.kind == "U":
+        return np.vectorize(lambda s: s.encode("utf-8"), otypes=[object])(array) if array.size else array.astype(object)
+    return array
+
+
+def _json_value(name: str, value: np.ndarray) -> Any:
+    if value.dtype != object and value.dtype.kind not in "SU":
+        return value.tolist()
+
+    def convert(item: Any) -> Any:
+        if isinstance(item, list):
+            return [convert(i) for i in item]
+        if isinstance(item, str):
+            return item
+        data = bytes(item)
+        if not name.endswith("_bytes"):
+            try:
+                return data.decode("utf-8")
+            except UnicodeDecodeError:
+                pass
+        return {"b64": base64.b64encode(data).decode("ascii")}
+
+    return convert(value.tolist())
+
+
+def _rows(arrays: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
+    sizes = {name: value.shape[0] if value.ndim else None for name, value in arrays.items()}
+    if len(set(sizes.values())) != 1 or None in sizes.values():
+        raise ValueError(f"the row format needs inputs with one batch size; got {sizes}. Use rest_format='columnar'")
+    columns = {name: _json_value(name, value) for name, value in arrays.items()}
+    return [{name: column[i] for name, column in columns.items()} for i in range(next(iter(sizes.values())))]
+
+
+def _from_json(value: Any) -> np.ndarray:
+    def decode(item: Any) -> Any:
+        if isinstance(item, list):
+            return [decode(i) for i in item]
+        if isinstance(item, dict) and set(item) == {"b64"}:
+            return base64.b64decode(item["b64"])
+        return item
+
+    decoded = decode(value)
+    array = np.asarray(decoded)
+    return array.astype(object) if array.dtype.kind in "SU" else array
+
+
+def _outputs_from_json(result: Mapping[str, Any], output_filter: Sequence[str]) -> dict[str, np.ndarray]:
+    if "outputs" in result:
+        outputs = result["outputs"]
+        if isinstance(outputs, dict):
+            return {name: _from_json(value) for name, value in outputs.items()}
+        return {(output_filter[0] if len(output_filter) == 1 else "outputs"): _from_json(outputs)}
+    predictions = result["predictions"]
+    if predictions and isinstance(predictions[0], dict) and set(predictions[0]) != {"b64"}:
+        return {name: _from_json([row[name] for row in predictions]) for name in predictions[0]}
+    return {(output_filter[0] if len(output_filter) == 1 else "predictions"): _from_json(predictions)}

@@ -1,0 +1,489 @@
+"""Export Mix'n'Match sizes as TF Serving SavedModels: raw features in, scores out, no Python needed.
+
+Each size (the Student, the TA, any extracted sub-model) becomes one *version* of one TF Serving
+model, in TF Serving's layout:
+
+```
+<base_dir>/<model_name>/
+    1/                                     # e.g. the Student
+        saved_model.pb, variables/, fingerprint.pb
+        assets.extra/tf_serving_warmup_requests   # PredictionLog TFRecords, replayed at load
+        assets.extra/model_card.json              # size, spec, parameters, FLOPs, offline metrics
+    2/                                     # e.g. a wide-narrow-wide size
+    3/                                     # e.g. the TA
+```
+
+so one model config can serve several sizes side by side and point version labels (A/B arms such
+as `control` and `treatment`) at them. A version is written under a hidden temporary name in the
+same folder and renamed when complete: TF Serving never sees half a model, and an existing version
+is never overwritten.
+
+Every SavedModel has two Predict signatures with the same outputs (`logits` and `probabilities`:
+sigmoid for one logit, softmax for several):
+
+- `serving_default`: one named raw tensor per model feature of the schema, as a client sends them
+  (`int64`/`string` ids of shape `[batch]`, `float32` numeric values of shape `[batch]` or
+  `[batch, n]`, and multi-valued features as dense `[batch, length]` tensors padded with `""` or
+  negative ids);
+- `examples`: one `examples` input of serialized tf.Example records, for callers that log raw
+  records.
+
+The vocabulary lookups, OOV buckets and bucketization of `FeaturePreprocessor` run inside both.
+
+Example:
+
+```python
+sizes = [ServableModel.extract(nested, spec, schema, metrics=offline[spec.name])
+         for spec in (student_spec, middle_spec, ta_spec)]
+exported = export_for_serving(sizes, "runs/serving", model_name="relevance",
+                              warmup_examples=list(read_records(validation_files))[:100])
+versions = {e.name: e.version for e in exported}     # {"student": 1, "wnw-2": 2, "ta": 3}
+```
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import keras
+import numpy as np
+import tensorflow as tf
+from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
+
+from matta_tf.data.examples import parse_examples, serialize_example
+from matta_tf.data.preprocessing import FeaturePreprocessor
+from matta_tf.data.schema import Feature, Schema
+from matta_tf.extraction import SubmodelCost, SubmodelSpec, extract_submodel, model_cost, spec_cost
+
+SERVING_SIGNATURE = "serving_default"
+EXAMPLES_SIGNATURE = "examples"
+EXAMPLES_INPUT = "examples"
+ASSETS_EXTRA = "assets.extra"
+WARMUP_FILE = "tf_serving_warmup_requests"
+MODEL_CARD_FILE = "model_card.json"
+MAX_WARMUP_RECORDS = 1000  # TF Serving reads at most this many warmup records
+TASKS = ("binary", "multiclass")
+
+
+class ExportError(RuntimeError):
+    """An exported SavedModel does not reproduce its Keras model; the message names the size."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ServableModel:
+    """One servable size: a network over preprocessed features and what is needed to serve it.
+
+    Args:
+        name: Size label, e.g. `"student"`, `"wnw-2"`, `"ta"`; written to the model card.
+        network: Keras model from preprocessed features (the `FeaturePreprocessor`'s outputs) to
+            logits of shape `[batch, num_logits]`, e.g. `extract_submodel(nested, spec)`.
+        preprocessor: The `FeaturePreprocessor` the network was trained behind, or the `Schema` to
+            build one from.
+        spec: The Mix'n'Match spec the network was extracted with. Defaults to `None`.
+        cost: Parameters and FLOPs per example. Defaults to `model_cost(network)`.
+        metrics: Offline metrics for the model card (e.g. `auc`, `log_loss`). Defaults to none.
+        task: `"binary"` (sigmoid `probabilities`) or `"multiclass"` (softmax). Defaults to
+            `"binary"` for one logit and `"multiclass"` for several.
+        description: Free text for the model card. Defaults to `""`.
+
+    Example:
+
+    ```python
+    student = ServableModel("student", extract_submodel(nested, spec), schema)
+    ```
+    """
+
+    name: str
+    network: keras.Model
+    preprocessor: FeaturePreprocessor | Schema
+    spec: SubmodelSpec | None = None
+    cost: SubmodelCost | None = None
+    metrics: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    task: str | None = None
+    description: str = ""
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"`name` must be a non-empty string. Received: name={self.name!r}")
+        if isinstance(self.preprocessor, Schema):
+            object.__setattr__(self, "preprocessor", FeaturePreprocessor(self.preprocessor))
+        elif not isinstance(self.preprocessor, FeaturePreprocessor):
+            raise TypeError(
+                "`preprocessor` must be a FeaturePreprocessor or a Schema. "
+                f"Received: preprocessor={type(self.preprocessor).__name__}"
+            )
+        num_logits = int(self.network.outputs[0].shape[-1]) if self.network.outputs else None
+        task = self.task or ("binary" if num_logits == 1 else "multiclass")
+        if task not in TASKS:
+            raise ValueError(f"`task` must be one of {list(TASKS)}. Received: task={self.task!r}")
+        object.__setattr__(self, "task", task)
+        object.__setattr__(self, "metrics", {str(k): float(v) for k, v in dict(self.metrics).items()})
+        if self.cost is None:
+            object.__setattr__(self, "cost", model_cost(self.network))
+
+    @property
+    def schema(self) -> Schema:
+        return self.preprocessor.schema
+
+    @classmethod
+    def extract(
+        cls,
+        nested_model: keras.Model,
+        spec: SubmodelSpec,
+        preprocessor: FeaturePreprocessor | Schema,
+        metrics: Mapping[str, float] | None = None,
+        description: str = "",
+    ) -> ServableModel:
+        """The size `spec` of a nested network: extracted weights, the spec and its exact cost.
+
+        Args:
+            nested_model: The nested network (outputs `[student, ta]`).
+            spec: Which width each choosable layer takes; its `name` becomes the size label.
+            preprocessor: The `FeaturePreprocessor` (or `Schema`) in front of the network.
+            metrics: Offline metrics for the model card. Defaults to none.
+            description: Free text for the model card. Defaults to `""`.
+        """
+        network = extract_submodel(nested_model, spec)
+        return cls(spec.name or network.name, network, preprocessor, spec=spec,
+                   cost=spec_cost(nested_model, spec), metrics=metrics or {}, description=description)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportedServable:
+    """Where one size was written: `<base_dir>/<model_name>/<version>`."""
+
+    name: str
+    model_name: str
+    version: int
+    path: str
+
+
+# ---- signatures -------------------------------------------------------------------------------------
+def _serving_schema(schema: Schema) -> Schema:
+    """The schema's model features only: serving needs no labels and no metadata (timestamps, keys)."""
+    return dataclasses.replace(schema, features=schema.model_features, labels=())
+
+
+def _tf_dtype(feature: Feature) -> tf.DType:
+    return tf.string if feature.dtype == "string" else tf.as_dtype(feature.dtype)
+
+
+def raw_input_signature(schema: Schema) -> dict[str, tf.TensorSpec]:
+    """The named raw tensors of the `serving_default` signature, one per model feature.
+
+    Args:
+        schema: The schema of the raw features.
+
+    Returns:
+        `{name: tf.TensorSpec}`: `[batch]` for ids, strings and one-value numeric features,
+        `[batch, n]` for `n`-value numeric features and `[batch, length]` for multi-valued features
+        (padded with `""` or negative ids).
+    """
+    specs = {}
+    for feature in schema.model_features:
+        if feature.is_multi_valued:
+            shape = [None, None]
+        elif feature.kind == "numeric" and feature.shape > 1:
+            shape = [None, feature.shape]
+        else:
+            shape = [None]
+        specs[feature.name] = tf.TensorSpec(shape, _tf_dtype(feature), name=feature.name)
+    return specs
+
+
+def raw_features(records: Sequence[bytes | Mapping[str, Any]], schema: Schema) -> dict[str, np.ndarray]:
+    """The `serving_default` inputs for a batch of events, as numpy arrays with the signature's dtypes.
+
+    Multi-valued features are padded on the right (`""` for strings, `-1` for ids) to the longest
+    row, at least one value wide.
+
+    Args:
+        records: Serialized tf.Example records, or events as mappings of feature name to value
+            (labels and metadata features are ignored).
+        schema: The schema of the events.
+
+    Returns:
+        `{feature name: np.ndarray}` for every model feature.
+
+    Example:
+
+    ```python
+    inputs = raw_features(list(read_records("data/test/*.tfrecord"))[:32], schema)
+    client.predict(inputs)
+    ```
+    """
+    serving_schema = _serving_schema(schema)
+    serialized = [
+        record if isinstance(record, (bytes, bytearray)) else serialize_example(record, serving_schema, labels=False)
+        for record in records
+    ]
+    if not serialized:
+        raise ValueError("`records` is empty: a request needs at least one event")
+    parsed = parse_examples(tf.constant(serialized, tf.string), serving_schema, labels=False)
+    features = {}
+    for feature in serving_schema.features:
+        value = parsed[feature.name]
+        if feature.is_multi_valued:
+            padding = "" if feature.dtype == "string" else -1
+            width = max(1, int(value.bounding_shape()[1]))
+            value = value.to_tensor(default_value=padding, shape=[None, width])
+        features[feature.name] = value.numpy()
+    return features
+
+
+def _outputs(logits: tf.Tensor, task: str) -> dict[str, tf.Tensor]:
+    logits = tf.cast(logits, tf.float32)
+    probabilities = tf.sigmoid(logits) if task == "binary" else tf.nn.softmax(logits, axis=-1)
+    return {"logits": logits, "probabilities": probabilities}
+
+
+def _dummy_batch(signature: Mapping[str, tf.TensorSpec]) -> dict[str, tf.Tensor]:
+    batch = {}
+    for name, spec in signature.items():
+        shape = [1 if dim is None else dim for dim in spec.shape.as_list()]
+        batch[name] = tf.fill(shape, "") if spec.dtype == tf.string else tf.zeros(shape, spec.dtype)
+    return batch
+
+
+def _write_saved_model(servable: ServableModel, path: str) -> None:
+    schema = _serving_schema(servable.schema)
+    signature = raw_input_signature(schema)
+    preprocessor, network, task = servable.preprocessor, servable.network, servable.task
+    preprocessor(_dummy_batch(signature))  # builds the lookup layers, so their tables can be tracked
+
+    def serve_features(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
+        return _outputs(network(preprocessor(features), training=False), task)
+
+    def serve_examples(examples: tf.Tensor) -> dict[str, tf.Tensor]:
+        return serve_features(parse_examples(examples, schema, labels=False))
+
+    archive = keras.export.ExportArchive()
+    archive.track(preprocessor)
+    archive.track(network)
+    archive.add_endpoint(SERVING_SIGNATURE, serve_features, input_signature=[signature])
+    archive.add_endpoint(EXAMPLES_SIGNATURE, serve_examples,
+                         input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
+    archive.write_out(path, verbose=False)
+
+
+# ---- warmup requests and model card ----------------------------------------------------------------
+def warmup_requests(
+    records: Sequence[bytes | Mapping[str, Any]],
+    schema: Schema,
+    model_name: str,
+    max_records: int = 100,
+) -> list[prediction_log_pb2.PredictionLog]:
+    """TF Serving warmup records: one `serving_default` request per event, and one `examples` request.
+
+    Args:
+        records: Real events (serialized tf.Example or mappings), e.g. the first records of the
+            validation split.
+        schema: The schema of the events.
+        model_name: Written to each request's `model_spec.name`.
+        max_records: Events used, at most `MAX_WARMUP_RECORDS - 1`. Defaults to 100.
+
+    Returns:
+        `PredictionLog` messages, each holding a `PredictRequest` (at most `MAX_WARMUP_RECORDS`).
+    """
+    if not 1 <= max_records < MAX_WARMUP_RECORDS:
+        raise ValueError(
+            f"`max_records` must be in [1, {MAX_WARMUP_RECORDS - 1}] (TF Serving reads at most "
+            f"{MAX_WARMUP_RECORDS} warmup records). Received: max_records={max_records}"
+        )
+    records = list(records)[:max_records]
+    serving_schema = _serving_schema(schema)
+    serialized = [
+        r if isinstance(r, (bytes, bytearray)) else serialize_example(r, serving_schema, labels=False) for r in records
+    ]
+    logs = []
+    for record in serialized:
+        request = predict_pb2.PredictRequest()
+        request.model_spec.name = model_name
+        request.model_spec.signature_name = SERVING_SIGNATURE
+        for name, value in raw_features([record], schema).items():
+            request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
+        logs.append(prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request)))
+    request = predict_pb2.PredictRequest()
+    request.model_spec.name = model_name
+    request.model_spec.signature_name = EXAMPLES_SIGNATURE
+    request.inputs[EXAMPLES_INPUT].CopyFrom(tf.make_tensor_proto(np.array(serialized, dtype=object)))
+    logs.append(prediction_log_pb2.PredictionLog(predict_log=prediction_log_pb2.PredictLog(request=request)))
+    return logs
+
+
+def _spec_of(tensor_spec: tf.TensorSpec) -> dict[str, Any]:
+    return {"dtype": tensor_spec.dtype.name, "shape": [-1 if d is None else d for d in tensor_spec.shape.as_list()]}
+
+
+def model_card(servable: ServableModel, model_name: str, version: int) -> dict[str, Any]:
+    """What the model card of one exported size says: size, spec, cost, offline metrics, signatures."""
+    schema = _serving_schema(servable.schema)
+    num_logits = int(servable.network.outputs[0].shape[-1])
+    outputs = {name: {"dtype": "float32", "shape": [-1, num_logits]} for name in ("logits", "probabilities")}
+    return {
+        "model_name": model_name,
+        "version": version,
+        "size": servable.name,
+        "description": servable.description,
+        "task": servable.task,
+        "spec": servable.spec.to_dict() if servable.spec is not None else None,
+        "parameters": int(servable.cost.parameters),
+        "flops_per_example": int(servable.cost.flops_per_example),
+        "offline_metrics": dict(servable.metrics),
+        "schema": schema.name,
+        "signatures": {
+            SERVING_SIGNATURE: {"inputs": {n: _spec_of(s) for n, s in raw_input_signature(schema).items()},
+                                "outputs": outputs},
+            EXAMPLES_SIGNATURE: {"inputs": {EXAMPLES_INPUT: {"dtype": "string", "shape": [-1]}}, "outputs": outputs},
+        },
+        "exported_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "tensorflow_version": tf.__version__,
+        "keras_version": keras.__version__,
+    }
+
+
+def _write_extras(servable: ServableModel, path: str, model_name: str, version: int,
+                  logs: Sequence[prediction_log_pb2.PredictionLog]) -> None:
+    extra = os.path.join(path, ASSETS_EXTRA)
+    os.makedirs(extra, exist_ok=True)
+    if logs:
+        with tf.io.TFRecordWriter(os.path.join(extra, WARMUP_FILE)) as writer:
+            for log in logs:
+                writer.write(log.SerializeToString())
+    with open(os.path.join(extra, MODEL_CARD_FILE), "w", encoding="utf-8") as handle:
+        json.dump(model_card(servable, model_name, version), handle, indent=2)
+
+
+def _verify(servable: ServableModel, path: str, records: Sequence[bytes]) -> None:
+    """Loads the written SavedModel and checks both signatures against the Keras model."""
+    loaded = tf.saved_model.load(path)
+    features = raw_features(records, servable.schema)
+    expected = _outputs(servable.network(servable.preprocessor(features), training=False), servable.task)
+    by_features = loaded.signatures[SERVING_SIGNATURE](**{k: tf.constant(v) for k, v in features.items()})
+    by_examples = loaded.signatures[EXAMPLES_SIGNATURE](examples=tf.constant(list(records), tf.string))
+    for signature, got in ((SERVING_SIGNATURE, by_features), (EXAMPLES_SIGNATURE, by_examples)):
+        for name, value in expected.items():
+            if not np.allclose(got[name].numpy(), value.numpy(), rtol=1e-5, atol=1e-6):
+                raise ExportError(
+                    f"size {servable.name!r}: output {name!r} of signature {signature!r} differs from the "
+                    f"Keras model (max abs difference {np.max(np.abs(got[name].numpy() - value.numpy())):.3g})"
+                )
+
+
+# ---- export ------------------------------------------------------------------------------------------
+def existing_versions(model_dir: str) -> list[int]:
+    """The version numbers (integer folder names) under a TF Serving model folder, ascending."""
+    if not os.path.isdir(model_dir):
+        return []
+    return sorted(int(entry) for entry in os.listdir(model_dir) if entry.isdigit())
+
+
+def export_for_serving(
+    models: Sequence[ServableModel],
+    base_dir: str,
+    model_name: str = "relevance",
+    versions: Sequence[int] | None = None,
+    warmup_examples: Sequence[bytes | Mapping[str, Any]] | None = None,
+    num_warmup_records: int = 100,
+    verify: bool = True,
+) -> list[ExportedServable]:
+    """Writes each size as one version of a TF Serving model, atomically, never overwriting a version.
+
+    Args:
+        models: The sizes to export, in version order.
+        base_dir: TF Serving's base folder; versions go to `<base_dir>/<model_name>/<version>/`.
+        model_name: TF Serving model name (a folder name without `/` or `:`). Defaults to
+            `"relevance"`.
+        versions: Version numbers, one per size (positive, not yet used). Defaults to the next
+            free numbers after the largest existing version.
+        warmup_examples: Real events (serialized tf.Example or mappings) for the warmup file and the
+            export check; the first `num_warmup_records` are used. Defaults to none: no warmup file
+            is written and the check runs on one all-default event.
+        num_warmup_records: Events replayed as warmup requests (< 1000). Defaults to 100.
+        verify: Load each written SavedModel and check that both signatures reproduce the Keras
+            model on the warmup events before publishing it. Defaults to `True`.
+
+    Returns:
+        One `ExportedServable` per size, in order.
+
+    Raises:
+        FileExistsError: a requested version already exists.
+        ExportError: `verify` found a signature whose outputs differ from the Keras model.
+
+    Example:
+
+    ```python
+    exported = export_for_serving([student, middle, ta], "runs/serving", warmup_examples=records[:100])
+    ```
+    """
+    models = list(models)
+    if not models:
+        raise ValueError("`models` is empty: nothing to export")
+    if not model_name or any(c in model_name for c in "/:") or model_name.strip() != model_name:
+        raise ValueError(
+            f"`model_name` must be a non-empty name without '/' or ':'. Received: model_name={model_name!r}"
+        )
+    warmup = list(warmup_examples) if warmup_examples is not None else []
+    if warmup and not 1 <= num_warmup_records < MAX_WARMUP_RECORDS:
+        raise ValueError(
+            f"`num_warmup_records` must be in [1, {MAX_WARMUP_RECORDS - 1}] (TF Serving reads at most "
+            f"{MAX_WARMUP_RECORDS} warmup records). Received: num_warmup_records={num_warmup_records}"
+        )
+    names = [m.name for m in models]
+    if len(set(names)) != len(names):
+        raise ValueError(f"size names must be unique. Received: {names}")
+    model_dir = os.path.join(base_dir, model_name)
+    taken = existing_versions(model_dir)
+    if versions is None:
+        start = (taken[-1] if taken else 0) + 1
+        versions = list(range(start, start + len(models)))
+    versions = [int(v) for v in versions]
+    if len(versions) != len(models):
+        raise ValueError(f"`versions` needs one version per size ({len(models)}). Received: versions={versions}")
+    if len(set(versions)) != len(versions) or any(v < 1 for v in versions):
+        raise ValueError(f"`versions` must be distinct positive integers. Received: versions={versions}")
+    for version in versions:
+        if version in taken or os.path.exists(os.path.join(model_dir, str(version))):
+            raise FileExistsError(f"version {version} of model {model_name!r} already exists in {model_dir}")
+
+    os.makedirs(model_dir, exist_ok=True)
+    exported = []
+    for servable, version in zip(models, versions, strict=True):
+        schema = _serving_schema(servable.schema)
+        records = [r if isinstance(r, (bytes, bytearray)) else serialize_example(r, schema, labels=False)
+                   for r in warmup[:num_warmup_records]]
+        logs = warmup_requests(records, schema, model_name, num_warmup_records) if records else []
+        final = os.path.join(model_dir, str(version))
+        temporary = os.path.join(model_dir, f".{version}.incomplete-{uuid.uuid4().hex[:8]}")
+        try:
+            _write_saved_model(servable, temporary)
+            _write_extras(servable, temporary, model_name, version, logs)
+            if verify:
+                _verify(servable, temporary, records or [serialize_example(_default_event(schema), schema)])
+            if os.path.exists(final):
+                raise FileExistsError(f"version {version} of model {model_name!r} appeared while exporting: {final}")
+            os.rename(temporary, final)
+        finally:
+            if os.path.exists(temporary):
+                shutil.rmtree(temporary, ignore_errors=True)
+        exported.append(ExportedServable(servable.name, model_name, version, final))
+    return exported
+
+
+def _default_event(schema: Schema) -> dict[str, Any]:
+    event: dict[str, Any] = {}
+    for feature in schema.model_features:
+        if feature.is_multi_valued:
+            event[feature.name] = []
+        elif feature.kind == "numeric":
+            event[feature.name] = [0.0] * feature.shape
+        else:
+            event[feature.name] = "" if feature.dtype == "string" else 0
+    return event

@@ -1,0 +1,113 @@
+"""The reference relevance model: preprocessing, nested towers, Student-stream exactness, saving."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from matta_tf.data import Feature, Label, Schema
+from matta_tf.data.preprocessing import FeaturePreprocessor
+from models.relevance import ConfigError, RelevanceConfig, build_relevance_network
+
+SCHEMA = Schema(
+    features=(
+        Feature("user_id", "user", "int_id", vocabulary=tuple(range(1, 30))),
+        Feature("device", "context", "string", vocabulary=("ios", "web")),
+        Feature("history", "context", "multi_categorical", dtype="int64", vocabulary=tuple(range(50)), max_length=4),
+        Feature("item_id", "item", "int_id", vocabulary=tuple(range(50))),
+        Feature("tags", "item", "multi_categorical", dtype="string", vocabulary=("a", "b", "c")),
+        Feature("price", "item", "numeric", boundaries=(1.0, 10.0)),
+        Feature("score", "item", "numeric", shape=2, mean=1.0, std=2.0),
+        Feature("timestamp", "metadata", "int_id"),
+    ),
+    labels=(Label("label"),),
+)
+CONFIG = RelevanceConfig(embedding_dim=4, tower_units=(8, 6), head_units=(8,), num_cross_layers=2)
+
+
+def _raw_batch(n: int = 16, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    return {
+        "user_id": tf.constant(rng.integers(0, 40, n), tf.int64),
+        "device": tf.constant(rng.choice(["ios", "web", "tv"], n)),
+        "history": tf.ragged.constant([rng.integers(0, 60, rng.integers(0, 7)).tolist() for _ in range(n)],
+                                      dtype=tf.int64, ragged_rank=1),
+        "item_id": tf.constant(rng.integers(0, 60, n), tf.int64),
+        "tags": tf.ragged.constant([rng.choice(["a", "b", "c", "z"], rng.integers(0, 3)).tolist() for _ in range(n)],
+                                   dtype=tf.string, ragged_rank=1),
+        "price": tf.constant(rng.uniform(0, 20, n), tf.float32),
+        "score": tf.constant(rng.normal(size=(n, 2)), tf.float32),
+        "timestamp": tf.constant(np.arange(n), tf.int64),
+    }
+
+
+def test_preprocessor_indices_padding_and_standardization():
+    raw = {k: v for k, v in _raw_batch().items()}
+    raw["history"] = tf.ragged.constant([[], [1, 2, 3, 4, 5, 99]], dtype=tf.int64)
+    raw = {k: (v[:2] if k != "history" else v) for k, v in raw.items()}
+    out = FeaturePreprocessor(SCHEMA)(raw)
+    assert "timestamp" not in out
+    # Last 4 values kept: index = vocabulary position + 1 (OOV bucket) + 1 (padding); unknown 99 -> OOV (1).
+    np.testing.assert_array_equal(out["history"].numpy(), [[0, 0, 0, 0], [5, 6, 7, 1]])
+    np.testing.assert_allclose(out["score"].numpy(), (raw["score"].numpy() - 1.0) / 2.0, rtol=1e-6)
+    dense = FeaturePreprocessor(SCHEMA)({**raw, "history": tf.constant([[-1, -1], [5, 99]], tf.int64)})
+    np.testing.assert_array_equal(dense["history"].numpy(), [[0, 0, 0, 0], [7, 1, 0, 0]])
+
+
+def _student_twin(nested: keras.Model) -> keras.Model:
+    """A plain Student (both streams the Student) holding the leading blocks of the nested weights."""
+    twin = build_relevance_network(SCHEMA, CONFIG.student_config())
+    nested_weights = {w.path: w.numpy() for w in nested.weights}
+    for weight in twin.weights:
+        source = nested_weights[weight.path]
+        weight.assign(source[tuple(slice(0, s) for s in weight.shape)])
+    return twin
+
+
+def test_student_stream_equals_plain_student_with_sliced_weights():
+    nested = build_relevance_network(SCHEMA, CONFIG)
+    features = FeaturePreprocessor(SCHEMA)(_raw_batch())
+    student, ta = nested(features)
+    twin_student, twin_ta = _student_twin(nested)(features)
+    np.testing.assert_allclose(student.numpy(), twin_student.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(twin_student.numpy(), twin_ta.numpy())
+    assert not np.allclose(student.numpy(), ta.numpy())
+    student_params = build_relevance_network(SCHEMA, CONFIG.student_config()).count_params()
+    ta_params = build_relevance_network(SCHEMA, CONFIG.ta_config()).count_params()
+    assert student_params < nested.count_params() == ta_params
+
+
+def test_jit_compile_and_keras_round_trip(tmp_path):
+    nested = build_relevance_network(SCHEMA, CONFIG)
+    features = FeaturePreprocessor(SCHEMA)(_raw_batch(seed=1))
+    eager = [t.numpy() for t in nested(features)]
+    compiled = [t.numpy() for t in tf.function(nested, jit_compile=True)(features)]
+    for a, b in zip(eager, compiled, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    nested.save(tmp_path / "relevance.keras")
+    restored = keras.saving.load_model(tmp_path / "relevance.keras")
+    for a, b in zip(eager, restored(features), strict=True):
+        np.testing.assert_array_equal(a, b.numpy())
+
+
+def test_student_blocks_are_initialized_like_a_standalone_student():
+    # The Student block of the first tower layer has glorot bounds of the Student's own fan-in/fan-out.
+    wide = RelevanceConfig(embedding_dim=16, tower_units=(64,), head_units=(), ta_width_multiplier=8,
+                           ta_embedding_multiplier=8)
+    for student_init, expect_standalone in (("standalone", True), ("ta_slice", False)):
+        nested = build_relevance_network(SCHEMA, RelevanceConfig(**{**wide.__dict__, "student_init": student_init}))
+        kernel = nested.get_layer("user_tower_0").kernel.numpy()
+        student_block = kernel[:16, :64]
+        standalone_limit = np.sqrt(6 / (16 + 64))
+        ta_limit = np.sqrt(6 / (128 + 512))
+        assert np.abs(kernel).max() <= standalone_limit + 1e-6
+        assert (np.abs(student_block).max() > ta_limit * 1.5) == expect_standalone
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ConfigError, match="ta_width_multiplier"):
+        RelevanceConfig(ta_width_multiplier=0.5)
+    with pytest.raises(ConfigError, match="unknown field 'hidden'"):
+        RelevanceConfig.from_dict({"hidden": 3})
+    with pytest.raises(ConfigError, match="student_init"):
+        RelevanceConfig(student_init="random")
