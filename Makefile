@@ -14,7 +14,7 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 demo: $(VENV)/.installed
-	$(VENV)/bin/matta prepare movielens --out $(RUN_DIR)/data
+	$(VENV)/bin/matta run --run-dir $(RUN_DIR)
 
 test: $(VENV)/.installed
 	$(PY) -m ruff check .

@@ -7,6 +7,7 @@ Verbs:
   train-teacher       train the large Teacher on event labels and export its SavedModel
   label               label events with the Teacher on Apache Beam (other flags are Beam options)
   serve               local TF-Serving-compatible model server (development stand-in)
+  run                 the whole workflow: prepare, teacher, label, train, extract, export, replay, report
 """
 
 from __future__ import annotations
@@ -77,14 +78,6 @@ def _add_validate(subparsers) -> None:
     validate.add_argument("--max-errors", type=int, default=20, help="errors listed before stopping the list")
 
 
-def _print_summary(summary: dict) -> None:
-    rows = [(split, info) for split, info in summary["splits"].items()]
-    columns = [key for key in rows[0][1] if key not in ("files",)]
-    print("split".ljust(12) + "".join(column.rjust(22) for column in columns))
-    for split, info in rows:
-        print(split.ljust(12) + "".join(str(info[column]).rjust(22) for column in columns))
-
-
 def _run_prepare(args) -> int:
     from matta_tf import data
 
@@ -100,8 +93,10 @@ def _run_prepare(args) -> int:
             split_fractions=args.split, num_shards=args.shards, seed=args.seed,
         )
         summary = data.generate_synthetic(args.out, config)
+    from pipelines.run import print_summary
+
     print(f"wrote {args.source} events to {args.out} (schema: {args.out}/schema.yaml)")
-    _print_summary(summary)
+    print_summary(summary)
     return 0
 
 
@@ -142,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         from models import teacher
 
         return teacher.main(argv[1:], prog="matta train-teacher")
+    from pipelines.run import add_run_parser, run_command
     from serving.cli import add_serve_parser, run_serve
 
     parser = argparse.ArgumentParser(prog="matta", description=__doc__,
@@ -151,11 +147,13 @@ def main(argv: list[str] | None = None) -> int:
     _add_validate(subparsers)
     _add_delegated_verbs(subparsers)
     add_serve_parser(subparsers)
+    add_run_parser(subparsers)
     args = parser.parse_args(argv)
     from matta_tf.data import RecordError, SchemaError
 
     try:
-        return {"prepare": _run_prepare, "validate": _run_validate, "serve": run_serve}[args.verb](args)
+        verbs = {"prepare": _run_prepare, "validate": _run_validate, "serve": run_serve, "run": run_command}
+        return verbs[args.verb](args)
     except (SchemaError, RecordError, FileExistsError, FileNotFoundError, ValueError, OSError) as error:
         print(f"matta {args.verb}: error: {error}", file=sys.stderr)
         return 2

@@ -140,8 +140,10 @@ def train_relevance(
         distillation_schedule=DistillationSchedule(training.distillation_start_step, training.distillation_ramp_steps,
                                                    training.distillation_ramp_shape),
     )
-    model.compile(optimizer=make_optimizer(optimizer or training.optimizer, training.learning_rate, steps),
-                  jit_compile=True)
+    optimizer_name = optimizer or training.optimizer
+    # XLA compiles Shampoo's eigendecompositions slowly on CPU (minutes); its step is fast without it.
+    model.compile(optimizer=make_optimizer(optimizer_name, training.learning_rate, steps),
+                  jit_compile=optimizer_name != "shampoo")
     history = model.fit(datasets["train"], epochs=training.epochs, verbose=verbose)
     metrics: dict[str, Any] = {"arm": arm, "optimizer": optimizer or training.optimizer, "labels": label_name}
     for split in ("validation", "test"):

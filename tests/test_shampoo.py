@@ -673,7 +673,8 @@ def test_model_fit_with_jit_compile_matches_graph_mode(root_method):
     expected = fit(Shampoo(**config), model=small_model(dtype="float64")).get_weights()
     model = fit(Shampoo(**config), model=small_model(dtype="float64"), jit_compile=True)
     assert int(model.optimizer.preconditioner_failures) == 0
-    assert_same_training(model.get_weights(), expected, initial, 1e-5)
+    # XLA's eigh is a Jacobi iteration with a loose (about 1e-5) tolerance, even in float64.
+    assert_same_training(model.get_weights(), expected, initial, 1e-4)
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ nested computation with no slicing left at serve time.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -267,7 +268,12 @@ def extract_submodel(nested_model: keras.Model, spec: SubmodelSpec, name: str | 
         SpecError: the spec does not fit the model (a missing or unknown layer, an invalid choice, or a
             combination whose widths do not meet, named by layer).
     """
-    return _Extractor(nested_model, spec).run(name or f"{nested_model.name}_{spec.name or 'submodel'}")
+    return _Extractor(nested_model, spec).run(name or _model_name(nested_model, spec))
+
+
+def _model_name(nested_model: keras.Model, spec: SubmodelSpec) -> str:
+    # TensorFlow name scopes allow letters, digits and `._->` only.
+    return re.sub(r"[^A-Za-z0-9_.\->]", "_", f"{nested_model.name}_{spec.name or 'submodel'}")
 
 
 def trace_submodel(nested_model: keras.Model, spec: SubmodelSpec) -> list[keras.layers.Layer]:

@@ -115,8 +115,8 @@ class Shampoo(keras.optimizers.Optimizer):
     `root_method="eigh"`) or whose Newton error exceeds `root_error_threshold`, and a preconditioned
     step that is not finite are discarded: the previous statistics or root are kept, or the grafted
     step is taken, and `preconditioner_failures` counts them. Eigenvalues that rounding made negative
-    are clamped to zero before damping. Both counters are optimizer variables, checkpointed with the
-    rest of the state.
+    are clamped to zero before damping. Both counts are sums of per-parameter counters, optimizer
+    variables checkpointed with the rest of the state.
 
     **Distribution.** `update_step` receives gradients that Keras has already all-reduced, so every
     replica computes identical statistics and roots; there is no Python-side state per step, and
@@ -299,8 +299,10 @@ class Shampoo(keras.optimizers.Optimizer):
         """Creates the factor statistics, their inverse roots, grafting and momentum state.
 
         Per parameter: one `(count, n, n)` variable of statistics and one of roots for each group of
-        same-sized full factors (`(count, n)` for diagonal factors), the grafted method's slots and
-        the momentum buffer; plus two global counters.
+        same-sized full factors (`(count, n)` for diagonal factors), the grafted method's slots, the
+        momentum buffer, and two failure counters. The counters are per parameter so that the
+        parameters' updates share no variable: TensorFlow then runs them (their inverse roots
+        included) in parallel instead of serializing them on a shared counter.
         """
         if self.built:
             return
@@ -310,9 +312,11 @@ class Shampoo(keras.optimizers.Optimizer):
         self._root_orders = []
         self._statistics = []
         self._roots = []
+        self._counters = []
+        stores = (self._layouts, self._factor_groups, self._root_orders, self._statistics, self._roots, self._counters)
         for variable in var_list:
             if self._overwrite_variable_with_gradient(variable):
-                for store in (self._layouts, self._factor_groups, self._root_orders, self._statistics, self._roots):
+                for store in stores:
                     store.append(None)
                 continue
             layout = plan_layout(variable.shape, self.block_size, self.diagonal_threshold, self.diagonal_rank1)
@@ -339,6 +343,10 @@ class Shampoo(keras.optimizers.Optimizer):
             self._root_orders.append(order)
             self._statistics.append(statistics)
             self._roots.append(roots)
+            # [preconditioner failures, skipped updates] of this parameter.
+            self._counters.append(
+                self.add_variable((2,), initializer="zeros", dtype="int64", name=f"{prefix}_failures")
+            )
 
         slot_names = grafting_lib.grafting_slot_names(self.grafting)
         self._grafting_slots = []
@@ -347,20 +355,26 @@ class Shampoo(keras.optimizers.Optimizer):
             self._grafting_slots = list(zip(*slots, strict=True))
         if self.momentum > 0:
             self._momentums = self.add_optimizer_variables(var_list, "momentum")
-        self._preconditioner_failures = self.add_variable(
-            (), initializer="zeros", dtype="int64", name="preconditioner_failures"
-        )
-        self._skipped_updates = self.add_variable((), initializer="zeros", dtype="int64", name="skipped_updates")
 
     @property
-    def preconditioner_failures(self) -> keras.Variable:
-        """How many statistics updates, inverse roots and preconditioned steps were discarded."""
-        return self._preconditioner_failures
+    def preconditioner_failures(self) -> tf.Tensor:
+        """How many statistics updates, inverse roots and preconditioned steps were discarded.
+
+        The sum of per-parameter counters, which are optimizer variables (checkpointed).
+        """
+        return self._count(0)
 
     @property
-    def skipped_updates(self) -> keras.Variable:
+    def skipped_updates(self) -> tf.Tensor:
         """How many parameter updates were skipped because their gradient had a NaN or inf."""
-        return self._skipped_updates
+        return self._count(1)
+
+    def _count(self, position: int) -> tf.Tensor:
+        counters = [counter[position] for counter in self._counters if counter is not None]
+        return tf.add_n(counters) if counters else tf.constant(0, tf.int64)
+
+    def _add_failures(self, index, failures=1, skipped=0):
+        self._counters[index].assign_add(tf.stack([tf.cast(failures, tf.int64), tf.cast(skipped, tf.int64)]))
 
     def _root_order(self, variable, layout: PreconditionerLayout) -> int:
         if isinstance(self.exponent_override, int):
@@ -394,7 +408,7 @@ class Shampoo(keras.optimizers.Optimizer):
             self._shampoo_update(index, gradient, touched, variable, learning_rate)
 
         def skip():
-            self._skipped_updates.assign_add(1)
+            self._add_failures(index, failures=0, skipped=1)
 
         tf.cond(finite, update, skip)
 
@@ -484,7 +498,7 @@ class Shampoo(keras.optimizers.Optimizer):
                 self.assign(statistics, new)
 
         def discard():
-            self._preconditioner_failures.assign_add(1)
+            self._add_failures(index)
 
         tf.cond(finite, assign, discard)
 
@@ -512,7 +526,7 @@ class Shampoo(keras.optimizers.Optimizer):
             old = roots.value
             self.assign(roots, tf.where(_expand_like(result.ok, old), result.root, old))
             failures.append(tf.reduce_sum(tf.cast(tf.logical_not(result.ok), tf.int64)))
-        self._preconditioner_failures.assign_add(tf.add_n(failures))
+        self._add_failures(index, tf.add_n(failures))
 
     def _precondition(self, index, shampoo_input, direction):
         """Shampoo's step, grafted per block; falls back to `direction` if it is not finite."""
@@ -541,7 +555,7 @@ class Shampoo(keras.optimizers.Optimizer):
 
         def fall_back():
             # The last line of defence: a non-finite step is replaced by the grafted method's.
-            self._preconditioner_failures.assign_add(1)
+            self._add_failures(index)
             return direction
 
         return tf.cond(finite, lambda: update, fall_back)

@@ -1,0 +1,119 @@
+"""`report.md` of a `matta run`: data, teacher, MatTA vs the baseline Student, Mix'n'Match sizes, A/B test."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import pandas as pd
+
+
+def _read_json(path: str) -> Any:
+    if not os.path.exists(path):
+        return None
+    with open(path, encoding="utf-8") as handle:
+        return json.load(handle)
+
+
+def plot_training_curves(run_dir: str, path: str) -> str | None:
+    """Training loss terms and AUROC per epoch of the MatTA run and the baseline."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    histories = {arm: _read_json(os.path.join(run_dir, arm, "history.json")) for arm in ("matta", "baseline")}
+    if not any(histories.values()):
+        return None
+    figure, (losses, aucs) = plt.subplots(1, 2, figsize=(10, 4))
+    for arm, history in histories.items():
+        if not history:
+            continue
+        for key in ("student_loss", "ta_loss", "distillation_loss"):
+            if key in history and (arm == "matta" or key == "student_loss"):
+                losses.plot(range(1, len(history[key]) + 1), history[key], "-o", label=f"{arm}: {key}")
+        for key in ("student_auc", "ta_auc"):
+            if key in history and (arm == "matta" or key == "student_auc"):
+                aucs.plot(range(1, len(history[key]) + 1), history[key], "-o", label=f"{arm}: {key}")
+    for axis, title in ((losses, "training loss terms"), (aucs, "training AUROC")):
+        axis.set_xlabel("epoch")
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+        axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+    return path
+
+
+def _metrics_rows(run_dir: str) -> list[str]:
+    rows = ["| model | stream | labels | test AUROC | test AucLoss | test log loss |", "|---|---|---|---:|---:|---:|"]
+    for arm in ("baseline", "matta"):
+        metrics = _read_json(os.path.join(run_dir, arm, "metrics.json"))
+        if not metrics:
+            continue
+        streams = ("student",) if arm == "baseline" else ("student", "ta")
+        for label, by_stream in metrics.get("test", {}).items():
+            for stream in streams:
+                m = by_stream[stream]
+                rows.append(f"| {arm} ({metrics['optimizer']}) | {stream} | {label} | {m['auc']:.4f} | "
+                            f"{m['auc_loss']:.4f} | {m['log_loss']:.4f} |")
+    return rows
+
+
+def write_report(run: Any) -> str:
+    """Writes `<run_dir>/report.md` from what the steps left in the run directory; returns its path."""
+    root = run.root
+    lines = ["# MatTA run report", "", f"Run directory: `{root}`. Configuration: `config.json`.", ""]
+    summary = _read_json(os.path.join(root, "data", "summary.json"))
+    if summary:
+        lines += ["## Events", "", f"Source: {summary['source']}.", "",
+                  "| split | events | positive rate | cold-start user rate |", "|---|---:|---:|---:|"]
+        for split, info in summary["splits"].items():
+            lines.append(f"| {split} | {info['events']} | {info['positive_rate']} | "
+                         f"{info.get('cold_start_user_rate', '-')} |")
+        lines.append("")
+    teacher = _read_json(os.path.join(root, "teacher", "teacher.json"))
+    counts = _read_json(os.path.join(root, "labelled", "counts.json"))
+    if teacher:
+        lines += ["## Teacher", "", "```", json.dumps({k: v for k, v in teacher.items() if k != "config"},
+                                                       indent=1)[:1500], "```", ""]
+    if counts:
+        lines += [f"Beam labelling counters: `{json.dumps(counts)}`", ""]
+    lines += ["## MatTA vs the baseline Student", "",
+              "The baseline is the Student trained alone (Adam). The MatTA Student is the same architecture and "
+              "size, co-trained inside the TA. Every Student sub-block was initialized as a standalone Student's "
+              "layer would be.", "", *_metrics_rows(root), ""]
+    curves = plot_training_curves(root, os.path.join(root, "training_curves.png"))
+    if curves:
+        lines += ["![training curves](training_curves.png)", ""]
+    table_path = os.path.join(root, "mixnmatch", "submodels.csv")
+    if os.path.exists(table_path):
+        table = pd.read_csv(table_path)
+        shown = table[table["auc"].notna()].sort_values("parameters")
+        lines += ["## Mix'n'Match sizes", "",
+                  "| spec | parameters | FLOPs/example | latency ms | test AucLoss | Pareto |",
+                  "|---|---:|---:|---:|---:|---|"]
+        for _, row in shown.iterrows():
+            lines.append(f"| {row['spec']} | {int(row['parameters']):,} | {int(row['flops_per_example']):,} | "
+                         f"{row['latency_ms']:.2f} | {row['auc_loss']:.4f} | {'yes' if row['pareto'] else ''} |")
+        baseline = table[table["spec"] == "baseline"]
+        if not baseline.empty:
+            beat = (shown[shown["spec"] != "baseline"]["auc_loss"] < float(baseline["auc_loss"].iloc[0])).mean()
+            lines += ["", f"{beat:.0%} of the extracted sizes beat the baseline Student's test AucLoss."]
+        lines += ["", "![quality vs size](mixnmatch/quality_vs_size.png)", ""]
+    versions = _read_json(os.path.join(root, "serving", "versions.json"))
+    if versions:
+        lines += ["## TF Serving export", "", f"Versions: `{json.dumps(versions['versions'])}`; labels: "
+                  f"`{json.dumps(versions['labels'])}`. Model config: `serving/models.config`.", ""]
+    ab_report = os.path.join(root, "ab", "ab_report.md")
+    if os.path.exists(ab_report):
+        with open(ab_report, encoding="utf-8") as handle:
+            body = handle.read()
+        lines += ["## A/B test (held-out events replayed through the local server)", "",
+                  body.replace("](ab_report.png)", "](ab/ab_report.png)"), ""]
+    path = os.path.join(root, "report.md")
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,293 @@
+"""`matta run`: the whole MatTA workflow, step by step, into one run directory.
+
+prepare events -> train the teacher -> label events with the Beam job -> co-train the M-nested
+Student+TA with MatTA (and the baseline Student alone) -> extract and evaluate Mix'n'Match sizes ->
+export every size for TF Serving with a model config whose labels make an A/B test (baseline Student
+as `control`, best MatTA size within budget as `treatment`) -> replay held-out events through the
+local server for both arms -> `report.md` with tables and PNG plots.
+
+Each step is also its own verb (`matta run --steps train,extract`), skips work whose outputs exist
+unless `--force`, and shows progress.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import time
+from collections.abc import Callable, Sequence
+
+import pandas as pd
+
+from pipelines.config import RunConfig
+
+STEPS = ("prepare", "teacher", "label", "train", "extract", "export", "replay", "report")
+
+
+class RunContext:
+    """Paths of a run directory and the loaded configuration."""
+
+    def __init__(self, config: RunConfig):
+        self.config = config
+        self.root = config.run_dir
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.root, *parts)
+
+    @property
+    def training_data(self) -> str:
+        return self.path("labelled") if self.config.training.labels == "teacher" else self.path("data")
+
+
+def print_summary(summary: dict) -> None:
+    """Prints the counts per split of prepared events."""
+    rows = list(summary["splits"].items())
+    columns = [key for key in rows[0][1] if key != "files"]
+    print("split".ljust(12) + "".join(column.rjust(22) for column in columns))
+    for split, info in rows:
+        print(split.ljust(12) + "".join(str(info[column]).rjust(22) for column in columns))
+
+
+# ---- steps --------------------------------------------------------------------------------------
+def step_prepare(run: RunContext) -> str:
+    from matta_tf.data import MovieLensConfig, SyntheticConfig, generate_synthetic, prepare_movielens
+
+    data = run.config.data
+    if data.source == "movielens":
+        summary = prepare_movielens(run.path("data"), MovieLensConfig(label_threshold=data.label_threshold,
+                                                            split_fractions=data.split_fractions,
+                                                            num_shards=data.num_shards))
+    else:
+        summary = generate_synthetic(run.path("data"), SyntheticConfig(
+            num_users=data.synthetic_users, num_items=data.synthetic_items, num_events=data.synthetic_events,
+            latent_dim=data.synthetic_latent_dim, split_fractions=data.split_fractions,
+            num_shards=data.num_shards, seed=data.seed))
+    print_summary(summary)
+    return run.path("data", "summary.json")
+
+
+def step_teacher(run: RunContext) -> str:
+    from models.teacher import TeacherConfig, train_teacher
+
+    teacher = run.config.teacher
+    config = TeacherConfig(embedding_dim=teacher.embedding_dim, tower_units=teacher.tower_units,
+                           num_cross_layers=teacher.num_cross_layers, head_units=teacher.head_units,
+                           epochs=teacher.epochs, batch_size=teacher.batch_size, learning_rate=teacher.learning_rate)
+    train_teacher(run.path("data"), run.path("teacher"), config)
+    return run.path("teacher", "teacher.json")
+
+
+def step_label(run: RunContext) -> str:
+    from pipelines.label_with_teacher import Batching, label_with_teacher
+
+    result = label_with_teacher(run.path("data"), run.path("teacher", "saved_model"), run.path("labelled"),
+                                batching=Batching(batch_size=run.config.teacher.beam_batch_size))
+    print(f"labelled: {result.counts}")
+    return run.path("labelled", "counts.json")
+
+
+def step_train(run: RunContext) -> str:
+    from pipelines.train import train_relevance
+
+    training = run.config.training
+    print(f"MatTA ({training.optimizer}) on {training.labels} labels")
+    train_relevance(run.training_data, run.path("matta"), training, arm="matta")
+    print("baseline: the Student trained alone (Adam)")
+    train_relevance(run.training_data, run.path("baseline"), training, arm="student_only", optimizer="adam")
+    return run.path("baseline", "metrics.json")
+
+
+def _load_network(directory: str):
+    import keras
+
+    import matta_tf  # noqa: F401  (registers the layers)
+    import models.relevance  # noqa: F401
+
+    return keras.saving.load_model(os.path.join(directory, "network.keras"), compile=False)
+
+
+def _evaluation_dataset(run: RunContext, split: str = "test"):
+    from matta_tf.data import Schema, make_dataset
+    from models.relevance import relevance_preprocessor
+
+    schema = Schema.load(run.training_data)
+    preprocessor = relevance_preprocessor(schema)
+    dataset = make_dataset(os.path.join(run.training_data, split), schema, 2048, labels="label")
+    return schema, dataset.map(lambda x, y: (preprocessor(x), y)).cache()
+
+
+def step_extract(run: RunContext) -> str:
+    from matta_tf.extraction import SubmodelSpec, evaluate_submodels, plot_quality_vs_size, random_specs
+
+    nested = _load_network(run.path("matta"))
+    _, dataset = _evaluation_dataset(run)
+    specs = random_specs(nested, run.config.extraction.random_count, seed=run.config.extraction.seed)
+    specs += [SubmodelSpec.uniform(nested, "student").replace(**{n: "ta" for n in _head_layers(nested)},
+                                                               name="student-ta-head")]
+    table = evaluate_submodels(nested, specs, dataset)
+    baseline = _load_network(run.path("baseline"))
+    base = evaluate_submodels(baseline, [SubmodelSpec.uniform(baseline, "student", name="baseline")], dataset,
+                              progress=False)
+    table = pd.concat([base.assign(pareto=False), table], ignore_index=True)
+    os.makedirs(run.path("mixnmatch"), exist_ok=True)
+    table.to_csv(run.path("mixnmatch", "submodels.csv"), index=False)
+    plot_quality_vs_size(table[table["spec"] != "baseline"], run.path("mixnmatch", "quality_vs_size.png"),
+                         baseline=float(base.loc[0, "auc_loss"]), title="Mix'n'Match sizes (test AucLoss)")
+    return run.path("mixnmatch", "submodels.csv")
+
+
+def _head_layers(nested) -> list[str]:
+    from matta_tf.extraction import choosable_layers
+
+    return [layer.name for layer in choosable_layers(nested) if layer.name.startswith(("head_", "ta_block_"))]
+
+
+def _treatment(run: RunContext, table: pd.DataFrame):
+    from matta_tf.extraction import select_submodel
+
+    candidates = table[(table["spec"] != "baseline") & table["error"].isna()]
+    budget = run.config.extraction
+    return select_submodel(candidates, max_parameters=budget.max_parameters, max_latency_ms=budget.max_latency_ms)
+
+
+def step_export(run: RunContext) -> str:
+    from matta_tf.data import read_records
+    from matta_tf.extraction import SubmodelSpec
+    from serving import ModelEntry, ServableModel, export_for_serving, write_model_config
+
+    schema, _ = _evaluation_dataset(run)
+    table = pd.read_csv(run.path("mixnmatch", "submodels.csv"))
+    table["error"] = table["error"].where(table["error"].notna(), None)
+    nested, baseline = _load_network(run.path("matta")), _load_network(run.path("baseline"))
+    treatment = _treatment(run, table)
+
+    def metrics_of(name: str) -> dict:
+        row = table[table["spec"] == name].iloc[0]
+        return {"test_auc": float(row["auc"]), "test_log_loss": float(row["log_loss"])}
+
+    servables = [ServableModel.extract(baseline, SubmodelSpec.uniform(baseline, "student", name="baseline"), schema,
+                                       metrics=metrics_of("baseline"), description="Student trained alone (Adam)")]
+    for spec in (SubmodelSpec.uniform(nested, "student"), treatment, SubmodelSpec.uniform(nested, "ta")):
+        if spec.name not in [s.name for s in servables]:
+            servables.append(ServableModel.extract(nested, spec, schema, metrics=metrics_of(spec.name)))
+    warmup = list(read_records(os.path.join(run.training_data, "test")))[:100]
+    name = run.config.serving.model_name
+    exported = export_for_serving(servables, run.path("serving"), model_name=name, warmup_examples=warmup)
+    versions = {e.name: e.version for e in exported}
+    labels = {"control": versions["baseline"], "treatment": versions[treatment.name]}
+    write_model_config(run.path("serving", "models.config"),
+                       [ModelEntry(name, os.path.abspath(run.path("serving", name)), versions=sorted(versions.values()),
+                                   labels=labels)])
+    with open(run.path("serving", "versions.json"), "w", encoding="utf-8") as handle:
+        json.dump({"versions": versions, "labels": labels, "treatment_spec": treatment.to_dict()}, handle, indent=1)
+    return run.path("serving", "versions.json")
+
+
+def step_replay(run: RunContext) -> str:
+    from tqdm.auto import tqdm
+
+    from matta_tf.data import Schema, decode_example, read_records
+    from serving import ABTest, ExposureLog, LocalModelServer, PredictionClient, raw_features
+    from serving.ab import analyze_ab_test, predict_for_user, read_exposures, write_ab_report
+
+    schema = Schema.load(run.training_data)
+    records = list(read_records(os.path.join(run.training_data, "test")))[: run.config.serving.replay_events]
+    by_user: dict = {}
+    for record in records:
+        by_user.setdefault(decode_example(record, schema)["user_id"], []).append(record)
+    share = run.config.serving.treatment_share
+    test = ABTest.from_shares("matta-size-test", {"control": 1 - share, "treatment": share},
+                              salt=run.config.serving.salt)
+    out = run.path("ab")
+    shutil.rmtree(out, ignore_errors=True)
+    os.makedirs(out)
+    log = ExposureLog(os.path.join(out, "exposures.jsonl"))
+    outcomes = []
+    with LocalModelServer(run.path("serving", "models.config"), grpc_port=0, rest_port=0) as server:
+        client = PredictionClient(f"127.0.0.1:{server.grpc_port}", run.config.serving.model_name, timeout=30)
+        for user, user_records in tqdm(sorted(by_user.items()), desc="replaying users"):
+            predict_for_user(client, test, user, raw_features(user_records, schema), log)
+            outcomes.extend(decode_example(r, schema)["label"] for r in user_records)
+    exposures = read_exposures(os.path.join(out, "exposures.jsonl"))
+    exposures["outcome"] = outcomes
+    analysis = analyze_ab_test(exposures, test)
+    write_ab_report(analysis, out)
+    return os.path.join(out, "ab_report.md")
+
+
+def step_report(run: RunContext) -> str:
+    from pipelines.report import write_report
+
+    return write_report(run)
+
+
+_STEP_FUNCTIONS: dict[str, Callable[[RunContext], str]] = {
+    "prepare": step_prepare, "teacher": step_teacher, "label": step_label, "train": step_train,
+    "extract": step_extract, "export": step_export, "replay": step_replay, "report": step_report,
+}
+_OUTPUTS = {
+    "prepare": ("data",), "teacher": ("teacher",), "label": ("labelled",), "train": ("matta", "baseline"),
+    "extract": ("mixnmatch",), "export": ("serving",), "replay": ("ab",), "report": ("report.md",),
+}
+_DONE_MARKERS = {
+    "prepare": "data/summary.json", "teacher": "teacher/teacher.json", "label": "labelled/counts.json",
+    "train": "baseline/metrics.json", "extract": "mixnmatch/submodels.csv", "export": "serving/versions.json",
+    "replay": "ab/ab_report.md", "report": "report.md",
+}
+
+
+def run_steps(config: RunConfig, steps: Sequence[str] = STEPS, force: bool = False) -> dict[str, float]:
+    """Runs `steps` in order, skipping those already done unless `force`; returns seconds per step."""
+    run = RunContext(config)
+    os.makedirs(run.root, exist_ok=True)
+    with open(run.path("config.json"), "w", encoding="utf-8") as handle:
+        json.dump(config.to_dict(), handle, indent=1)
+    timings = {}
+    for step in steps:
+        if step == "teacher" or step == "label":
+            if not config.teacher.enabled:
+                continue
+        if os.path.exists(run.path(_DONE_MARKERS[step])) and not force:
+            print(f"[{step}] done already ({_DONE_MARKERS[step]}); skipping (--force to redo)")
+            continue
+        for output in _OUTPUTS[step]:
+            target = run.path(output)
+            if os.path.isdir(target):
+                shutil.rmtree(target)
+            elif os.path.exists(target):
+                os.remove(target)
+        print(f"[{step}] ...")
+        start = time.perf_counter()
+        _STEP_FUNCTIONS[step](run)
+        timings[step] = time.perf_counter() - start
+        print(f"[{step}] finished in {timings[step]:.1f} s")
+    with open(run.path("timings.json"), "a", encoding="utf-8") as handle:
+        handle.write(json.dumps(timings) + "\n")
+    return timings
+
+
+def add_run_parser(subparsers) -> None:
+    parser = subparsers.add_parser("run", help="run the whole MatTA workflow (or some of its steps)",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="YAML configuration (defaults: MovieLens, see pipelines/config.py)")
+    parser.add_argument("--run-dir", help="overrides run_dir of the configuration")
+    parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
+    parser.add_argument("--force", action="store_true", help="redo steps whose outputs exist")
+
+
+def run_command(args) -> int:
+    import dataclasses
+
+    config = RunConfig.load(args.config) if args.config else RunConfig()
+    if args.run_dir:
+        config = dataclasses.replace(config, run_dir=args.run_dir)
+    steps = [s.strip() for s in args.steps.split(",") if s.strip()]
+    unknown = [s for s in steps if s not in STEPS]
+    if unknown:
+        raise ValueError(f"--steps: unknown step {unknown[0]!r}. Steps: {','.join(STEPS)}")
+    timings = run_steps(config, [s for s in STEPS if s in steps], force=args.force)
+    print(f"run directory: {config.run_dir}; report: {os.path.join(config.run_dir, 'report.md')}")
+    print("seconds per step: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
+    return 0
