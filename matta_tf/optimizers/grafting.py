@@ -4,8 +4,8 @@ Shampoo's preconditioned gradient has a good direction but a scale that drifts w
 (epsilon, accumulation, the exponent). Grafting (Agarwal et al., 2020, "Disentangling Adaptive
 Gradient Methods from Learning Rates") runs a cheap diagonal method alongside and gives Shampoo's
 direction that method's norm, per parameter or per block. Before preconditioning starts, the
-grafted method's own update is applied, so the optimizer *is* that method; each formula below is
-written to match the Keras optimizer of the same name exactly (same epsilon placement, same bias
+grafted method's own update is applied, so the optimizer *is* that method; each formula below
+matches the Keras optimizer of the same name up to rounding (same epsilon placement, same bias
 correction), which `tests/test_shampoo.py` checks.
 """
 
@@ -87,6 +87,8 @@ def squared_norm(x: tf.Tensor) -> tf.Tensor:
 
 
 class GraftedUpdate(NamedTuple):
+    """A grafted step and whether it may be used (both norms finite)."""
+
     update: tf.Tensor
     finite: tf.Tensor
 
