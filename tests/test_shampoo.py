@@ -435,6 +435,20 @@ def test_grafting_alone_equals_keras_adam_under_model_fit():
         np.testing.assert_allclose(a, e, rtol=1e-5, atol=1e-6)
 
 
+def test_exponent_override_zero_leaves_a_parameter_to_the_grafted_method():
+    # T's loss term is separate from W's and b's, so its trajectory is Adam's while W and b are
+    # preconditioned; it keeps no factors.
+    data, init = regression_problem()
+    expected = run_optimizer(keras.optimizers.Adam(0.01), init, data, 5, "float32")
+    actual, optimizer = run_shampoo(
+        init, data, 5, "float32", learning_rate=0.01, exponent_override={"^T$": 0}, start_preconditioning_step=1
+    )
+    for actual_params, expected_params in zip(actual, expected, strict=True):
+        np.testing.assert_allclose(actual_params[2], expected_params[2], rtol=2e-5, atol=1e-6)
+        assert not np.allclose(actual_params[0], expected_params[0], rtol=1e-3)
+    assert optimizer._statistics[2] == [] and len(optimizer._statistics[0]) == 2
+
+
 # ---------------------------------------------------------------------------------------------
 # Fault injection: the weights never become NaN because of the preconditioner.
 # ---------------------------------------------------------------------------------------------
