@@ -599,7 +599,11 @@ def test_mirrored_strategy_matches_one_device_and_replicas_agree():
     # differ only by float64 rounding, which Shampoo's roots would amplify past float32 tolerances.
     initial = small_model(dtype="float64").get_weights()
     expected = fit(Shampoo(**DISTRIBUTED), model=small_model(dtype="float64"))
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    # ReductionToOneDevice: CPU collectives keep instance keys per process, and another test's float32
+    # MirroredStrategy run in the same pytest process would collide with this float64 one.
+    strategy = tf.distribute.MirroredStrategy(
+        ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
     with strategy.scope():
         model = small_model(dtype="float64")
         optimizer = Shampoo(**DISTRIBUTED)
