@@ -153,11 +153,11 @@ def _treatment(run: RunContext, table: pd.DataFrame):
 
 
 def step_export(run: RunContext) -> str:
-    from matta_tf.data import read_records
+    from matta_tf.data import Schema, read_records
     from matta_tf.extraction import SubmodelSpec
     from serving import ModelEntry, ServableModel, export_for_serving, write_model_config
 
-    schema, _ = _evaluation_dataset(run)
+    schema = Schema.load(run.training_data)
     table = pd.read_csv(run.path("mixnmatch", "submodels.csv"))
     table["error"] = table["error"].where(table["error"].notna(), None)
     nested, baseline = _load_network(run.path("matta")), _load_network(run.path("baseline"))
@@ -246,9 +246,8 @@ def run_steps(config: RunConfig, steps: Sequence[str] = STEPS, force: bool = Fal
         json.dump(config.to_dict(), handle, indent=1)
     timings = {}
     for step in steps:
-        if step == "teacher" or step == "label":
-            if not config.teacher.enabled:
-                continue
+        if step in ("teacher", "label") and not config.teacher.enabled:
+            continue
         if os.path.exists(run.path(_DONE_MARKERS[step])) and not force:
             print(f"[{step}] done already ({_DONE_MARKERS[step]}); skipping (--force to redo)")
             continue

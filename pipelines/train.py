@@ -131,6 +131,7 @@ def train_relevance(
     eval_labels = tuple(name for name in (EVENT_LABEL, TEACHER_LABEL) if name in [lab.name for lab in schema.labels])
     keras.utils.set_random_seed(training.seed)
     datasets = input_datasets(data_dir, schema, label_name, training.batch_size, training.seed, eval_labels)
+    # One pass counts the steps (for Shampoo's start step) and fills the preprocessed cache.
     steps = sum(1 for _ in datasets["train"]) * training.epochs
     network = build_network(schema, relevance_config(training), arm)
     mode = {"matta": "matta", "no_sharing": "matta", "student_only": "student_only", "ta_only": "ta_only"}[arm]

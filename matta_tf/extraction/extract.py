@@ -189,15 +189,15 @@ class _Extractor:
 
     def _normalization(self, layer: NestedNormalization, args: tuple, kwargs: dict) -> _Plain:
         x = _ta_value(args[0])
-        weights = [w[x.positions()] for w in layer.extract(layer.ta_dim).get_weights()]
-        norm = layer.extract(x.width).__class__.from_config(layer.extract_config(x.width))
-        return _Plain(self._new(norm, weights, x.tensor), x.layout)
+        full = layer.extract(layer.ta_dim)
+        norm = full.__class__.from_config(layer.extract_config(x.width))
+        return _Plain(self._new(norm, [w[x.positions()] for w in full.get_weights()], x.tensor), x.layout)
 
     def _block(self, layer: NestedGAU | NestedTransformerBlock, args: tuple, kwargs: dict) -> _Plain:
         x = _ta_value(args[0])
         stream = "student" if self._choice(layer) == "student" else "ta"
-        model_dim = layer._stream_widths(stream)[0] if isinstance(layer, NestedTransformerBlock) else (
-            layer._stream_widths(stream)["model_dim"])
+        widths = layer._stream_widths(stream)
+        model_dim = widths["model_dim"] if isinstance(widths, dict) else widths[0]
         if x.layout is not None or x.width != model_dim:
             raise SpecError(
                 f"layer '{layer.name}' ({layer.__class__.__name__}) at its {stream} widths needs an input of "
