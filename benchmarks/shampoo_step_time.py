@@ -1,7 +1,7 @@
-"""Shampoo's training-step time and optimizer memory relative to Adam, on a relevance-model-shaped network.
+"""Shampoo's training-step time and optimizer memory relative to Adam, on the MovieLens relevance model.
 
-Every optimizer trains its own copy of the same network (same seed) on the same cached random batches,
-all in one process. For each of `jit_compile` off and on, Adam and Shampoo with
+Every optimizer trains its own copy of the same network (same seed) on the same cached batches, all in
+one process. For each `jit_compile` setting and batch size, Adam and Shampoo with
 `preconditioning_compute_steps` 1, 10 and 100 are compiled and warmed up first (tracing, graph
 optimization, XLA, the first inverse roots: all excluded), then timed in interleaved rounds with the
 order rotating. A round runs `model.fit` over a whole number of root-recomputation periods, so the
@@ -13,20 +13,22 @@ printed (on a shared machine the CPU time is the steadier measure of the work do
 
 Shampoo runs with its defaults except `start_preconditioning_step=1` (every timed step is a
 preconditioned step) and, under XLA, `root_method="newton"` (XLA's `eigh` is a slow Jacobi iteration
-on CPU). `--tuned` adds a configuration tuned for this network (embedding tables take the grafted
-Adam step, biases a diagonal factor, 128-blocks, statistics every 10 steps) to show what a user can
-trade; its settings are printed.
+on CPU). `--tuned` adds configurations tuned for recommendation models (embedding tables take the
+grafted Adam step, biases a diagonal factor, 128-blocks, statistics every 10 steps), and in graph mode
+the same with full eigendecompositions every 100 steps and roots in the stored eigenbasis every 10
+(`eigenbasis_compute_steps=100`), to show what a user can trade; the settings are printed.
 
 The network is a hook: `--model MODULE:FUNCTION` is called with the batch size and returns
 `(model, dataset, loss)`: an unbuilt-optimizer `keras.Model`, a `tf.data.Dataset` of
-`(features, labels)` batches that repeats, and a Keras loss. The default builds the MovieLens relevance
-model's shape from random data: user (671 x 32) and item (9066 x 32) embedding tables, four 20 x 8
-context tables, concatenation, Dense 256-128-64-1, binary cross-entropy on logits, batch 512.
+`(features, labels)` batches that repeats, and a Keras loss (`None` for a model that defines its own).
+The default, `movielens_relevance`, is the main job's MatTA model (nested relevance network in a
+`MatTAModel`) on MovieLens events; `relevance_shaped_model` is a plain network of the same shape on
+random data.
 
 Run from the repository root:
 
-    python benchmarks/shampoo_step_time.py                 # both jit settings, the default network
-    python benchmarks/shampoo_step_time.py --jit off --tuned --rounds 5
+    python benchmarks/shampoo_step_time.py --jit off --tuned --batch-sizes 512,2048
+    python benchmarks/shampoo_step_time.py --model __main__:relevance_shaped_model --jit both
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ TUNED = dict(
     block_size=128,
     statistics_compute_steps=10,
 )
+# "tuned+basis": full eigendecompositions every 100 steps, roots in the stored eigenbasis every 10.
+EIGENBASIS_STEPS = 100
 
 
 def relevance_shaped_model(batch_size: int) -> tuple[keras.Model, tf.data.Dataset, keras.losses.Loss]:
@@ -87,6 +91,32 @@ def relevance_shaped_model(batch_size: int) -> tuple[keras.Model, tf.data.Datase
     labels = rng.integers(0, 2, shape).astype(np.float32)
     dataset = tf.data.Dataset.from_tensor_slices((features, labels)).repeat().prefetch(4)
     return model, dataset, keras.losses.BinaryCrossentropy(from_logits=True)
+
+
+def movielens_relevance(batch_size: int) -> tuple[keras.Model, tf.data.Dataset, None]:
+    """The main job's MatTA model on MovieLens events: the nested relevance network in a `MatTAModel`.
+
+    The network is `pipelines.train`'s (the main job's `TrainingConfig` sizes: 16-d Student embeddings and
+    64-32 towers, a 4x TA with one TA-only block), trained on event labels with MatTA's three losses. The
+    events are read from `$MATTA_MOVIELENS_DIR` (default `runs/movielens/data`, which `make demo` writes)
+    and prepared there first if missing.
+    """
+    from matta_tf.data import Schema, prepare_movielens
+    from matta_tf.training import MatTAModel
+    from pipelines.config import TrainingConfig
+    from pipelines.train import build_network, input_datasets, relevance_config
+
+    data_dir = os.environ.get("MATTA_MOVIELENS_DIR", os.path.join("runs", "movielens", "data"))
+    if not os.path.exists(os.path.join(data_dir, "summary.json")):
+        prepare_movielens(data_dir)
+    schema = Schema.load(data_dir)
+    training = TrainingConfig(labels="event", batch_size=batch_size)
+    keras.utils.set_random_seed(0)
+    train = input_datasets(data_dir, schema, "label", batch_size, 0, ("label",))["train"]
+    # Whole batches only, in memory: the input pipeline costs (almost) nothing per step.
+    train = train.unbatch().batch(batch_size, drop_remainder=True).take(64).cache().repeat().prefetch(4)
+    network = build_network(schema, relevance_config(training), "matta")
+    return MatTAModel(network, label=schema.label("label"), mode="matta"), train, None
 
 
 def load_hook(spec: str) -> Callable[..., Any]:
@@ -140,24 +170,30 @@ def make_configs(jit: bool, tuned: bool) -> dict[str, tuple[Callable[[], keras.o
                 lambda period=period: Shampoo(preconditioning_compute_steps=period, **shampoo, **TUNED),
                 max(period, TUNED["statistics_compute_steps"]),
             )
+        if not jit:  # the stored eigenbasis is an `eigh` option
+            configs["tuned+basis k=10"] = (
+                lambda: Shampoo(preconditioning_compute_steps=10, eigenbasis_compute_steps=EIGENBASIS_STEPS,
+                                **shampoo, **TUNED),
+                EIGENBASIS_STEPS,
+            )
     return configs
 
 
-def run(args: argparse.Namespace, jit: bool) -> list[dict[str, Any]]:
+def run(args: argparse.Namespace, jit: bool, batch_size: int) -> list[dict[str, Any]]:
     factory = load_hook(args.model)
     configs = make_configs(jit, args.tuned)
     trained = {}
     for name, (make_optimizer, period) in configs.items():
-        model, dataset, loss = factory(args.batch_size)
+        model, dataset, loss = factory(batch_size)
         optimizer = make_optimizer()
-        model.compile(optimizer=optimizer, loss=loss, jit_compile=jit)
+        model.compile(optimizer=optimizer, jit_compile=jit, **({} if loss is None else {"loss": loss}))
         started = time.perf_counter()
         model.fit(dataset, steps_per_epoch=args.warmup_steps, epochs=1, verbose=0)
         warmup = time.perf_counter() - started
         # Pure-Python loops would dominate k=1 under XLA: time fewer steps where each is slow.
         steps = max(period, args.steps // 10) if period == 1 else max(period, args.steps)
         trained[name] = dict(model=model, dataset=dataset, steps=steps, warmup=warmup, memory=state_bytes(optimizer))
-        print(f"  compiled {name:14s} (jit={jit}) in {warmup:6.1f} s", flush=True)
+        print(f"  compiled {name:14s} (jit={jit}, batch {batch_size}) in {warmup:6.1f} s", flush=True)
 
     names = list(trained)
     wall: dict[str, list[float]] = {name: [] for name in names}
@@ -178,6 +214,7 @@ def run(args: argparse.Namespace, jit: bool) -> list[dict[str, Any]]:
         rows.append(
             dict(
                 jit=jit,
+                batch_size=batch_size,
                 name=name,
                 wall_ms=statistics.median(wall[name]),
                 cpu_ms=statistics.median(cpu[name]),
@@ -193,8 +230,8 @@ def run(args: argparse.Namespace, jit: bool) -> list[dict[str, Any]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--model", default=f"{__name__}:relevance_shaped_model", help="MODULE:FUNCTION hook")
-    parser.add_argument("--batch-size", type=int, default=512)
+    parser.add_argument("--model", default=f"{__name__}:movielens_relevance", help="MODULE:FUNCTION hook")
+    parser.add_argument("--batch-sizes", default="512", help="comma-separated, e.g. 512,2048")
     parser.add_argument("--steps", type=int, default=200, help="timed steps per round (k=1: a tenth)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup-steps", type=int, default=10)
@@ -208,20 +245,21 @@ def main() -> None:
     )
     rows = []
     for jit in {"off": [False], "on": [True], "both": [False, True]}[args.jit]:
-        rows += run(args, jit)
+        for batch_size in (int(size) for size in args.batch_sizes.split(",")):
+            rows += run(args, jit, batch_size)
     print(f"load average at end {os.getloadavg()[0]:.1f}")
     if args.tuned:
         print(f"tuned = {TUNED}")
     print()
     print(
-        "| jit_compile | optimizer | step (ms, wall) | vs Adam (wall) | vs Adam (CPU time) | warm-up (s) |"
+        "| jit_compile | batch | optimizer | step (ms, wall) | vs Adam (wall) | vs Adam (CPU time) | warm-up (s) |"
         " optimizer state (MB) | state vs Adam |"
     )
-    print("|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         print(
-            f"| {'on' if row['jit'] else 'off'} | {row['name']} | {row['wall_ms']:.2f} | {row['wall_ratio']:.2f}x "
-            f"| {row['cpu_ratio']:.2f}x | {row['warmup']:.1f} | {row['memory'] / 2**20:.2f} "
+            f"| {'on' if row['jit'] else 'off'} | {row['batch_size']} | {row['name']} | {row['wall_ms']:.2f} "
+            f"| {row['wall_ratio']:.2f}x | {row['cpu_ratio']:.2f}x | {row['warmup']:.1f} | {row['memory'] / 2**20:.2f} "
             f"| {row['memory_ratio']:.2f}x |"
         )
 

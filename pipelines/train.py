@@ -24,7 +24,7 @@ from matta_tf.training import DistillationSchedule, IndependentStudentTA, MatTAM
 from models.relevance import RelevanceConfig, build_relevance_network, relevance_preprocessor
 from pipelines.config import TrainingConfig
 
-ARMS = ("matta", "student_only", "ta_only", "no_sharing")
+ARMS = ("matta", "student_only", "ta_only", "no_sharing", "nested_student_only")
 TEACHER_LABEL = "teacher_probability"
 EVENT_LABEL = "label"
 
@@ -116,8 +116,10 @@ def train_relevance(
         data_dir: Events with `schema.yaml` (teacher-labelled ones carry `teacher_probability`).
         out_dir: Where to write `network.keras`, `history.json` and `metrics.json`; `None` writes nothing.
         training: Sizes, optimizer, learning rate, epochs, loss weights and ramp.
-        arm: `"matta"` (nested, three losses), `"student_only"` (the baseline), `"ta_only"`, or
-            `"no_sharing"` (MatTA losses on independent Student and TA networks).
+        arm: `"matta"` (nested, three losses), `"student_only"` (the baseline), `"ta_only"`,
+            `"no_sharing"` (MatTA losses on independent Student and TA networks), or
+            `"nested_student_only"` (the nested network, Student loss only: with
+            `student_init="ta_slice"` it is the initialization control, a Student initialized at TA size).
         optimizer: Overrides `training.optimizer` (`"shampoo"` or `"adam"`).
         verbose: Keras `fit` verbosity.
 
@@ -134,7 +136,8 @@ def train_relevance(
     # One pass counts the steps (for Shampoo's start step) and fills the preprocessed cache.
     steps = sum(1 for _ in datasets["train"]) * training.epochs
     network = build_network(schema, relevance_config(training), arm)
-    mode = {"matta": "matta", "no_sharing": "matta", "student_only": "student_only", "ta_only": "ta_only"}[arm]
+    mode = {"matta": "matta", "no_sharing": "matta", "student_only": "student_only", "ta_only": "ta_only",
+            "nested_student_only": "student_only"}[arm]
     weights = training.loss_weights if mode == "matta" else (1.0, 1.0, 0.0)
     model = MatTAModel(
         network, label=label, mode=mode, loss_weights=weights,

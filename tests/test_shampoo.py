@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from matta_tf.optimizers import Shampoo, partition
+from matta_tf.optimizers import Shampoo, matrix_functions, partition
 from matta_tf.optimizers import grafting as grafting_lib
 
 
@@ -28,6 +28,19 @@ def inverse_root(matrix, root, epsilon, relative):
     else:
         eigenvalues = eigenvalues + epsilon
     return (vectors * eigenvalues ** (-1.0 / root)) @ vectors.T
+
+
+def inverse_root_in_basis(matrix, vectors, root, epsilon, relative):
+    """The root with the eigenvalues replaced by the Rayleigh quotients q_i^T A q_i of a stored basis."""
+    quotients = np.maximum(np.einsum("ji,jk,ki->i", vectors, matrix, vectors), 0.0)
+    if relative:
+        largest = quotients.max()
+        if largest <= 0:
+            return np.eye(len(matrix))
+        quotients = quotients + epsilon * largest
+    else:
+        quotients = quotients + epsilon
+    return (vectors * quotients ** (-1.0 / root)) @ vectors.T
 
 
 def diagonal_inverse_root(diagonal, root, epsilon, relative):
@@ -64,6 +77,7 @@ class ReferenceShampoo:
         diagonal_rank1=False,
         roots=None,
         weight_decay=0.0,
+        eigenbasis_compute_steps=None,
     ):
         self.__dict__.update(locals())
         del self.__dict__["self"]
@@ -83,7 +97,11 @@ class ReferenceShampoo:
                 sizes = [b - a for a, b in block_ranges]
                 stats = [np.zeros(s) if dg else np.zeros((s, s)) for s, dg in zip(sizes, diagonal, strict=True)]
                 roots_ = [np.ones(s) if dg else np.eye(s) for s, dg in zip(sizes, diagonal, strict=True)]
-                blocks.append({"slices": tuple(slice(a, b) for a, b in block_ranges), "stats": stats, "roots": roots_})
+                bases = [None] * len(sizes)
+                blocks.append(
+                    {"slices": tuple(slice(a, b) for a, b in block_ranges), "stats": stats, "roots": roots_,
+                     "bases": bases}
+                )
             root = (roots or {}).get(index, 2 * len(shape))
             self.params.append(
                 {
@@ -144,8 +162,14 @@ class ReferenceShampoo:
                             block["roots"][dim] = diagonal_inverse_root(
                                 stat, state["root"], self.epsilon, self.relative_epsilon
                             )
-                        else:
+                        elif self.eigenbasis_compute_steps is None:
                             block["roots"][dim] = inverse_root(stat, state["root"], self.epsilon, self.relative_epsilon)
+                        else:
+                            if (t - self.start_preconditioning_step) % self.eigenbasis_compute_steps == 0:
+                                block["bases"][dim] = np.linalg.eigh(0.5 * (stat + stat.T))[1]
+                            block["roots"][dim] = inverse_root_in_basis(
+                                stat, block["bases"][dim], state["root"], self.epsilon, self.relative_epsilon
+                            )
             direction, shampoo_input = self._graft(state, g)
             if preconditioning:
                 update = np.zeros(state["shape"])
@@ -291,6 +315,16 @@ CONFIGURATIONS = {
     ),
     "sgd_blocks": dict(
         learning_rate=0.125, grafting="sgd", block_size=3, start_preconditioning_step=2, preconditioning_compute_steps=1
+    ),
+    # Full eigendecompositions on steps 3 and 6, roots in the stored eigenbasis on steps 4 and 5 (the
+    # factors have full rank and distinct eigenvalues by step 3, so the basis is unique up to signs).
+    "adam_eigenbasis_reuse": dict(
+        learning_rate=0.0625,
+        grafting="adam",
+        epsilon=1e-4,
+        start_preconditioning_step=3,
+        preconditioning_compute_steps=1,
+        eigenbasis_compute_steps=3,
     ),
 }
 # exponent_override is per variable path in Shampoo and per parameter index in the reference.
@@ -708,6 +742,8 @@ def test_model_fit_with_jit_compile_matches_graph_mode(root_method):
         (dict(statistics_compute_steps=0), "`statistics_compute_steps`"),
         (dict(block_size=0), "`block_size`"),
         (dict(root_method="svd"), "`root_method`"),
+        (dict(eigenbasis_compute_steps=15, preconditioning_compute_steps=10), "`eigenbasis_compute_steps`"),
+        (dict(eigenbasis_compute_steps=20, root_method="newton"), "`eigenbasis_compute_steps`"),
         (dict(exponent_override=-1), "`exponent_override`"),
         (dict(exponent_override={"kernel": -2}), "exponent_override"),
     ],
@@ -764,3 +800,31 @@ def test_docstring_example_runs():
     namespace = {}
     exec("\n".join(lines), namespace)
     assert int(namespace["model"].optimizer.preconditioner_failures) == 0
+
+
+def test_eigenbasis_reuse_differs_from_exact_roots_between_decompositions():
+    # The stored-basis roots are an approximation: the trajectory must leave the exact one on the
+    # steps between decompositions (so the transcription test above could fail), but stay close.
+    data, init = regression_problem()
+    config = CONFIGURATIONS["adam_eigenbasis_reuse"]
+    exact = {k: v for k, v in config.items() if k != "eigenbasis_compute_steps"}
+    reused, _ = run_shampoo(init, data, 5, "float64", **config)
+    reference = run_reference(init, data, 5, **exact)
+    step3 = max(np.abs(a - e).max() for a, e in zip(reused[2], reference[2], strict=True))
+    step5 = max(np.abs(a - e).max() for a, e in zip(reused[4], reference[4], strict=True))
+    assert step3 < 1e-12
+    assert 1e-8 < step5 < 0.05
+
+
+def test_root_in_basis_is_exact_in_the_eigenbasis_and_checked():
+    rng = np.random.default_rng(0)
+    vectors = np.linalg.qr(rng.normal(size=(6, 6)))[0]
+    matrix = (vectors * np.array([1e-3, 0.1, 1.0, 2.0, 5.0, 9.0])) @ vectors.T
+    exact = inverse_root(matrix, 4, 1e-6, relative=False)
+    result = matrix_functions.matrix_inverse_root(
+        tf.constant(matrix), 4, 1e-6, method="basis", eigenvectors=tf.constant(vectors), return_eigenvectors=True
+    )
+    np.testing.assert_allclose(result.root.numpy(), exact, rtol=1e-9, atol=1e-12)
+    assert bool(result.ok) and result.eigenvectors is not None
+    with pytest.raises(ValueError, match="eigenvectors"):
+        matrix_functions.matrix_inverse_root(tf.constant(matrix), 4, method="basis")

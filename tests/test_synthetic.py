@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from matta_tf.data import Schema, SyntheticConfig, decode_example, generate_synthetic, read_records
-from matta_tf.data.synthetic import GroundTruth, generate_chunk
+from matta_tf.data.synthetic import GroundTruth, generate_chunk, synthetic_schema
 
 SMALL = SyntheticConfig(num_users=300, num_items=100, num_events=3_000, chunk_size=700, num_shards=2, seed=3)
 
@@ -61,3 +61,17 @@ def test_config_errors_name_the_field():
         SyntheticConfig(num_users=0)
     with pytest.raises(ValueError, match="split_fractions"):
         SyntheticConfig(split_fractions=(0.5, 0.5))
+
+
+def test_teacher_labels_are_the_hidden_probability(tmp_path):
+    config = SyntheticConfig(**{**SMALL.__dict__, "teacher_labels": True})
+    generate_synthetic(str(tmp_path), config, progress=False)
+    schema = Schema.load(str(tmp_path))
+    teacher = schema.label("teacher_probability")
+    assert (teacher.source, teacher.representation) == ("teacher", "probabilities")
+    records = [decode_example(r, schema) for r in read_records(str(tmp_path / "test"))]
+    logits = np.array([float(np.ravel(r["true_logit"])[0]) for r in records])
+    probabilities = np.array([float(np.ravel(r["teacher_probability"])[0]) for r in records])
+    np.testing.assert_allclose(probabilities, 1.0 / (1.0 + np.exp(-logits)), rtol=1e-5)
+    # Without the option the schema has only the event label.
+    assert [label.name for label in synthetic_schema(SMALL).labels] == ["label"]

@@ -54,6 +54,9 @@ class SyntheticConfig:
         num_shards: TFRecord shards per split. Defaults to 4.
         chunk_size: Events generated and written per step. Defaults to 50,000.
         seed: The seed everything derives from. Defaults to 0.
+        teacher_labels: Also write `teacher_probability`, `sigmoid(z)`: the hidden truth acting as a
+            large, complex teacher whose soft labels a model distills (the paper's teacher-labelled
+            setting without training a teacher first). Defaults to `False`.
     """
 
     num_users: int = 10_000
@@ -69,6 +72,7 @@ class SyntheticConfig:
     num_shards: int = 4
     chunk_size: int = 50_000
     seed: int = 0
+    teacher_labels: bool = False
 
     def __post_init__(self) -> None:
         for field in ("num_users", "num_items", "num_events", "num_categories", "latent_dim",
@@ -137,7 +141,9 @@ def synthetic_schema(config: SyntheticConfig) -> Schema:
             Feature("event_index", "metadata", "int_id", description="position in event time"),
             Feature("true_logit", "metadata", "numeric", description="hidden ground-truth logit"),
         ),
-        labels=(Label("label", "event", "binary", description="Bernoulli(sigmoid(true_logit))"),),
+        labels=(Label("label", "event", "binary", description="Bernoulli(sigmoid(true_logit))"),)
+        + ((Label("teacher_probability", "teacher", "binary", description="sigmoid(true_logit)"),)
+           if config.teacher_labels else ()),
         name="synthetic",
         description=f"synthetic relevance events, {dataclasses.asdict(config)}",
     )
@@ -152,7 +158,9 @@ def generate_chunk(truth: GroundTruth, chunk_index: int, start: int, size: int) 
     hours = rng.integers(0, 24, size)
     devices = rng.integers(0, len(DEVICES), size)
     logits = truth.logits(users, items, hours, devices)
-    labels = (rng.random(size) < 1.0 / (1.0 + np.exp(-logits))).astype(np.int64)
+    probabilities = 1.0 / (1.0 + np.exp(-logits))
+    labels = (rng.random(size) < probabilities).astype(np.int64)
+    teacher = {"teacher_probability": probabilities.astype(np.float32)} if config.teacher_labels else {}
     return {
         "user_id": users,
         "hour_of_day": hours,
@@ -164,6 +172,7 @@ def generate_chunk(truth: GroundTruth, chunk_index: int, start: int, size: int) 
         "event_index": np.arange(start, start + size),
         "true_logit": logits,
         "label": labels,
+        **teacher,
     }
 
 

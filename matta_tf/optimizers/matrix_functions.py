@@ -26,10 +26,14 @@ _ZERO_MATRIX_ROOT = 1.0
 
 
 class RootResult(NamedTuple):
-    """An inverse root and, per matrix, whether it can be trusted (finite, small error)."""
+    """An inverse root and, per matrix, whether it can be trusted (finite, small error).
+
+    `eigenvectors` is the eigenbasis the root was taken in, when the caller asked for it.
+    """
 
     root: tf.Tensor
     ok: tf.Tensor
+    eigenvectors: tf.Tensor | None = None
 
 
 def all_finite(x: tf.Tensor, batch_rank: int = 0) -> tf.Tensor:
@@ -64,17 +68,42 @@ def damped_eigenvalues(eigenvalues: tf.Tensor, epsilon: float, relative_epsilon:
 
 
 def inverse_root_eigh(
-    matrix: tf.Tensor, root: float, epsilon: float = 0.0, relative_epsilon: bool = False
-) -> tf.Tensor:
+    matrix: tf.Tensor,
+    root: float,
+    epsilon: float = 0.0,
+    relative_epsilon: bool = False,
+    return_eigenvectors: bool = False,
+) -> tf.Tensor | tuple[tf.Tensor, tf.Tensor]:
     """`(A + eps I)^(-1/root)` of symmetric PSD matrices `(..., n, n)` by eigendecomposition.
 
     Computed in `matrix.dtype`. The caller must pass finite matrices: TensorFlow's CPU `eigh`
     raises on NaN, and XLA's silently returns garbage (see `matrix_inverse_root`, which guards).
+    With `return_eigenvectors`, returns `(root, eigenvectors)`.
     """
     matrix = 0.5 * (matrix + tf.linalg.matrix_transpose(matrix))
     eigenvalues, eigenvectors = tf.linalg.eigh(matrix)
+    result = _root_in_basis(eigenvalues, eigenvectors, root, epsilon, relative_epsilon)
+    return (result, eigenvectors) if return_eigenvectors else result
+
+
+def _root_in_basis(eigenvalues, eigenvectors, root, epsilon, relative_epsilon):
     scale = tf.pow(damped_eigenvalues(eigenvalues, epsilon, relative_epsilon), -1.0 / root)
     return tf.matmul(eigenvectors * scale[..., None, :], eigenvectors, transpose_b=True)
+
+
+def inverse_root_in_basis(
+    matrix: tf.Tensor, eigenvectors: tf.Tensor, root: float, epsilon: float = 0.0, relative_epsilon: bool = False
+) -> tf.Tensor:
+    """`(A + eps I)^(-1/root)` taken in a given orthonormal basis `Q` (columns), e.g. a previous eigenbasis.
+
+    `Q diag(d + eps)^(-1/root) Q^T` with `d_i = q_i^T A q_i` (the Rayleigh quotients): exact when `Q`
+    diagonalizes `A`, and otherwise the inverse root of the part of `A` that is diagonal in `Q` (the
+    "eigenvalue correction" of a stale eigenbasis, as in EKFAC and SOAP). Two matrix products instead
+    of an eigendecomposition, so it suits refreshing Shampoo's roots between full eigendecompositions
+    while the statistics drift slowly.
+    """
+    rayleigh = tf.reduce_sum(eigenvectors * tf.matmul(matrix, eigenvectors), axis=-2)
+    return _root_in_basis(rayleigh, eigenvectors, root, epsilon, relative_epsilon)
 
 
 def largest_eigenvalue(matrix: tf.Tensor, iterations: int = 30) -> tf.Tensor:
@@ -185,6 +214,8 @@ def matrix_inverse_root(
     method: str = "eigh",
     retry_float64: bool = True,
     error_threshold: float = 0.1,
+    eigenvectors: tf.Tensor | None = None,
+    return_eigenvectors: bool = False,
 ) -> RootResult:
     """Guarded inverse roots of a batch of PSD matrices `(..., n, n)`.
 
@@ -192,30 +223,45 @@ def matrix_inverse_root(
     With `method="eigh"`, a float32 batch whose roots are not all finite is recomputed in float64
     when `retry_float64` (leave it off where the device has no float64, e.g. TPU). With
     `method="newton"`, a root whose final error `max|M - I|` exceeds `error_threshold` fails.
+    With `method="basis"`, the roots are taken in the given `eigenvectors` (`inverse_root_in_basis`).
 
     Returns:
-        `RootResult(root, ok)`: `root` in `matrix.dtype` (the identity where the input was not
-        finite), and `ok` (`(...)`, bool) false where the root must not be used.
+        `RootResult(root, ok, eigenvectors)`: `root` in `matrix.dtype` (the identity where the input
+        was not finite), `ok` (`(...)`, bool) false where the root must not be used, and with
+        `return_eigenvectors` (methods `"eigh"` and `"basis"`) the basis used.
     """
     batch_rank = len(matrix.shape) - 2
     input_ok = all_finite(matrix, batch_rank)
     safe = tf.where(_expand(input_ok, 2), matrix, _eye_like(matrix))
+    basis = None
     if method == "eigh":
-        roots = inverse_root_eigh(safe, root, epsilon, relative_epsilon)
+        roots, basis = inverse_root_eigh(safe, root, epsilon, relative_epsilon, return_eigenvectors=True)
         if retry_float64 and matrix.dtype != tf.float64:
 
             def in_float64():
-                recomputed = inverse_root_eigh(tf.cast(safe, tf.float64), root, epsilon, relative_epsilon)
-                return tf.cast(recomputed, matrix.dtype)
+                recomputed = inverse_root_eigh(
+                    tf.cast(safe, tf.float64), root, epsilon, relative_epsilon, return_eigenvectors=True
+                )
+                return tuple(tf.cast(x, matrix.dtype) for x in recomputed)
 
-            roots = tf.cond(tf.reduce_all(all_finite(roots, batch_rank)), lambda: roots, in_float64)
+            roots, basis = tf.cond(
+                tf.reduce_all(all_finite(roots, batch_rank)), lambda: (roots, basis), in_float64
+            )
+        ok = input_ok & all_finite(roots, batch_rank)
+    elif method == "basis":
+        if eigenvectors is None:
+            raise ValueError("`method='basis'` needs `eigenvectors`.")
+        basis = eigenvectors
+        roots = inverse_root_in_basis(safe, eigenvectors, root, epsilon, relative_epsilon)
         ok = input_ok & all_finite(roots, batch_rank)
     elif method == "newton":
         roots, error = inverse_root_newton(safe, root, epsilon, relative_epsilon)
         ok = input_ok & all_finite(roots, batch_rank) & (error <= error_threshold)
     else:
-        raise ValueError(f"`method` should be one of ('eigh', 'newton'). Received: `method={method!r}`")
-    return RootResult(root=roots, ok=ok)
+        raise ValueError(f"`method` should be one of ('eigh', 'newton', 'basis'). Received: `method={method!r}`")
+    if return_eigenvectors and basis is None:
+        raise ValueError(f"`return_eigenvectors` needs `method='eigh'` or `'basis'`. Received: `method={method!r}`")
+    return RootResult(root=roots, ok=ok, eigenvectors=basis if return_eigenvectors else None)
 
 
 def diagonal_inverse_root(

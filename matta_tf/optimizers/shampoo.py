@@ -172,6 +172,13 @@ class Shampoo(keras.optimizers.Optimizer):
             (e.g. `{"embedding": 0}` runs the grafted Adam on embedding tables). Defaults to `None`.
         root_method: `"eigh"` (symmetric eigendecomposition) or `"newton"` (coupled Newton iteration
             in float32, for XLA/TPU). Defaults to `"eigh"`.
+        eigenbasis_compute_steps: With `root_method="eigh"`, the full eigendecomposition runs only on
+            root steps this many steps apart (a multiple of `preconditioning_compute_steps`, counted
+            from `start_preconditioning_step`); the root steps in between keep the last eigenbasis `Q`
+            and refresh only the eigenvalues, `Q diag(diag(Q^T F Q) + eps)^(-1/p) Q^T` (two matrix
+            products, exact while `Q` still diagonalizes `F`; the "eigenvalue correction" of EKFAC
+            and SOAP). Costs one more `n x n` matrix of state per full factor. `None`: every root
+            step decomposes (exact). Defaults to `None`.
         retry_float64: With `root_method="eigh"` and float32 factors, recompute a batch of roots in
             float64 when a float32 root is not finite. Turn off on devices without float64.
             Defaults to `True`.
@@ -227,6 +234,7 @@ class Shampoo(keras.optimizers.Optimizer):
         diagonal_rank1=False,
         exponent_override=None,
         root_method="eigh",
+        eigenbasis_compute_steps=None,
         retry_float64=True,
         root_error_threshold=0.1,
         weight_decay=None,
@@ -265,6 +273,19 @@ class Shampoo(keras.optimizers.Optimizer):
         grafting_lib.grafting_slot_names(grafting)  # validates `grafting`
         if root_method not in ROOT_METHODS:
             raise ValueError(f"`root_method` should be one of {ROOT_METHODS}. Received: `root_method={root_method!r}`")
+        if eigenbasis_compute_steps is not None:
+            _check_positive_int("eigenbasis_compute_steps", eigenbasis_compute_steps)
+            if eigenbasis_compute_steps % preconditioning_compute_steps:
+                raise ValueError(
+                    "`eigenbasis_compute_steps` should be a multiple of `preconditioning_compute_steps` "
+                    f"({preconditioning_compute_steps}). "
+                    f"Received: `eigenbasis_compute_steps={eigenbasis_compute_steps!r}`"
+                )
+            if root_method != "eigh":
+                raise ValueError(
+                    "`eigenbasis_compute_steps` needs `root_method='eigh'`. "
+                    f"Received: `root_method={root_method!r}`"
+                )
         for arg_name, value in (
             ("start_preconditioning_step", start_preconditioning_step),
             ("preconditioning_compute_steps", preconditioning_compute_steps),
@@ -292,6 +313,7 @@ class Shampoo(keras.optimizers.Optimizer):
         self.diagonal_rank1 = diagonal_rank1
         self.exponent_override = exponent_override
         self.root_method = root_method
+        self.eigenbasis_compute_steps = eigenbasis_compute_steps
         self.retry_float64 = retry_float64
         self.root_error_threshold = root_error_threshold
 
@@ -312,8 +334,12 @@ class Shampoo(keras.optimizers.Optimizer):
         self._root_orders = []
         self._statistics = []
         self._roots = []
+        self._eigenvectors = []
         self._counters = []
-        stores = (self._layouts, self._factor_groups, self._root_orders, self._statistics, self._roots, self._counters)
+        stores = (
+            self._layouts, self._factor_groups, self._root_orders, self._statistics, self._roots, self._eigenvectors,
+            self._counters,
+        )
         for variable in var_list:
             if self._overwrite_variable_with_gradient(variable):
                 for store in stores:
@@ -324,7 +350,7 @@ class Shampoo(keras.optimizers.Optimizer):
             groups = _factor_groups(layout) if order else []  # order 0: grafted method alone
             dtype = _state_dtype(variable)
             prefix = _variable_name(variable)
-            statistics, roots = [], []
+            statistics, roots, eigenvectors = [], [], []
             for group in groups:
                 kind = "diagonal" if group.diagonal else "full"
                 shape = (len(group.members), group.size) + (() if group.diagonal else (group.size,))
@@ -338,11 +364,19 @@ class Shampoo(keras.optimizers.Optimizer):
                         shape, initializer=_identity_initializer, dtype=dtype, name=f"{prefix}_{kind}{group.size}_root"
                     )
                 )
+                # The last full eigenbasis, which root steps in between reuse.
+                keeps_basis = self.eigenbasis_compute_steps is not None and not group.diagonal
+                eigenvectors.append(
+                    self.add_variable(shape, initializer=_identity_initializer, dtype=dtype,
+                                      name=f"{prefix}_{kind}{group.size}_eigenvectors")
+                    if keeps_basis else None
+                )
             self._layouts.append(layout)
             self._factor_groups.append(groups)
             self._root_orders.append(order)
             self._statistics.append(statistics)
             self._roots.append(roots)
+            self._eigenvectors.append(eigenvectors)
             # [preconditioner failures, skipped updates] of this parameter.
             self._counters.append(
                 self.add_variable((2,), initializer="zeros", dtype="int64", name=f"{prefix}_failures")
@@ -429,7 +463,7 @@ class Shampoo(keras.optimizers.Optimizer):
 
         start = self.start_preconditioning_step
         is_root_step = (step >= start) & ((step - start) % self.preconditioning_compute_steps == 0)
-        tf.cond(is_root_step, lambda: self._compute_roots(index), lambda: None)
+        tf.cond(is_root_step, lambda: self._compute_roots(index, step), lambda: None)
 
         direction, shampoo_input = self._graft(index, gradient, step)
         if start <= 1:  # static: no branch to pay for
@@ -502,17 +536,20 @@ class Shampoo(keras.optimizers.Optimizer):
 
         tf.cond(finite, assign, discard)
 
-    def _compute_roots(self, index):
+    def _compute_roots(self, index, step):
         """Recomputes every inverse root of a parameter, keeping (and counting) the failed ones."""
         order = self._root_orders[index]
         failures = []
-        for group, statistics, roots in zip(
-            self._factor_groups[index], self._statistics[index], self._roots[index], strict=True
+        for group, statistics, roots, eigenvectors in zip(
+            self._factor_groups[index], self._statistics[index], self._roots[index], self._eigenvectors[index],
+            strict=True,
         ):
             if group.diagonal:
                 result = matrix_functions.diagonal_inverse_root(
                     statistics.value, order, self.epsilon, self.relative_epsilon
                 )
+            elif eigenvectors is not None:
+                result = self._root_with_stored_basis(statistics.value, eigenvectors, order, step)
             else:
                 result = matrix_functions.matrix_inverse_root(
                     statistics.value,
@@ -527,6 +564,22 @@ class Shampoo(keras.optimizers.Optimizer):
             self.assign(roots, tf.where(_expand_like(result.ok, old), result.root, old))
             failures.append(tf.reduce_sum(tf.cast(tf.logical_not(result.ok), tf.int64)))
         self._add_failures(index, tf.add_n(failures))
+
+    def _root_with_stored_basis(self, statistics, eigenvectors, order, step):
+        """A full eigendecomposition on eigenbasis steps (stored), else the root in the stored basis."""
+
+        def root(method):
+            result = matrix_functions.matrix_inverse_root(
+                statistics, order, self.epsilon, self.relative_epsilon, method=method,
+                retry_float64=self.retry_float64, eigenvectors=eigenvectors.value, return_eigenvectors=True,
+            )
+            return result.root, result.ok, result.eigenvectors
+
+        is_basis_step = (step - self.start_preconditioning_step) % self.eigenbasis_compute_steps == 0
+        roots, ok, basis = tf.cond(is_basis_step, lambda: root("eigh"), lambda: root("basis"))
+        old = eigenvectors.value
+        self.assign(eigenvectors, tf.where(_expand_like(ok, old), basis, old))
+        return matrix_functions.RootResult(roots, ok)
 
     def _precondition(self, index, shampoo_input, direction):
         """Shampoo's step, grafted per block; falls back to `direction` if it is not finite."""
@@ -581,6 +634,7 @@ class Shampoo(keras.optimizers.Optimizer):
                 "diagonal_rank1": self.diagonal_rank1,
                 "exponent_override": self.exponent_override,
                 "root_method": self.root_method,
+                "eigenbasis_compute_steps": self.eigenbasis_compute_steps,
                 "retry_float64": self.retry_float64,
                 "root_error_threshold": self.root_error_threshold,
             }
