@@ -66,6 +66,9 @@ def _add_prepare(subparsers) -> None:
     synthetic.add_argument("--items", type=int, default=2_000)
     synthetic.add_argument("--events", type=int, default=1_000_000)
     synthetic.add_argument("--latent-dim", type=int, default=32)
+    synthetic.add_argument("--interaction-scale", type=float, default=2.0, help="weight of the bilinear term")
+    synthetic.add_argument("--teacher-labels", action="store_true",
+                           help="also write teacher_probability = sigmoid(true logit): the hidden truth as teacher")
     synthetic.add_argument("--split", type=_split_fractions, default=(0.8, 0.1, 0.1))
     synthetic.add_argument("--shards", type=int, default=4)
     synthetic.add_argument("--seed", type=int, default=0)
@@ -90,6 +93,7 @@ def _run_prepare(args) -> int:
     else:
         config = data.SyntheticConfig(
             num_users=args.users, num_items=args.items, num_events=args.events, latent_dim=args.latent_dim,
+            interaction_scale=args.interaction_scale, teacher_labels=args.teacher_labels,
             split_fractions=args.split, num_shards=args.shards, seed=args.seed,
         )
         summary = data.generate_synthetic(args.out, config)

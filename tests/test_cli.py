@@ -27,6 +27,9 @@ def test_prepare_synthetic(tmp_path, capsys):
     assert main(args) == 0
     assert "train" in capsys.readouterr().out
     assert Schema.load(str(tmp_path)).name == "synthetic"
+    assert [label.name for label in Schema.load(str(tmp_path)).labels] == ["label"]
+    assert main([*args[:3], str(tmp_path / "t"), *args[4:], "--teacher-labels"]) == 0
+    assert [label.name for label in Schema.load(str(tmp_path / "t")).labels] == ["label", "teacher_probability"]
 
 
 def test_validate_reports_bad_records_by_index(tmp_path, capsys):

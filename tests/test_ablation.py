@@ -1,0 +1,54 @@
+"""The ablation report: relative AucLoss changes, the paired t-test over seeds, the capacity gap."""
+
+import argparse
+import importlib.util
+import math
+import pathlib
+
+import pytest
+from scipy import stats
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "ablation.py"
+_SPEC = importlib.util.spec_from_file_location("ablation", _PATH)
+ablation = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(ablation)
+
+
+def _rows():
+    baseline = [0.30, 0.32, 0.31]
+    matta = [0.27, 0.30, 0.28]
+    ta = [0.25, 0.26, 0.25]
+    rows = []
+    for seed in range(3):
+        rows.append(dict(arm="baseline", seed=seed, seconds=60, student_auc_loss=baseline[seed], ta_auc_loss=0.5))
+        rows.append(dict(arm="matta_shampoo", seed=seed, seconds=120, student_auc_loss=matta[seed],
+                         ta_auc_loss=ta[seed] - 0.01))
+        rows.append(dict(arm="ta_alone", seed=seed, seconds=90, student_auc_loss=0.5, ta_auc_loss=ta[seed]))
+    return rows, baseline, matta, ta
+
+
+def _table_row(report, arm, stream):
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[:2] == [arm, stream]:
+            return cells
+    raise AssertionError(f"no row for {arm}/{stream} in\n{report}")
+
+
+def test_summary_reports_relative_change_paired_test_and_gap(tmp_path):
+    rows, baseline, matta, ta = _rows()
+    report = ablation.summarize(rows, argparse.Namespace(seeds=3, out=str(tmp_path), data="synthetic"))
+    cells = _table_row(report, "matta_shampoo", "student")
+    relative = [m / b - 1 for m, b in zip(matta, baseline, strict=True)]
+    mean = sum(relative) / 3
+    assert cells[5].startswith(f"{mean:+.2%}")
+    # Paired t-test written out: t = mean(d) / (sd(d) / sqrt(n)), two-sided, n - 1 degrees of freedom.
+    d = [m - b for m, b in zip(matta, baseline, strict=True)]
+    d_mean = sum(d) / 3
+    sd = math.sqrt(sum((x - d_mean) ** 2 for x in d) / 2)
+    p_value = 2 * stats.t.sf(abs(d_mean / (sd / math.sqrt(3))), df=2)
+    assert float(cells[6]) == pytest.approx(p_value, rel=1e-2)
+    assert _table_row(report, "baseline", "student")[5] == "-"
+    assert _table_row(report, "matta_shampoo", "ta")[5].startswith(f"{sum((t - .01) / t - 1 for t in ta) / 3:+.2%}")
+    gap = sum((1 - t) - (1 - b) for t, b in zip(ta, baseline, strict=True)) / 3
+    assert f"{gap:+.4f}" in report
