@@ -1,9 +1,10 @@
 """Relevance data: the feature schema, tf.Example records, TFRecord shards and `tf.data` input.
 
-Also builds real MovieLens events offline (`prepare_movielens`) and synthetic events at scale
-(`generate_synthetic`).
+Also builds real MovieLens events offline (`prepare_movielens`), synthetic events at scale
+(`generate_synthetic`), and time-ordered item histories for next-item models (`sequences`).
 """
 
+from matta_tf.data import sequences
 from matta_tf.data.examples import (
     RecordError,
     check_example,
@@ -30,6 +31,7 @@ __all__ = [
     "ShardedTFRecordWriter",
     "SyntheticConfig",
     "build_events",
+    "sequences",
     "build_vocabulary",
     "check_example",
     "decode_example",

@@ -83,6 +83,7 @@ class _Extractor:
         self.copy_weights = copy_weights
         self.kinds = {layer.name: layer for layer in choosable_layers(model)}
         self.created: list[keras.layers.Layer] = []
+        self.plain_clones: dict[int, keras.layers.Layer] = {}
 
     # ---- entry ------------------------------------------------------------------------------------
     def run(self, name: str) -> keras.Model:
@@ -231,13 +232,19 @@ class _Extractor:
         layouts = {None if v.layout is None else tuple(v.layout) for v in values}
         if len(layouts) > 1:
             raise SpecError(f"layer '{layer.name}' merges inputs of different widths in this spec")
-        clone = layer.__class__.from_config(layer.get_config())
 
         def unwrap(value: Any) -> Any:
             return value.tensor if isinstance(value, _Plain) else value
 
         call_args, call_kwargs = keras.tree.map_structure(unwrap, (args, kwargs))
-        output = self._new(clone, layer.get_weights() if layer.weights else None, *call_args, **call_kwargs)
+        clone = self.plain_clones.get(id(layer))
+        if clone is not None:
+            # A plain layer the nested model calls again (e.g. a tied embedding read back as the output
+            # projection) is one layer of the sub-model too: its weights stay shared.
+            output = clone(*call_args, **call_kwargs)
+        else:
+            clone = self.plain_clones[id(layer)] = layer.__class__.from_config(layer.get_config())
+            output = self._new(clone, layer.get_weights() if layer.weights else None, *call_args, **call_kwargs)
         layout = values[0].layout if values else None
         if layout is not None and int(output.shape[-1]) != len(layout):
             raise SpecError(f"layer '{layer.name}' changes the width of an input that is not in nested order")
