@@ -127,11 +127,16 @@ class Shampoo(keras.optimizers.Optimizer):
     **Cost.** Per step and per full factor of size `n` on a parameter with `N` entries: about
     `2 n N` multiply-adds for the statistics and as many to precondition (on top of the grafted
     method's elementwise work); every `preconditioning_compute_steps` steps, one `n x n`
-    eigendecomposition (about 6 ms at n = 256 and 60 ms at n = 671 in float32 on one CPU core). State: two
-    `n x n` matrices (statistics and root) per full factor, plus the grafted method's slots. For
-    recommendation models, embedding tables are usually best left to the grafted method
-    (`exponent_override={"embedding": 0}`) or given diagonal factors (`diagonal_threshold`), and
-    biases diagonal factors (`diagonal_rank1=True`); BENCHMARKS.md has measured step times.
+    eigendecomposition (about 6 ms at n = 256 and 60 ms at n = 671 in float32 on one CPU core), or
+    two `n x n` products between full decompositions with `eigenbasis_compute_steps`. State: two
+    `n x n` matrices (statistics and root) per full factor, three with a stored eigenbasis, plus the
+    grafted method's slots. With blocks of size `B` the per-step work is about `4 B` multiply-adds per
+    weight while the network's forward and backward pass costs about `6 x batch` per weight, so the
+    relative overhead shrinks as the batch grows (roughly `0.7 B / batch` to precondition, the same
+    again for statistics unless `statistics_compute_steps > 1`). For recommendation models, embedding
+    tables are usually best left to the grafted method (`exponent_override={"embedding": 0}`) or given
+    diagonal factors (`diagonal_threshold`), and biases diagonal factors (`diagonal_rank1=True`);
+    BENCHMARKS.md has measured step times.
 
     Args:
         learning_rate: A float, a `keras.optimizers.schedules.LearningRateSchedule` instance, or a
