@@ -181,11 +181,13 @@ def plot_mixnmatch(table: pd.DataFrame, baseline: float, args: argparse.Namespac
     from matta_tf.extraction import plot_quality_vs_size
 
     path = os.path.join(args.out, "mixnmatch.png")
-    table = table.assign(pareto=False)
+    invalid = int(table["auc_loss"].isna().sum())  # specs whose layer widths do not meet
+    table = table.dropna(subset=["auc_loss"]).assign(pareto=False)
     plot_quality_vs_size(table, path, baseline=baseline, title=f"Mix'n'Match, matta_shampoo seed 0 ({args.data})")
-    above = int((table["auc_loss"] < baseline).sum())
-    return (f"Mix'n'Match (matta_shampoo, seed 0): {len(table)} extracted sizes, {above} better than the seed-0 "
-            f"baseline Student (AucLoss {baseline:.4f}); parameters {int(table['parameters'].min()):,} to "
+    better = table[table["auc_loss"] < baseline]["spec"].tolist()
+    return (f"Mix'n'Match (matta_shampoo, seed 0): {len(table)} extracted sizes ({invalid} random specs skipped: "
+            f"their layer widths do not meet), {len(better)} better than the seed-0 baseline Student (AucLoss "
+            f"{baseline:.4f}): {', '.join(better) or 'none'}; parameters {int(table['parameters'].min()):,} to "
             f"{int(table['parameters'].max()):,}; plot `{path}`.")
 
 
