@@ -57,7 +57,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from matta_tf.data import MovieLensConfig, SyntheticConfig, generate_synthetic, prepare_movielens  # noqa: E402
 from pipelines.config import TrainingConfig  # noqa: E402
-from pipelines.train import train_relevance  # noqa: E402
+from pipelines.train import evaluation_dataset, train_relevance  # noqa: E402
 
 # name -> (train_relevance arm, optimizer, TrainingConfig overrides)
 ARMS = {
@@ -127,14 +127,9 @@ def run_arms(args: argparse.Namespace, data_dir: str) -> list[dict]:
 
 def mix_n_match(network, data_dir: str, args: argparse.Namespace) -> list[dict]:
     """Random Mix'n'Match sub-models of the trained nested network, extracted and evaluated on test."""
-    from matta_tf.data import Schema, make_dataset
     from matta_tf.extraction import evaluate_submodels, random_specs
-    from models.relevance import relevance_preprocessor
 
-    schema = Schema.load(data_dir)
-    preprocessor = relevance_preprocessor(schema)
-    dataset = make_dataset(os.path.join(data_dir, "test"), schema, 4096, labels="label")
-    dataset = dataset.map(lambda x, y: (preprocessor(x), y)).cache()
+    dataset = evaluation_dataset(data_dir, batch_size=4096)
     table = evaluate_submodels(network, random_specs(network, args.mixnmatch, seed=0), dataset, progress=False)
     return table[["spec", "parameters", "auc_loss"]].to_dict("records")
 

@@ -108,21 +108,12 @@ def _load_network(directory: str):
     return keras.saving.load_model(os.path.join(directory, "network.keras"), compile=False)
 
 
-def _evaluation_dataset(run: RunContext, split: str = "test"):
-    from matta_tf.data import Schema, make_dataset
-    from models.relevance import relevance_preprocessor
-
-    schema = Schema.load(run.training_data)
-    preprocessor = relevance_preprocessor(schema)
-    dataset = make_dataset(os.path.join(run.training_data, split), schema, 2048, labels="label")
-    return schema, dataset.map(lambda x, y: (preprocessor(x), y)).cache()
-
-
 def step_extract(run: RunContext) -> str:
     from matta_tf.extraction import SubmodelSpec, evaluate_submodels, plot_quality_vs_size, random_specs
+    from pipelines.train import evaluation_dataset
 
     nested = _load_network(run.path("matta"))
-    _, dataset = _evaluation_dataset(run)
+    dataset = evaluation_dataset(run.training_data)
     specs = random_specs(nested, run.config.extraction.random_count, seed=run.config.extraction.seed)
     specs += [SubmodelSpec.uniform(nested, "student").replace(**{n: "ta" for n in _head_layers(nested)},
                                                                name="student-ta-head")]

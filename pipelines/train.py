@@ -82,6 +82,15 @@ def input_datasets(data_dir: str, schema: Schema, label: str, batch_size: int, s
     return datasets
 
 
+def evaluation_dataset(data_dir: str, split: str = "test", label: str = EVENT_LABEL,
+                       batch_size: int = 2048) -> tf.data.Dataset:
+    """One split's preprocessed `(features, label)` batches, cached: what extraction and evaluation read."""
+    schema = Schema.load(data_dir)
+    preprocessor = relevance_preprocessor(schema)
+    dataset = make_dataset(os.path.join(data_dir, split), schema, batch_size, labels=label)
+    return dataset.map(lambda x, y: (preprocessor(x), y)).cache()
+
+
 def evaluate_streams(network: keras.Layer, dataset: tf.data.Dataset, label: str) -> dict[str, dict[str, float]]:
     """AUROC, AucLoss and log loss of both streams' logits against `label` (>= 0.5 is positive)."""
     call = tf.function(lambda x: network(x, training=False))
