@@ -1,6 +1,30 @@
-"""Installs matta-tf: the `matta_tf` library, reference `models`, Beam `pipelines` and `serving` tools."""
+"""Installs matta-tf: the `matta_tf` library, its reference models, Beam pipelines and serving tools.
+
+The repository keeps the design card's top-level folders (`matta_tf/`, `models/`, `pipelines/`,
+`serving/`), but everything installs under the one import name `matta_tf`: the folder `models/` is the
+package `matta_tf.models`, `pipelines/` is `matta_tf.pipelines` and `serving/` is `matta_tf.serving`
+(setuptools `package_dir`). A user's own `models/` or `serving/` folder therefore never shadows ours.
+"""
 
 from setuptools import find_packages, setup
+
+# Folder in the repository -> installed package prefix. find_packages() finds every folder with an
+# __init__.py; tests/test_packaging.py checks that the wheel holds every module of the tree.
+_TREES = {"matta_tf": "matta_tf", "models": "matta_tf.models", "pipelines": "matta_tf.pipelines",
+          "serving": "matta_tf.serving"}
+
+
+def _packages():
+    packages, package_dir = [], {}
+    for folder, prefix in _TREES.items():
+        for found in [""] + [f".{name}" for name in find_packages(folder)]:
+            name = prefix + found
+            packages.append(name)
+            package_dir[name] = folder + found.replace(".", "/")
+    return packages, package_dir
+
+
+PACKAGES, PACKAGE_DIR = _packages()
 
 setup(
     name="matta-tf",
@@ -13,7 +37,8 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.11,<3.13",
-    packages=find_packages(include=["matta_tf*", "models*", "pipelines*", "serving*"]),
+    packages=PACKAGES,
+    package_dir=PACKAGE_DIR,
     include_package_data=True,
     install_requires=[
         "tensorflow>=2.21,<2.22",
@@ -33,7 +58,7 @@ setup(
     extras_require={
         "test": ["pytest>=8,<10", "hypothesis>=6.100,<7", "ruff>=0.6"],
     },
-    entry_points={"console_scripts": ["matta=pipelines.cli:main"]},
+    entry_points={"console_scripts": ["matta=matta_tf.pipelines.cli:main"]},
     classifiers=[
         "Programming Language :: Python :: 3.11",
         "Framework :: Keras",

@@ -1,7 +1,7 @@
 """The paper's Tables 3-4 and Figure 5 in miniature: MatTA's ablation over seeds, with the init control.
 
 Every arm trains on the same events with the same budget (epochs, batch, learning rate) through
-`pipelines.train.train_relevance`, the code path of the main job, and is evaluated on the held-out
+`matta_tf.pipelines.train.train_relevance`, the code path of the main job, and is evaluated on the held-out
 test split against the event labels (for teacher-labelled data, labels drawn from the same teacher):
 
 | arm | network | losses | optimizer |
@@ -52,12 +52,12 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matta_tf.pipelines.config import TrainingConfig  # noqa: E402
+from matta_tf.pipelines.train import evaluation_dataset, train_relevance  # noqa: E402
 from scipy import stats  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from matta_tf.data import MovieLensConfig, SyntheticConfig, generate_synthetic, prepare_movielens  # noqa: E402
-from pipelines.config import TrainingConfig  # noqa: E402
-from pipelines.train import evaluation_dataset, train_relevance  # noqa: E402
 
 # name -> (train_relevance arm, optimizer, TrainingConfig overrides)
 ARMS = {

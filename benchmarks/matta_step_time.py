@@ -13,7 +13,7 @@ time is the steadier measure of the work done.
 The network is a hook: `--network MODULE:FUNCTION` is called with the `Schema` and returns a network
 mapping preprocessed features to `(student_logits, ta_logits)`; `--preprocessor MODULE:FUNCTION`
 (called with the `Schema`) returns the Keras layer mapped over the raw `tf.data` features first.
-Both default to the reference relevance model in `models.relevance`.
+Both default to the reference relevance model in `matta_tf.models.relevance`.
 
 Run from the repository root:
 
@@ -95,8 +95,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", help="prepared MovieLens directory (default: prepare one into a temp dir)")
     parser.add_argument("--users", type=int, help="prepare only the ratings of the first USERS users")
-    parser.add_argument("--network", default="models.relevance:build_relevance_network")
-    parser.add_argument("--preprocessor", default="models.relevance:relevance_preprocessor")
+    parser.add_argument("--network", default="matta_tf.models.relevance:build_relevance_network")
+    parser.add_argument("--preprocessor", default="matta_tf.models.relevance:relevance_preprocessor")
     parser.add_argument("--batch-size", type=int, default=512)
     parser.add_argument("--warmup-steps", type=int, default=20)
     parser.add_argument("--steps", type=int, default=40, help="timed steps per mode and round")

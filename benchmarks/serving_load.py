@@ -6,7 +6,7 @@ One run of this script:
    random weights (latency does not depend on training), and exports three Mix'n'Match sizes as
    versions of one TF Serving model: the Student, a middle size (of a few random specs, the one with
    the median FLOPs) and the TA, with warmup records and version labels `student`, `middle`, `ta`;
-2. starts `python -m serving.cli serve` (a separate process) on 127.0.0.1;
+2. starts `python -m matta_tf.serving.cli serve` (a separate process) on 127.0.0.1;
 3. for each size, protocol (gRPC, REST) and request size (1 event: the per-request floor; 128
    events: where the sizes' FLOPs show) sends a fixed number of Predict requests of real test-split
    events from concurrent client threads, in interleaved rounds (every size gets each round before
@@ -45,14 +45,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
+from matta_tf.models.relevance import RelevanceConfig, build_relevance_network  # noqa: E402
+from matta_tf.serving.client import PredictionClient, PredictionError  # noqa: E402
+from matta_tf.serving.export import ServableModel, export_for_serving, raw_features  # noqa: E402
+from matta_tf.serving.model_config import ModelEntry, write_model_config  # noqa: E402
 
 from matta_tf.data import MovieLensConfig, Schema, serialize_example  # noqa: E402
 from matta_tf.data.movielens import build_events, load_ratings, movielens_schema  # noqa: E402
 from matta_tf.extraction import SubmodelSpec, random_specs, spec_cost  # noqa: E402
-from models.relevance import RelevanceConfig, build_relevance_network  # noqa: E402
-from serving.client import PredictionClient, PredictionError  # noqa: E402
-from serving.export import ServableModel, export_for_serving, raw_features  # noqa: E402
-from serving.model_config import ModelEntry, write_model_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION = "## Local serving load test"
@@ -94,7 +94,7 @@ def build_sizes(work: str, users: int | None, warmup: int) -> tuple[list[dict], 
 
 
 def start_server(config_path: str, grpc_port: int, rest_port: int, workers: int, timeout: float) -> subprocess.Popen:
-    command = [sys.executable, "-m", "serving.cli", "serve", f"--model_config_file={config_path}",
+    command = [sys.executable, "-m", "matta_tf.serving.cli", "serve", f"--model_config_file={config_path}",
                f"--port={grpc_port}", f"--rest_api_port={rest_port}", f"--max_workers={workers}"]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     lines: queue.Queue = queue.Queue()
@@ -210,7 +210,7 @@ def section_text(table: str, args: argparse.Namespace, seconds: float) -> str:
         "`serving_default` signature (raw ids and strings in, lookups inside the SavedModel). Per size, protocol and "
         f"request size: {args.requests} timed requests from {args.concurrency} concurrent client threads, in "
         f"{args.rounds} interleaved rounds (sizes alternate within each round), after {args.warmup_requests} "
-        "untimed warm-up requests. The server runs in its own process (`python -m serving.cli serve`) with "
+        "untimed warm-up requests. The server runs in its own process (`python -m matta_tf.serving.cli serve`) with "
         f"{args.workers} threads per API. Latency is client-side wall time per request. Errors must be 0: the "
         f"script exits non-zero otherwise, or if its {args.time_limit:.0f} s limit cuts a run short.",
         f"Command (from the repository root; this run took {seconds / 60:.1f} minutes end to end):",

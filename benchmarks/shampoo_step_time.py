@@ -96,15 +96,16 @@ def relevance_shaped_model(batch_size: int) -> tuple[keras.Model, tf.data.Datase
 def movielens_relevance(batch_size: int) -> tuple[keras.Model, tf.data.Dataset, None]:
     """The main job's MatTA model on MovieLens events: the nested relevance network in a `MatTAModel`.
 
-    The network is `pipelines.train`'s (the main job's `TrainingConfig` sizes: 16-d Student embeddings and
+    The network is `matta_tf.pipelines.train`'s (the main job's `TrainingConfig` sizes: 16-d Student embeddings and
     64-32 towers, a 4x TA with one TA-only block), trained on event labels with MatTA's three losses. The
     events are read from `$MATTA_MOVIELENS_DIR` (default `runs/movielens/data`, which `make demo` writes)
     and prepared there first if missing.
     """
+    from matta_tf.pipelines.config import TrainingConfig
+    from matta_tf.pipelines.train import build_network, input_datasets, relevance_config
+
     from matta_tf.data import Schema, prepare_movielens
     from matta_tf.training import MatTAModel
-    from pipelines.config import TrainingConfig
-    from pipelines.train import build_network, input_datasets, relevance_config
 
     data_dir = os.environ.get("MATTA_MOVIELENS_DIR", os.path.join("runs", "movielens", "data"))
     if not os.path.exists(os.path.join(data_dir, "summary.json")):

@@ -37,6 +37,7 @@ import keras_rs
 import numpy as np
 import tensorflow as tf
 from keras import ops
+from matta_tf.models.relevance import ConfigError
 
 from matta_tf.data.schema import Label
 from matta_tf.data.sequences import NUM_RESERVED_IDS, NextItemData, NextItemExamples, NextItemWindows
@@ -44,7 +45,6 @@ from matta_tf.extraction import SubmodelSpec, choosable_layers, wide_narrow_wide
 from matta_tf.layers import NestedNormalization, NestedTransformerBlock, TAOnly, TransformerBlock
 from matta_tf.layers._nesting import NORMALIZATIONS, STUDENT_INITS
 from matta_tf.training import DistillationSchedule, LatestValue, MatTAModel
-from models.relevance import ConfigError
 
 TOP_K = 10
 # GPT-2 initializes its token and position tables from N(0, 0.02).

@@ -40,11 +40,11 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
+from matta_tf.models.relevance import ConfigError, RelevanceConfig, build_relevance_network, relevance_preprocessor
 
 from matta_tf.data.examples import parse_examples
 from matta_tf.data.schema import Label, Schema, SchemaError
 from matta_tf.data.tfrecords import make_dataset
-from models.relevance import ConfigError, RelevanceConfig, build_relevance_network, relevance_preprocessor
 
 SIGNATURE = "serving_default"
 INPUT = "examples"
@@ -350,12 +350,12 @@ class Teacher:
         return {name: outputs[name].numpy()[:count] for name in (LOGITS, PROBABILITIES)}
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m models.teacher") -> int:
-    """Command-line entry (`python -m models.teacher`, `matta train-teacher`): trains and exports the Teacher.
+def main(argv: Sequence[str] | None = None, prog: str = "python -m matta_tf.models.teacher") -> int:
+    """Command-line entry (`python -m matta_tf.models.teacher`, `matta train-teacher`): trains and exports the Teacher.
 
     Args:
         argv: Flags. Defaults to `sys.argv[1:]`.
-        prog: Program name shown in help. Defaults to `"python -m models.teacher"`.
+        prog: Program name shown in help. Defaults to `"python -m matta_tf.models.teacher"`.
 
     Example:
 
@@ -367,7 +367,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m models.teache
         prog=prog,
         description="Trains the large Teacher once on event labels and exports a SavedModel that scores "
         "serialized tf.Example records (signature serving_default: examples -> logits, probabilities). "
-        "Then label events with `python -m pipelines.label_with_teacher`.",
+        "Then label events with `python -m matta_tf.pipelines.label_with_teacher`.",
     )
     parser.add_argument("--data", required=True, help="prepared events (schema.yaml + split folders)")
     parser.add_argument("--out", required=True, help="output directory (gets saved_model/ and teacher.json)")

@@ -97,7 +97,7 @@ def _run_prepare(args) -> int:
             split_fractions=args.split, num_shards=args.shards, seed=args.seed,
         )
         summary = data.generate_synthetic(args.out, config)
-    from pipelines.run import print_summary
+    from matta_tf.pipelines.run import print_summary
 
     print(f"wrote {args.source} events to {args.out} (schema: {args.out}/schema.yaml)")
     print_summary(summary)
@@ -134,15 +134,15 @@ def _add_delegated_verbs(subparsers) -> None:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["label"]:
-        from pipelines import label_with_teacher
+        from matta_tf.pipelines import label_with_teacher
 
         return label_with_teacher.main(argv[1:], prog="matta label")
     if argv[:1] == ["train-teacher"]:
-        from models import teacher
+        from matta_tf.models import teacher
 
         return teacher.main(argv[1:], prog="matta train-teacher")
-    from pipelines.run import add_run_parser, run_command
-    from serving.cli import add_serve_parser, run_serve
+    from matta_tf.pipelines.run import add_run_parser, run_command
+    from matta_tf.serving.cli import add_serve_parser, run_serve
 
     parser = argparse.ArgumentParser(prog="matta", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -25,7 +25,7 @@ per-record Python work stays a few microseconds (see `BENCHMARKS.md`).
 Example:
 
 ```
-python -m pipelines.label_with_teacher --input runs/movielens/data \\
+python -m matta_tf.pipelines.label_with_teacher --input runs/movielens/data \\
     --teacher runs/movielens/teacher/saved_model --out runs/movielens/labelled
 ```
 """
@@ -47,12 +47,8 @@ import tensorflow as tf
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
-
-from matta_tf.data.examples import RecordError, check_example, feature_spec, parse_example_bytes
-from matta_tf.data.schema import Label, Schema, SchemaError
-from matta_tf.data.splits import SPLITS
-from models.teacher import LOGITS, PROBABILITIES, Teacher, teacher_output_width
-from pipelines.beam_io import (
+from matta_tf.models.teacher import LOGITS, PROBABILITIES, Teacher, teacher_output_width
+from matta_tf.pipelines.beam_io import (
     DEAD_LETTER,
     DEAD_LETTER_FILE,
     NAMESPACE,
@@ -67,6 +63,10 @@ from pipelines.beam_io import (
     save_schema,
     shard_key,
 )
+
+from matta_tf.data.examples import RecordError, check_example, feature_spec, parse_example_bytes
+from matta_tf.data.schema import Label, Schema, SchemaError
+from matta_tf.data.splits import SPLITS
 
 DEFAULT_RUNNER = "FnApiRunner"
 COUNTS_FILE = "counts.json"
@@ -379,7 +379,7 @@ def _failed_batch(failure: tuple[Sequence[tuple[RecordIds, Sequence[bytes]]], tu
 class LabelWithTeacher(beam.PTransform):
     """Labels the records of input files with a Teacher; writes labelled shards and dead letters.
 
-    Applied to a PCollection of `(split, path)` input files (see `pipelines.beam_io.input_files`).
+    Applied to a PCollection of `(split, path)` input files (see `matta_tf.pipelines.beam_io.input_files`).
     Returns a dict of the written paths: `{"labelled": ..., "dead_letter": ...}`.
 
     Args:
@@ -589,7 +589,7 @@ def _split_list(text: str) -> list[str]:
     return names
 
 
-def build_parser(prog: str = "python -m pipelines.label_with_teacher") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m matta_tf.pipelines.label_with_teacher") -> argparse.ArgumentParser:
     """The job's flags; any other flag is a Beam pipeline option (`--runner`, `--direct_num_workers`, ...)."""
     defaults = Batching()
     parser = argparse.ArgumentParser(
@@ -616,12 +616,12 @@ def build_parser(prog: str = "python -m pipelines.label_with_teacher") -> argpar
     return parser
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "python -m pipelines.label_with_teacher") -> int:
-    """Command-line entry: `python -m pipelines.label_with_teacher` and `matta label`; returns the exit status.
+def main(argv: Sequence[str] | None = None, prog: str = "python -m matta_tf.pipelines.label_with_teacher") -> int:
+    """Command-line entry: `python -m matta_tf.pipelines.label_with_teacher` and `matta label`; returns the exit status.
 
     Args:
         argv: Flags (`build_parser`) and Beam pipeline options. Defaults to `sys.argv[1:]`.
-        prog: Program name shown in help. Defaults to `"python -m pipelines.label_with_teacher"`.
+        prog: Program name shown in help. Defaults to `"python -m matta_tf.pipelines.label_with_teacher"`.
 
     Example:
 

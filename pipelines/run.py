@@ -20,8 +20,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import pandas as pd
-
-from pipelines.config import RunConfig
+from matta_tf.pipelines.config import RunConfig
 
 STEPS = ("prepare", "teacher", "label", "train", "extract", "export", "replay", "report")
 
@@ -69,7 +68,7 @@ def step_prepare(run: RunContext) -> str:
 
 
 def step_teacher(run: RunContext) -> str:
-    from models.teacher import TeacherConfig, train_teacher
+    from matta_tf.models.teacher import TeacherConfig, train_teacher
 
     teacher = run.config.teacher
     config = TeacherConfig(embedding_dim=teacher.embedding_dim, tower_units=teacher.tower_units,
@@ -80,7 +79,7 @@ def step_teacher(run: RunContext) -> str:
 
 
 def step_label(run: RunContext) -> str:
-    from pipelines.label_with_teacher import Batching, label_with_teacher
+    from matta_tf.pipelines.label_with_teacher import Batching, label_with_teacher
 
     result = label_with_teacher(run.path("data"), run.path("teacher", "saved_model"), run.path("labelled"),
                                 batching=Batching(batch_size=run.config.teacher.beam_batch_size))
@@ -89,7 +88,7 @@ def step_label(run: RunContext) -> str:
 
 
 def step_train(run: RunContext) -> str:
-    from pipelines.train import train_relevance
+    from matta_tf.pipelines.train import train_relevance
 
     training = run.config.training
     print(f"MatTA ({training.optimizer}) on {training.labels} labels")
@@ -101,16 +100,17 @@ def step_train(run: RunContext) -> str:
 
 def _load_network(directory: str):
     import keras
+    import matta_tf.models.relevance  # noqa: F401
 
     import matta_tf  # noqa: F401  (registers the layers)
-    import models.relevance  # noqa: F401
 
     return keras.saving.load_model(os.path.join(directory, "network.keras"), compile=False)
 
 
 def step_extract(run: RunContext) -> str:
+    from matta_tf.pipelines.train import evaluation_dataset
+
     from matta_tf.extraction import SubmodelSpec, evaluate_submodels, plot_quality_vs_size, random_specs
-    from pipelines.train import evaluation_dataset
 
     nested = _load_network(run.path("matta"))
     dataset = evaluation_dataset(run.training_data)
@@ -144,9 +144,10 @@ def _treatment(run: RunContext, table: pd.DataFrame):
 
 
 def step_export(run: RunContext) -> str:
+    from matta_tf.serving import ModelEntry, ServableModel, export_for_serving, write_model_config
+
     from matta_tf.data import Schema, read_records
     from matta_tf.extraction import SubmodelSpec
-    from serving import ModelEntry, ServableModel, export_for_serving, write_model_config
 
     schema = Schema.load(run.training_data)
     table = pd.read_csv(run.path("mixnmatch", "submodels.csv"))
@@ -177,11 +178,11 @@ def step_export(run: RunContext) -> str:
 
 
 def step_replay(run: RunContext) -> str:
+    from matta_tf.serving import ABTest, ExposureLog, LocalModelServer, PredictionClient, raw_features
+    from matta_tf.serving.ab import analyze_ab_test, predict_for_user, read_exposures, write_ab_report
     from tqdm.auto import tqdm
 
     from matta_tf.data import Schema, decode_example, read_records
-    from serving import ABTest, ExposureLog, LocalModelServer, PredictionClient, raw_features
-    from serving.ab import analyze_ab_test, predict_for_user, read_exposures, write_ab_report
 
     schema = Schema.load(run.training_data)
     records = list(read_records(os.path.join(run.training_data, "test")))[: run.config.serving.replay_events]
@@ -209,7 +210,7 @@ def step_replay(run: RunContext) -> str:
 
 
 def step_report(run: RunContext) -> str:
-    from pipelines.report import write_report
+    from matta_tf.pipelines.report import write_report
 
     return write_report(run)
 

@@ -16,13 +16,13 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
+from matta_tf.models.relevance import RelevanceConfig, build_relevance_network, relevance_preprocessor
+from matta_tf.pipelines.config import TrainingConfig
 
 from matta_tf.data import Schema, make_dataset
 from matta_tf.extraction import binary_metrics
 from matta_tf.optimizers import Shampoo
 from matta_tf.training import DistillationSchedule, IndependentStudentTA, MatTAModel
-from models.relevance import RelevanceConfig, build_relevance_network, relevance_preprocessor
-from pipelines.config import TrainingConfig
 
 ARMS = ("matta", "student_only", "ta_only", "no_sharing", "nested_student_only")
 TEACHER_LABEL = "teacher_probability"

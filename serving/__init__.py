@@ -1,7 +1,8 @@
 """Serving matta-tf models with TF Serving: export every Mix'n'Match size, configure, call, A/B test.
 
 ```python
-from serving import ModelEntry, PredictionClient, ServableModel, export_for_serving, raw_features, write_model_config
+from matta_tf.serving import (ModelEntry, PredictionClient, ServableModel, export_for_serving, raw_features,
+                              write_model_config)
 
 exported = export_for_serving([ServableModel.extract(nested, spec, schema) for spec in specs], "runs/serving")
 write_model_config("runs/serving/models.config",
@@ -11,7 +12,7 @@ client = PredictionClient("127.0.0.1:8500", "relevance")
 client.predict(raw_features(records, schema), label="treatment")["probabilities"]
 ```
 
-Names are imported on first use, so `serving.ab` (assignment and analysis) loads without TensorFlow.
+Names are imported on first use, so `matta_tf.serving.ab` (assignment and analysis) loads without TensorFlow.
 """
 
 from __future__ import annotations
@@ -20,27 +21,27 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 _EXPORTS = {
-    "ExportedServable": "serving.export",
-    "ServableModel": "serving.export",
-    "export_for_serving": "serving.export",
-    "raw_features": "serving.export",
-    "raw_input_signature": "serving.export",
-    "ModelEntry": "serving.model_config",
-    "read_model_config": "serving.model_config",
-    "write_model_config": "serving.model_config",
-    "Prediction": "serving.client",
-    "PredictionClient": "serving.client",
-    "PredictionError": "serving.client",
-    "LocalModelServer": "serving.server",
-    "ABAnalysis": "serving.ab",
-    "ABTest": "serving.ab",
-    "Arm": "serving.ab",
-    "ExposureLog": "serving.ab",
-    "analyze_ab_test": "serving.ab",
-    "predict_for_user": "serving.ab",
-    "read_exposures": "serving.ab",
-    "sample_ratio_check": "serving.ab",
-    "write_ab_report": "serving.ab",
+    "ExportedServable": "matta_tf.serving.export",
+    "ServableModel": "matta_tf.serving.export",
+    "export_for_serving": "matta_tf.serving.export",
+    "raw_features": "matta_tf.serving.export",
+    "raw_input_signature": "matta_tf.serving.export",
+    "ModelEntry": "matta_tf.serving.model_config",
+    "read_model_config": "matta_tf.serving.model_config",
+    "write_model_config": "matta_tf.serving.model_config",
+    "Prediction": "matta_tf.serving.client",
+    "PredictionClient": "matta_tf.serving.client",
+    "PredictionError": "matta_tf.serving.client",
+    "LocalModelServer": "matta_tf.serving.server",
+    "ABAnalysis": "matta_tf.serving.ab",
+    "ABTest": "matta_tf.serving.ab",
+    "Arm": "matta_tf.serving.ab",
+    "ExposureLog": "matta_tf.serving.ab",
+    "analyze_ab_test": "matta_tf.serving.ab",
+    "predict_for_user": "matta_tf.serving.ab",
+    "read_exposures": "matta_tf.serving.ab",
+    "sample_ratio_check": "matta_tf.serving.ab",
+    "write_ab_report": "matta_tf.serving.ab",
 }
 
 __all__ = [
@@ -75,7 +76,7 @@ def __getattr__(name: str) -> Any:
 
 
 if TYPE_CHECKING:
-    from serving.ab import (
+    from matta_tf.serving.ab import (
         ABAnalysis,
         ABTest,
         Arm,
@@ -86,7 +87,13 @@ if TYPE_CHECKING:
         sample_ratio_check,
         write_ab_report,
     )
-    from serving.client import Prediction, PredictionClient, PredictionError
-    from serving.export import ExportedServable, ServableModel, export_for_serving, raw_features, raw_input_signature
-    from serving.model_config import ModelEntry, read_model_config, write_model_config
-    from serving.server import LocalModelServer
+    from matta_tf.serving.client import Prediction, PredictionClient, PredictionError
+    from matta_tf.serving.export import (
+        ExportedServable,
+        ServableModel,
+        export_for_serving,
+        raw_features,
+        raw_input_signature,
+    )
+    from matta_tf.serving.model_config import ModelEntry, read_model_config, write_model_config
+    from matta_tf.serving.server import LocalModelServer

@@ -5,7 +5,7 @@ Flags follow `tensorflow_model_server`'s, so a command line carries over to real
     matta serve --model_config_file=runs/serving/models.config --port=8500 --rest_api_port=8501
     matta serve --model_name=relevance --model_base_path=runs/serving/relevance
 
-`main(argv)` is also runnable as `python -m serving.cli serve ...`.
+`main(argv)` is also runnable as `python -m matta_tf.serving.cli serve ...`.
 """
 
 from __future__ import annotations
@@ -65,9 +65,8 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--port must be a port number >= 1. Received: --port={args.port}")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from matta_tf.serving.server import LocalModelServer
     from tensorflow_serving.config import model_server_config_pb2
-
-    from serving.server import LocalModelServer
 
     if args.model_config_file:
         config: Any = args.model_config_file
@@ -94,13 +93,13 @@ def run_serve(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`serve` verb entry point (`python -m serving.cli serve ...`)."""
+    """`serve` verb entry point (`python -m matta_tf.serving.cli serve ...`)."""
     parser = argparse.ArgumentParser(prog="matta", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     subparsers = parser.add_subparsers(dest="verb", required=True, metavar="VERB")
     add_serve_parser(subparsers)
     args = parser.parse_args(argv)
-    from serving.model_config import ModelConfigError
+    from matta_tf.serving.model_config import ModelConfigError
 
     try:
         return run_serve(args)

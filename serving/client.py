@@ -30,10 +30,9 @@ from typing import Any
 import grpc
 import numpy as np
 import tensorflow as tf
+from matta_tf.serving.export import EXAMPLES_INPUT, EXAMPLES_SIGNATURE, SERVING_SIGNATURE
 from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
-
-from serving.export import EXAMPLES_INPUT, EXAMPLES_SIGNATURE, SERVING_SIGNATURE
 
 PROTOCOLS = ("grpc", "rest")
 RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")

@@ -51,6 +51,8 @@ import grpc
 import numpy as np
 import tensorflow as tf
 from google.protobuf import json_format
+from matta_tf.serving.export import ASSETS_EXTRA, MAX_WARMUP_RECORDS, SERVING_SIGNATURE, WARMUP_FILE, existing_versions
+from matta_tf.serving.model_config import ModelConfigError, read_model_config
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
@@ -61,9 +63,6 @@ from tensorflow_serving.apis import (
     prediction_service_pb2_grpc,
 )
 from tensorflow_serving.config import model_server_config_pb2
-
-from serving.export import ASSETS_EXTRA, MAX_WARMUP_RECORDS, SERVING_SIGNATURE, WARMUP_FILE, existing_versions
-from serving.model_config import ModelConfigError, read_model_config
 
 logger = logging.getLogger(__name__)
 

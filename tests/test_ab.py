@@ -15,9 +15,7 @@ import matplotlib.image
 import numpy as np
 import pandas as pd
 import pytest
-from scipy import stats
-
-from serving.ab import (
+from matta_tf.serving.ab import (
     ABTest,
     Arm,
     ExposureLog,
@@ -29,6 +27,7 @@ from serving.ab import (
     sample_ratio_check,
     write_ab_report,
 )
+from scipy import stats
 
 USERS = np.arange(100_000)
 
@@ -39,7 +38,7 @@ def test_hash_is_the_documented_sha256_and_stable_across_processes():
         assert hash_unit("salt-1", user) == int.from_bytes(digest[:8], "big") / 2.0**64
     test = ABTest.from_shares("exp", {"control": 0.5, "treatment": 0.5})
     here = test.assign_many(range(2000)).tolist()
-    code = ("from serving.ab import ABTest; import json; t = ABTest.from_shares('exp', {'control': 0.5, "
+    code = ("from matta_tf.serving.ab import ABTest; import json; t = ABTest.from_shares('exp', {'control': 0.5, "
             "'treatment': 0.5}); print(json.dumps(t.assign_many(range(2000)).tolist()))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=root,

@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
+from matta_tf.pipelines.cli import main
 
 from matta_tf.data import Feature, Label, Schema, serialize_example, write_records
-from pipelines.cli import main
 
 
 def test_prepare_movielens_full_data_prints_counts(tmp_path, capsys):
@@ -45,7 +45,7 @@ def test_validate_reports_bad_records_by_index(tmp_path, capsys):
 
 
 def test_help_describes_the_data():
-    result = subprocess.run([sys.executable, "-m", "pipelines.cli", "prepare", "--help"], capture_output=True,
+    result = subprocess.run([sys.executable, "-m", "matta_tf.pipelines.cli", "prepare", "--help"], capture_output=True,
                             text=True, check=True)
     assert "schema.yaml" in result.stdout and "bring your own events" in result.stdout.lower()
     with pytest.raises(SystemExit):

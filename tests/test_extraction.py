@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
+from matta_tf.models.relevance import RelevanceConfig, build_relevance_network
 
 from matta_tf.data import Feature, Label, Schema
 from matta_tf.data.preprocessing import FeaturePreprocessor
@@ -32,7 +33,6 @@ from matta_tf.extraction import (
     wide_narrow_wide_specs,
 )
 from matta_tf.layers import NestedDense, NestedEmbedding, NestedTransformerBlock, TAOnly, TransformerBlock
-from models.relevance import RelevanceConfig, build_relevance_network
 
 SCHEMA = Schema(
     features=(
@@ -118,7 +118,7 @@ def test_extracted_models_are_plain_keras_and_survive_saving(relevance, tmp_path
     mixed = SubmodelSpec.uniform(relevance, "student").replace(user_id_embedding="ta", user_tower_0="ta", name="mix")
     for spec in (SubmodelSpec.uniform(relevance, "student"), SubmodelSpec.uniform(relevance, "ta"), mixed):
         model = extract_submodel(relevance, spec)
-        classes = {layer.__class__.__module__.split(".")[0] for layer in model.layers}
+        classes = {layer.__class__.__module__.removeprefix("matta_tf.").split(".")[0] for layer in model.layers}
         assert classes <= {"keras", "keras_rs", "models"}, classes  # PaddingWeights is the model's own plain layer
         path = tmp_path / f"{spec.name}.keras"
         model.save(path)

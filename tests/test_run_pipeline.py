@@ -5,9 +5,8 @@ import os
 
 import pandas as pd
 import pytest
-
-from pipelines.cli import main
-from pipelines.config import RunConfigError
+from matta_tf.pipelines.cli import main
+from matta_tf.pipelines.config import RunConfigError
 
 TINY = """
 run_dir: {run_dir}
@@ -54,6 +53,6 @@ def test_bad_configuration_names_the_field(tmp_path, capsys):
     assert main(["run", "--config", str(config)]) == 2
     assert "training.learning_rte: unknown key" in capsys.readouterr().err
     with pytest.raises(RunConfigError, match="data.source"):
-        from pipelines.config import RunConfig
+        from matta_tf.pipelines.config import RunConfig
 
         RunConfig.from_dict({"data": {"source": "kaggle"}})

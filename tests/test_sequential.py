@@ -12,6 +12,20 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+from matta_tf.models.relevance import ConfigError
+from matta_tf.models.sequential import (
+    NextItemMatTAModel,
+    SequentialConfig,
+    block_parameters,
+    build_sequential_network,
+    next_item_dataset,
+    next_item_scores,
+    non_embedding_parameters,
+    parameter_counts,
+    ranking_metrics,
+    train_next_item,
+    wide_narrow_wide,
+)
 from scipy.special import erf
 
 from matta_tf.data.schema import Label
@@ -25,20 +39,6 @@ from matta_tf.data.sequences import (
 )
 from matta_tf.extraction import SubmodelSpec, extract_submodel, spec_cost
 from matta_tf.layers import NestedTransformerBlock, TAOnly, TransformerBlock
-from models.relevance import ConfigError
-from models.sequential import (
-    NextItemMatTAModel,
-    SequentialConfig,
-    block_parameters,
-    build_sequential_network,
-    next_item_dataset,
-    next_item_scores,
-    non_embedding_parameters,
-    parameter_counts,
-    ranking_metrics,
-    train_next_item,
-    wide_narrow_wide,
-)
 
 TOLERANCE = 2e-5
 # Student 6 blocks (FFN 8), TA 9 blocks (FFN 20): TA-only blocks after blocks 1, 3 and 5.

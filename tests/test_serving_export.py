@@ -18,14 +18,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from google.protobuf import text_format
-from tensorflow_serving.apis import prediction_log_pb2
-from tensorflow_serving.config import model_server_config_pb2
-
-from matta_tf.data import Feature, Label, Schema, parse_examples, serialize_example
-from matta_tf.extraction import SubmodelSpec, extract_submodel, spec_cost
-from models.relevance import RelevanceConfig, build_relevance_network
-from serving import export as export_module
-from serving.export import (
+from matta_tf.models.relevance import RelevanceConfig, build_relevance_network
+from matta_tf.serving import export as export_module
+from matta_tf.serving.export import (
     ASSETS_EXTRA,
     EXAMPLES_SIGNATURE,
     MODEL_CARD_FILE,
@@ -35,7 +30,12 @@ from serving.export import (
     export_for_serving,
     raw_features,
 )
-from serving.model_config import ModelConfigError, ModelEntry, read_model_config, write_model_config
+from matta_tf.serving.model_config import ModelConfigError, ModelEntry, read_model_config, write_model_config
+from tensorflow_serving.apis import prediction_log_pb2
+from tensorflow_serving.config import model_server_config_pb2
+
+from matta_tf.data import Feature, Label, Schema, parse_examples, serialize_example
+from matta_tf.extraction import SubmodelSpec, extract_submodel, spec_cost
 
 SCHEMA = Schema(
     features=(

@@ -20,14 +20,13 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from matta_tf.serving.client import PredictionClient, PredictionError
+from matta_tf.serving.export import raw_features, raw_input_signature
+from matta_tf.serving.model_config import ModelConfigError
+from matta_tf.serving.server import LocalModelServer, ServableRegistry
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
 from tensorflow_serving.config import model_server_config_pb2
 from test_serving_export import MODEL_NAME, SCHEMA, exported_models, keras_reference
-
-from serving.client import PredictionClient, PredictionError
-from serving.export import raw_features, raw_input_signature
-from serving.model_config import ModelConfigError
-from serving.server import LocalModelServer, ServableRegistry
 
 VERSIONS = {"control": 1, "treatment": 2}
 
@@ -269,7 +268,7 @@ def test_stop_closes_the_ports(exports):
 
 def test_matta_serve_subprocess_serves_and_stops_on_sigterm(exports, batch):
     grpc_port, rest_port = _free_port(), _free_port()
-    command = [sys.executable, "-m", "serving.cli", "serve", f"--model_config_file={exports.config_path}",
+    command = [sys.executable, "-m", "matta_tf.serving.cli", "serve", f"--model_config_file={exports.config_path}",
                f"--port={grpc_port}", f"--rest_api_port={rest_port}"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
                                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

@@ -261,7 +261,7 @@ def extract_submodel(nested_model: keras.Model, spec: SubmodelSpec, name: str | 
 
     Args:
         nested_model: A functional model built from matta-tf nested layers whose outputs are
-            `[student_output, ta_output]` (e.g. `mnestify`'s result or `models.relevance`'s network).
+            `[student_output, ta_output]` (e.g. `mnestify`'s result or `matta_tf.models.relevance`'s network).
         spec: Which width each choosable layer takes (`SubmodelSpec.uniform(model, "student")` is the
             Student).
         name: Name of the extracted model. Defaults to `f"{nested_model.name}_{spec.name}"`.
