@@ -23,6 +23,7 @@ from matta_tf.data import Schema, make_dataset
 from matta_tf.extraction import binary_metrics
 from matta_tf.optimizers import Shampoo
 from matta_tf.training import DistillationSchedule, IndependentStudentTA, MatTAModel
+from matta_tf.training.distribute import is_chief, strategy_from_environment
 
 ARMS = ("matta", "student_only", "ta_only", "no_sharing", "nested_student_only")
 TEACHER_LABEL = "teacher_probability"
@@ -74,7 +75,11 @@ def input_datasets(data_dir: str, schema: Schema, label: str, batch_size: int, s
 
     train = make_dataset(os.path.join(data_dir, "train"), schema, batch_size, labels=label)
     train = train.map(preprocess).cache().shuffle(64, seed=seed).prefetch(tf.data.AUTOTUNE)
-    datasets = {"train": train}
+    # Under a multi-worker strategy each worker takes its share of every global batch (sharding by
+    # file would give workers unequal data when shards are few or uneven).
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    datasets = {"train": train.with_options(options)}
     for split in ("validation", "test"):
         if os.path.isdir(os.path.join(data_dir, split)):
             evaluation = make_dataset(os.path.join(data_dir, split), schema, 2048, labels=list(eval_labels))
@@ -132,6 +137,9 @@ def train_relevance(
         optimizer: Overrides `training.optimizer` (`"shampoo"` or `"adam"`).
         verbose: Keras `fit` verbosity.
 
+    Training runs under the strategy the environment asks for (`TF_CONFIG` for a cluster of workers,
+    several local GPUs, or one device: `matta_tf.training.distribute`); only the chief writes `out_dir`.
+
     Returns:
         The trained pair-output network, the per-epoch history and test metrics of both streams against
         the event label (and the teacher label when the data has one).
@@ -144,25 +152,29 @@ def train_relevance(
     datasets = input_datasets(data_dir, schema, label_name, training.batch_size, training.seed, eval_labels)
     # One pass counts the steps (for Shampoo's start step) and fills the preprocessed cache.
     steps = sum(1 for _ in datasets["train"]) * training.epochs
-    network = build_network(schema, relevance_config(training), arm)
+    strategy = strategy_from_environment()
+    with strategy.scope():
+        network = build_network(schema, relevance_config(training), arm)
     mode = {"matta": "matta", "no_sharing": "matta", "student_only": "student_only", "ta_only": "ta_only",
             "nested_student_only": "student_only"}[arm]
     weights = training.loss_weights if mode == "matta" else (1.0, 1.0, 0.0)
-    model = MatTAModel(
-        network, label=label, mode=mode, loss_weights=weights,
-        distillation_schedule=DistillationSchedule(training.distillation_start_step, training.distillation_ramp_steps,
-                                                   training.distillation_ramp_shape),
-    )
     optimizer_name = optimizer or training.optimizer
-    # XLA compiles Shampoo's eigendecompositions slowly on CPU (minutes); its step is fast without it.
-    model.compile(optimizer=make_optimizer(optimizer_name, training.learning_rate, steps),
-                  jit_compile=optimizer_name != "shampoo")
+    with strategy.scope():
+        model = MatTAModel(
+            network, label=label, mode=mode, loss_weights=weights,
+            distillation_schedule=DistillationSchedule(training.distillation_start_step,
+                                                       training.distillation_ramp_steps,
+                                                       training.distillation_ramp_shape),
+        )
+        # XLA compiles Shampoo's eigendecompositions slowly on CPU (minutes); its step is fast without it.
+        model.compile(optimizer=make_optimizer(optimizer_name, training.learning_rate, steps),
+                      jit_compile=optimizer_name != "shampoo")
     history = model.fit(datasets["train"], epochs=training.epochs, verbose=verbose)
     metrics: dict[str, Any] = {"arm": arm, "optimizer": optimizer or training.optimizer, "labels": label_name}
     for split in ("validation", "test"):
         if split in datasets:
             metrics[split] = {name: evaluate_streams(network, datasets[split], name) for name in eval_labels}
-    if out_dir is not None:
+    if out_dir is not None and is_chief():
         os.makedirs(out_dir, exist_ok=True)
         network.save(os.path.join(out_dir, "network.keras"))
         with open(os.path.join(out_dir, "history.json"), "w", encoding="utf-8") as handle:

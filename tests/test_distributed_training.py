@@ -1,0 +1,148 @@
+"""Training out of one process: `MatTAModel.fit` with Shampoo on two worker processes (127.0.0.1).
+
+Each worker picks its strategy with `strategy_from_environment()` (from `TF_CONFIG`), exactly as the
+training entry point does; the two workers must end with the state of one process that trained on
+the same global batches, and only the chief writes its output folder. float64, so that the two ways
+of summing a batch differ by float64 rounding only (Shampoo's roots amplify rounding past float32
+tolerances).
+"""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+
+import numpy as np
+import pytest
+
+from matta_tf.training.distribute import DistributionConfigError, cluster_config, is_chief, worker_output_dir
+
+WORKER = textwrap.dedent(
+    """
+    import os, sys
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    os.environ["KERAS_BACKEND"] = "tensorflow"
+    import keras
+    import numpy as np
+    import tensorflow as tf
+    from matta_tf.layers import NestedDense
+    from matta_tf.optimizers import Shampoo
+    from matta_tf.training import DistillationSchedule, MatTAModel
+    from matta_tf.training.distribute import is_chief, strategy_from_environment, worker_output_dir
+
+    out_dir = sys.argv[1]
+    keras.config.set_floatx("float64")
+    strategy = strategy_from_environment()
+    with strategy.scope():
+        keras.utils.set_random_seed(5)
+        inputs = keras.Input((6,))
+        hidden = NestedDense(4, 12, activation="tanh", name="hidden")(inputs)
+        network = keras.Model(inputs, list(NestedDense(1, 1, name="logit")(hidden)))
+        model = MatTAModel(network, loss_weights=(1.0, 0.5, 1.0),
+                           distillation_schedule=DistillationSchedule(start_step=2, ramp_steps=8))
+        model.compile(optimizer=Shampoo(0.02, epsilon=1e-3, start_preconditioning_step=2,
+                                        preconditioning_compute_steps=2, grafting="adam"))
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(64, 6))
+    y = (x @ rng.normal(size=6) > 0).astype("float64")
+    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0)
+    state = {f"model/{v.path}": np.asarray(v.numpy()) for v in model.variables}
+    state.update({f"optimizer/{v.path}": np.asarray(v.numpy()) for v in model.optimizer.variables})
+    out = worker_output_dir(out_dir)
+    os.makedirs(out, exist_ok=True)
+    np.savez(os.path.join(out, "state.npz"), **state)
+    np.savez(sys.argv[2], **state)
+    kind = "multiworker" if isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy) else "default"
+    print("strategy", kind, "chief", is_chief())
+    """
+)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _launch(script, args, tf_config=None) -> subprocess.Popen:
+    env = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    if tf_config is not None:
+        env["TF_CONFIG"] = json.dumps(tf_config)
+    return subprocess.Popen([sys.executable, str(script), *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_two_worker_processes_fit_matta_with_shampoo_like_one_process(tmp_path):
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    cluster = {"worker": [f"127.0.0.1:{_free_port()}" for _ in range(2)]}
+    processes = [
+        _launch(script, [str(tmp_path / f"out{index}"), str(tmp_path / f"worker{index}.npz")],
+                {"cluster": cluster, "task": {"type": "worker", "index": index}})
+        for index in range(2)
+    ]
+    processes.append(_launch(script, [str(tmp_path / "single_out"), str(tmp_path / "single.npz")]))
+    outputs = []
+    try:
+        for process in processes:
+            outputs.append(process.communicate(timeout=400)[0])
+    finally:
+        for process in processes:
+            process.kill()
+    for process, output in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, output[-4000:]
+    assert "strategy multiworker chief True" in outputs[0]
+    assert "strategy multiworker chief False" in outputs[1]
+    assert "strategy default chief True" in outputs[2]
+    # Only the chief wrote its output folder; the other worker wrote to a private temporary one.
+    assert (tmp_path / "out0" / "state.npz").exists()
+    assert not (tmp_path / "out1").exists()
+
+    single = dict(np.load(tmp_path / "single.npz"))
+    workers = [dict(np.load(tmp_path / f"worker{index}.npz")) for index in range(2)]
+    assert set(workers[0]) == set(single)
+    assert any("shampoo" in key or "preconditioner" in key for key in single), sorted(single)
+    for key in single:
+        np.testing.assert_array_equal(workers[0][key], workers[1][key], err_msg=key)
+        np.testing.assert_allclose(workers[0][key], single[key], rtol=1e-8, atol=1e-11, err_msg=key)
+
+
+CLUSTER = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
+
+
+@pytest.mark.parametrize(
+    ("config", "chief"),
+    [
+        ({"cluster": CLUSTER, "task": {"type": "worker", "index": 0}}, True),
+        ({"cluster": CLUSTER, "task": {"type": "worker", "index": 1}}, False),
+        ({"cluster": {**CLUSTER, "chief": ["127.0.0.1:3"]}, "task": {"type": "worker", "index": 0}}, False),
+        ({"cluster": {**CLUSTER, "chief": ["127.0.0.1:3"]}, "task": {"type": "chief", "index": 0}}, True),
+        ({"cluster": {"worker": ["127.0.0.1:1"]}, "task": {"type": "worker", "index": 0}}, True),
+    ],
+)
+def test_chief_is_the_chief_task_or_worker_zero(config, chief, tmp_path):
+    environ = {"TF_CONFIG": json.dumps(config)}
+    assert is_chief(environ) is chief
+    out = worker_output_dir(str(tmp_path / "out"), environ)
+    assert (out == str(tmp_path / "out")) is chief
+
+
+def test_no_tf_config_means_one_process():
+    assert cluster_config({}) is None and is_chief({})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{not json", "TF_CONFIG is not valid JSON"),
+        ('{"task": {}}', "`cluster` mapping"),
+        (json.dumps({"cluster": CLUSTER}), "TF_CONFIG.task must give `type` and `index`"),
+        (json.dumps({"cluster": CLUSTER, "task": {"type": "worker", "index": 5}}), "is not in TF_CONFIG.cluster"),
+    ],
+)
+def test_malformed_tf_config_is_named(text, message):
+    with pytest.raises(DistributionConfigError, match=message.replace("(", r"\(")):
+        cluster_config({"TF_CONFIG": text})
