@@ -44,7 +44,7 @@ from typing import Any, NamedTuple
 import apache_beam as beam
 import numpy as np
 import tensorflow as tf
-from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.metrics.metric import Metrics, MetricsFilter
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 from matta_tf.models.teacher import LOGITS, PROBABILITIES, Teacher, teacher_output_width
@@ -469,26 +469,122 @@ def teacher_labels(saved_model: str, probability: str = "teacher_probability",
     )
 
 
+# Runners that lose or mix elements without an error: refused by name, before anything runs.
+REFUSED_RUNNERS = {
+    "DaskRunner": "Beam's DaskRunner loses and mixes elements without an error (with two sinks only the last "
+                  "runs, a with_outputs split sends every element to one side, RunInference drops the last batch of "
+                  "each partition, metrics() is not implemented): apache/beam#24578",
+}
+# Runners whose element and counter handling this job relies on; any other runner is probed first
+# (`runner_self_check`) unless told not to.
+KNOWN_RUNNERS = ("FnApiRunner", "BundleBasedDirectRunner", "DirectRunner", "SwitchingDirectRunner", "PrismRunner",
+                 "PortableRunner", "FlinkRunner", "SparkRunner", "DataflowRunner", "TestDataflowRunner")
+PROBE_ELEMENTS = 1000
+
+
+class RunnerError(ValueError):
+    """The chosen Beam runner is known to lose records, or failed the job's self-check."""
+
+
+def _runner_name(runner: Any) -> str:
+    name = runner if isinstance(runner, str) else type(runner).__name__
+    return str(name).rsplit(".", 1)[-1]
+
+
 def pipeline_options(beam_args: Sequence[str] | PipelineOptions | None = None) -> PipelineOptions:
     """Beam pipeline options from command-line flags, with the local default runner named explicitly.
 
     Without `--runner`, the job runs on `FnApiRunner` (never Beam's default `DirectRunner`, which
-    downloads the Prism runner).
+    downloads the Prism runner). A runner in `REFUSED_RUNNERS` (DaskRunner) is refused with the
+    upstream issue that explains why.
 
     Example:
 
     ```python
     options = pipeline_options(["--runner=FlinkRunner", "--flink_master=localhost:8081"])
     ```
+
+    Raises:
+        RunnerError: The runner is known to lose records.
     """
     options = beam_args if isinstance(beam_args, PipelineOptions) else PipelineOptions(list(beam_args or []))
     standard = options.view_as(StandardOptions)
     if standard.runner is None:
         standard.runner = DEFAULT_RUNNER
-    elif str(standard.runner) in ("DirectRunner", "SwitchingDirectRunner"):
+    name = _runner_name(standard.runner)
+    if name in REFUSED_RUNNERS:
+        raise RunnerError(f"--runner={name} is refused: {REFUSED_RUNNERS[name]}. Use --runner=FnApiRunner locally, "
+                          "or PortableRunner / FlinkRunner / SparkRunner / DataflowRunner for a cluster.")
+    if name in ("DirectRunner", "SwitchingDirectRunner"):
         _LOGGER.warning("--runner=%s first tries to download Beam's Prism runner; locally, use %s",
                         standard.runner, DEFAULT_RUNNER)
     return options
+
+
+def _probe(pipeline: beam.Pipeline) -> None:
+    """A pipeline shaped like the job's risky parts: a tagged split, batching, and two sinks."""
+    def tag(value: int) -> Iterator[Any]:
+        Metrics.counter(_PROBE_NAMESPACE, "created").inc()
+        yield value if value % 3 else beam.pvalue.TaggedOutput("thirds", value)
+
+    def count(name: str) -> Any:
+        def counted(batch: Sequence[int]) -> None:
+            Metrics.counter(_PROBE_NAMESPACE, name).inc(len(batch))
+        return counted
+
+    split = (pipeline | "ProbeCreate" >> beam.Create(list(range(PROBE_ELEMENTS)), reshuffle=True)
+             | "ProbeSplit" >> beam.FlatMap(tag).with_outputs("thirds", main="rest"))
+    _ = (split.rest | "ProbeBatchRest" >> beam.BatchElements(min_batch_size=7, max_batch_size=7)
+         | "ProbeSinkRest" >> beam.Map(count("rest")))
+    _ = (split.thirds | "ProbeBatchThirds" >> beam.BatchElements(min_batch_size=5, max_batch_size=5)
+         | "ProbeSinkThirds" >> beam.Map(count("thirds")))
+
+
+_PROBE_NAMESPACE = "matta_runner_self_check"
+
+
+def probe_expected_counts() -> dict[str, int]:
+    """The counters a runner that loses nothing reports for `_probe`."""
+    thirds = len(range(0, PROBE_ELEMENTS, 3))
+    return {"created": PROBE_ELEMENTS, "rest": PROBE_ELEMENTS - thirds, "thirds": thirds}
+
+
+def runner_self_check(options: Sequence[str] | PipelineOptions | None = None) -> dict[str, int]:
+    """Runs a small probe job on the chosen runner and refuses the runner if it loses or mixes elements.
+
+    The probe has the shapes that lost data on DaskRunner: a `with_outputs` split, batching before a
+    sink, two sinks. Every element is counted with Beam counters, which the job itself needs for its
+    lost-records check, so a runner without working metrics is refused too.
+
+    Returns:
+        The probe's counters.
+
+    Raises:
+        RunnerError: A counter differs from `probe_expected_counts()`, or metrics cannot be read.
+    """
+    options = pipeline_options(options)
+    name = _runner_name(options.view_as(StandardOptions).runner)
+    pipeline = beam.Pipeline(options=options)
+    _probe(pipeline)
+    result = pipeline.run()
+    result.wait_until_finish()
+    try:
+        metrics = result.metrics().query(MetricsFilter().with_namespace(_PROBE_NAMESPACE))["counters"]
+    except NotImplementedError as error:
+        raise RunnerError(f"--runner={name} cannot report Beam counters ({error!r}); the job's lost-records "
+                          "check needs them") from None
+    counts = dict.fromkeys(probe_expected_counts(), 0)
+    for metric in metrics:
+        value = metric.committed if metric.committed is not None else metric.attempted
+        counts[metric.key.metric.name] = counts.get(metric.key.metric.name, 0) + int(value or 0)
+    if counts != probe_expected_counts():
+        raise RunnerError(f"--runner={name} failed the self-check: it lost or mixed elements of a probe job "
+                          f"(counted {counts}, expected {probe_expected_counts()})")
+    return counts
+
+
+def _needs_self_check(options: PipelineOptions, requested: bool) -> bool:
+    return requested or _runner_name(options.view_as(StandardOptions).runner) not in KNOWN_RUNNERS
 
 
 def label_with_teacher(
@@ -501,6 +597,7 @@ def label_with_teacher(
     logit_label: str = "teacher_logit",
     batching: Batching = Batching(),
     options: Sequence[str] | PipelineOptions | None = None,
+    check_runner: bool = False,
 ) -> LabellingResult:
     """Runs the labelling job (see the module docstring) and checks that no record was lost.
 
@@ -513,12 +610,16 @@ def label_with_teacher(
         logit_label: Name of the added logit label. Defaults to `"teacher_logit"`.
         batching: Chunk size and model sharing. Defaults to `Batching()`.
         options: Beam pipeline options (flags or `PipelineOptions`); without a runner, `FnApiRunner`.
+            DaskRunner is refused (apache/beam#24578).
+        check_runner: Probe the runner for lost elements before the job (`runner_self_check`).
+            Runners outside `KNOWN_RUNNERS` are always probed. Defaults to `False`.
 
     Returns:
         A `LabellingResult` with the output schema and the counters.
 
     Raises:
         LabellingError: read != labelled + dead-lettered, or the pipeline did not finish.
+        RunnerError: The runner is refused, or failed its self-check (nothing is written then).
 
     Example:
 
@@ -541,7 +642,10 @@ def label_with_teacher(
     output_schema = input_schema.with_labels(probability, logit)
     files = input_files([os.path.join(input_dir, split) for split in splits], list(splits))
 
-    pipeline = beam.Pipeline(options=pipeline_options(options))
+    options = pipeline_options(options)
+    if _needs_self_check(options, check_runner):
+        runner_self_check(options)
+    pipeline = beam.Pipeline(options=options)
     _ = (
         pipeline
         | "InputFiles" >> beam.Create(files)
@@ -613,6 +717,9 @@ def build_parser(prog: str = "python -m matta_tf.pipelines.label_with_teacher") 
                         help=f"records per chunk and per Teacher call (default {defaults.batch_size})")
     parser.add_argument("--large-model", action="store_true",
                         help="one Teacher per machine, shared by its worker processes")
+    parser.add_argument("--check-runner", action="store_true",
+                        help="first run a small probe job that checks the runner loses no elements (always done "
+                        f"for runners other than {', '.join(KNOWN_RUNNERS)}); DaskRunner is refused")
     return parser
 
 
@@ -636,7 +743,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m matta_tf.pipe
         batching = Batching(args.batch_size, args.large_model)
         result = label_with_teacher(
             args.input, args.teacher, args.out, splits=args.splits, probability_label=args.probability_label,
-            logit_label=args.logit_label, batching=batching, options=beam_args,
+            logit_label=args.logit_label, batching=batching, options=beam_args, check_runner=args.check_runner,
         )
     except LabellingError as error:
         print(f"label: error: {error}", file=sys.stderr)

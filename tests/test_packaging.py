@@ -8,21 +8,11 @@ holds a user's own `models/`, `pipelines/` and `serving/` folders.
 """
 
 import json
-import os
-import pathlib
-import shutil
 import subprocess
-import sys
-import sysconfig
 import textwrap
 import zipfile
 
-import pytest
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-# Repository folder -> the package it installs as (see setup.py).
-TREES = {"matta_tf": "matta_tf", "models": "matta_tf.models", "pipelines": "matta_tf.pipelines",
-         "serving": "matta_tf.serving"}
+from installed_package import ROOT, TREES
 
 
 def source_modules() -> list[str]:
@@ -45,25 +35,8 @@ def test_every_source_folder_is_a_package():
             assert (directory / "__init__.py").exists(), f"{directory.relative_to(ROOT)} has no __init__.py"
 
 
-@pytest.fixture(scope="module")
-def wheel(tmp_path_factory) -> pathlib.Path:
-    source = tmp_path_factory.mktemp("source")
-    for name in [*TREES, "setup.py", "README.md"]:
-        src = ROOT / name
-        if src.is_dir():
-            shutil.copytree(src, source / name, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-        else:
-            shutil.copy(src, source / name)
-    out = tmp_path_factory.mktemp("wheel")
-    result = subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "--quiet",
-                             "-w", str(out), str(source)], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr
-    (built,) = out.glob("matta_tf-*.whl")
-    return built
-
-
-def test_wheel_holds_every_module_under_one_import_name(wheel):
-    names = zipfile.ZipFile(wheel).namelist()
+def test_wheel_holds_every_module_under_one_import_name(installed_package):
+    names = zipfile.ZipFile(installed_package.wheel).namelist()
     top_level = {name.split("/")[0] for name in names if not name.split("/")[0].endswith(".dist-info")}
     assert top_level == {"matta_tf"}, f"the wheel installs top-level names {sorted(top_level)}"
     for module in source_modules():
@@ -71,18 +44,8 @@ def test_wheel_holds_every_module_under_one_import_name(wheel):
         assert f"{path}.py" in names or f"{path}/__init__.py" in names, f"{module} is missing from the wheel"
 
 
-def test_wheel_imports_everything_in_a_clean_environment_beside_user_folders(wheel, tmp_path):
-    env_dir = tmp_path / "venv"
-    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True, timeout=120)
-    python = env_dir / "bin" / "python"
-    site = pathlib.Path(subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                       capture_output=True, text=True, check=True).stdout.strip())
-    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-index", "--target",
-                    str(site), str(wheel)], check=True, capture_output=True, timeout=300)
-    # The dependencies (TensorFlow, Beam, ...) come from this environment's site-packages, added as a plain
-    # path: its .pth files (the editable install's finder among them) are not processed.
-    (site / "zz_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-
+def test_wheel_imports_everything_in_a_clean_environment_beside_user_folders(installed_package, tmp_path):
+    python, site = installed_package.python, installed_package.site_packages
     # A user's project with folders named like our repository's.
     work = tmp_path / "user_project"
     for name in ("models", "pipelines", "serving", "matta_tf_user"):
@@ -101,8 +64,7 @@ def test_wheel_imports_everything_in_a_clean_environment_beside_user_folders(whe
         print(json.dumps({{"matta_tf": matta_tf.__file__, "serving": serving.__file__,
                           "user_flag": serving.USER_PACKAGE, "finders": finders}}))
     """))
-    env = {key: value for key, value in os.environ.items() if key not in ("PYTHONPATH", "PYTHONHOME")}
-    env["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    env = installed_package.env()
     result = subprocess.run([str(python), str(script)], cwd=work, capture_output=True, text=True, env=env,
                             timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
