@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 RUN_DIR ?= runs/movielens
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all lint benchmarks clean
+.PHONY: demo test test-all lint clean
 
 $(VENV)/.installed: setup.py
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -16,8 +16,10 @@ $(VENV)/.installed: setup.py
 demo: $(VENV)/.installed
 	$(VENV)/bin/matta run --run-dir $(RUN_DIR)
 
-test: $(VENV)/.installed
+lint: $(VENV)/.installed
 	$(PY) -m ruff check .
+
+test: lint
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test-all: $(VENV)/.installed
