@@ -5,8 +5,8 @@ environment says which.
 
 | environment | strategy |
 |---|---|
-| `TF_CONFIG` names a cluster of two or more tasks | `tf.distribute.MultiWorkerMirroredStrategy` (one process per worker, gRPC collectives) |
-| no cluster, two or more local GPUs | `tf.distribute.MirroredStrategy` over them |
+| `TF_CONFIG` names a cluster of two or more tasks | `MultiWorkerMirroredStrategy` (a process per worker, gRPC) |
+| no cluster, two or more local GPUs | `MirroredStrategy` over them |
 | otherwise | TensorFlow's default strategy (one device) |
 
 Under a multi-worker strategy every worker runs the same program; only the chief (the `chief` task,
