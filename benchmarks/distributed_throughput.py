@@ -51,11 +51,11 @@ TRAIN_WORKER = textwrap.dedent(
     from matta_tf.training.distribute import strategy_from_environment
 
     data, batch_size, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    strategy = strategy_from_environment()  # before any TensorFlow op (collectives are configured at start-up)
     schema = Schema.load(data)
     training = TrainingConfig(labels="event", batch_size=batch_size)
     datasets = input_datasets(data, schema, "label", batch_size, 0, ("label",))
     steps = sum(1 for _ in datasets["train"])
-    strategy = strategy_from_environment()
     with strategy.scope():
         network = build_network(schema, relevance_config(training), "matta")
         model = MatTAModel(network, label=schema.label("label"),

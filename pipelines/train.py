@@ -144,6 +144,8 @@ def train_relevance(
         The trained pair-output network, the per-epoch history and test metrics of both streams against
         the event label (and the teacher label when the data has one).
     """
+    # First: a multi-worker strategy configures TensorFlow's collectives, which must precede any op.
+    strategy = strategy_from_environment()
     schema = Schema.load(data_dir)
     label_name = TEACHER_LABEL if training.labels == "teacher" else EVENT_LABEL
     label = schema.label(label_name)
@@ -152,7 +154,6 @@ def train_relevance(
     datasets = input_datasets(data_dir, schema, label_name, training.batch_size, training.seed, eval_labels)
     # One pass counts the steps (for Shampoo's start step) and fills the preprocessed cache.
     steps = sum(1 for _ in datasets["train"]) * training.epochs
-    strategy = strategy_from_environment()
     with strategy.scope():
         network = build_network(schema, relevance_config(training), arm)
     mode = {"matta": "matta", "no_sharing": "matta", "student_only": "student_only", "ta_only": "ta_only",

@@ -146,3 +146,37 @@ def test_no_tf_config_means_one_process():
 def test_malformed_tf_config_is_named(text, message):
     with pytest.raises(DistributionConfigError, match=message.replace("(", r"\(")):
         cluster_config({"TF_CONFIG": text})
+
+
+TRAIN_RELEVANCE = textwrap.dedent(
+    """
+    import sys
+    from matta_tf.pipelines.config import TrainingConfig
+    from matta_tf.pipelines.train import train_relevance
+    run = train_relevance(sys.argv[1], sys.argv[2], TrainingConfig(labels="event", epochs=1, batch_size=64,
+                                                                   optimizer="shampoo"), verbose=0)
+    print("test AUROC", run.metrics["test"]["label"]["student"]["auc"])
+    """
+)
+
+
+@pytest.mark.slow
+def test_train_relevance_runs_on_two_workers_and_only_the_chief_writes(tmp_path):
+    from matta_tf.data import MovieLensConfig, prepare_movielens
+    from matta_tf.data.movielens import load_ratings
+
+    ratings = load_ratings()
+    data = str(tmp_path / "events")
+    prepare_movielens(data, MovieLensConfig(num_shards=2),
+                      ratings=ratings[ratings["userId"].isin(sorted(ratings["userId"].unique())[:20])], progress=False)
+    script = tmp_path / "train.py"
+    script.write_text(TRAIN_RELEVANCE)
+    cluster = {"worker": [f"127.0.0.1:{_free_port()}" for _ in range(2)]}
+    processes = [_launch(script, [data, str(tmp_path / f"out{index}")],
+                         {"cluster": cluster, "task": {"type": "worker", "index": index}}) for index in range(2)]
+    outputs = [process.communicate(timeout=900)[0] for process in processes]
+    for process, output in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, output[-4000:]
+        assert "test AUROC" in output
+    assert (tmp_path / "out0" / "metrics.json").exists() and (tmp_path / "out0" / "network.keras").exists()
+    assert not (tmp_path / "out1").exists()

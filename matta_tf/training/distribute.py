@@ -74,6 +74,9 @@ def cluster_config(environ: Mapping[str, str] | None = None) -> dict[str, Any] |
 def strategy_from_environment() -> tf.distribute.Strategy:
     """The strategy this process's environment asks for (see the module docstring's table).
 
+    Call it before any TensorFlow op runs in the process: a multi-worker strategy configures
+    TensorFlow's collective ops, which TensorFlow allows only at start-up.
+
     Returns:
         A `MultiWorkerMirroredStrategy`, a `MirroredStrategy` or the default strategy.
 
