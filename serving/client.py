@@ -18,7 +18,6 @@ prediction["probabilities"], prediction.version
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import time
@@ -30,6 +29,7 @@ from typing import Any
 import grpc
 import numpy as np
 import tensorflow as tf
+from matta_tf.serving import json_codec
 from matta_tf.serving.export import EXAMPLES_INPUT, EXAMPLES_SIGNATURE, SERVING_SIGNATURE
 from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
@@ -165,13 +165,9 @@ class PredictionClient:
             outputs = {name: tf.make_ndarray(proto) for name, proto in response.outputs.items()}
             return Prediction(outputs, response.model_spec.name, response.model_spec.version.value,
                               response.model_spec.signature_name)
-        body: dict[str, Any] = {"signature_name": signature_name}
-        if self.rest_format == "columnar":
-            body["inputs"] = {name: _json_value(name, value) for name, value in arrays.items()}
-        else:
-            body["instances"] = _rows(arrays)
+        body = json_codec.request_json(arrays, signature_name, row_format=self.rest_format == "row")
         result = self._rest("POST", f"{self._model_path(version, label)}:predict", body)
-        outputs = _outputs_from_json(result, output_filter)
+        outputs = json_codec.outputs_from_response(result, output_filter)
         if output_filter:  # TF Serving's REST API has no output filter: select here
             outputs = {name: outputs[name] for name in output_filter if name in outputs}
         return Prediction(outputs, self.model_name, version, signature_name)
@@ -295,56 +291,3 @@ def _as_array(value: Any) -> np.ndarray:
     if array.dtype.kind == "U":
         return np.vectorize(lambda s: s.encode("utf-8"), otypes=[object])(array) if array.size else array.astype(object)
     return array
-
-
-def _json_value(name: str, value: np.ndarray) -> Any:
-    if value.dtype != object and value.dtype.kind not in "SU":
-        return value.tolist()
-
-    def convert(item: Any) -> Any:
-        if isinstance(item, list):
-            return [convert(i) for i in item]
-        if isinstance(item, str):
-            return item
-        data = bytes(item)
-        if not name.endswith("_bytes"):
-            try:
-                return data.decode("utf-8")
-            except UnicodeDecodeError:
-                pass
-        return {"b64": base64.b64encode(data).decode("ascii")}
-
-    return convert(value.tolist())
-
-
-def _rows(arrays: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
-    sizes = {name: value.shape[0] if value.ndim else None for name, value in arrays.items()}
-    if len(set(sizes.values())) != 1 or None in sizes.values():
-        raise ValueError(f"the row format needs inputs with one batch size; got {sizes}. Use rest_format='columnar'")
-    columns = {name: _json_value(name, value) for name, value in arrays.items()}
-    return [{name: column[i] for name, column in columns.items()} for i in range(next(iter(sizes.values())))]
-
-
-def _from_json(value: Any) -> np.ndarray:
-    def decode(item: Any) -> Any:
-        if isinstance(item, list):
-            return [decode(i) for i in item]
-        if isinstance(item, dict) and set(item) == {"b64"}:
-            return base64.b64decode(item["b64"])
-        return item
-
-    decoded = decode(value)
-    array = np.asarray(decoded)
-    return array.astype(object) if array.dtype.kind in "SU" else array
-
-
-def _outputs_from_json(result: Mapping[str, Any], output_filter: Sequence[str]) -> dict[str, np.ndarray]:
-    if "outputs" in result:
-        outputs = result["outputs"]
-        if isinstance(outputs, dict):
-            return {name: _from_json(value) for name, value in outputs.items()}
-        return {(output_filter[0] if len(output_filter) == 1 else "outputs"): _from_json(outputs)}
-    predictions = result["predictions"]
-    if predictions and isinstance(predictions[0], dict) and set(predictions[0]) != {"b64"}:
-        return {name: _from_json([row[name] for row in predictions]) for name in predictions[0]}
-    return {(output_filter[0] if len(output_filter) == 1 else "predictions"): _from_json(predictions)}
