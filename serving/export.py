@@ -461,28 +461,32 @@ def export_for_serving(
             _publish(temporary, final)
         finally:
             if tf.io.gfile.exists(temporary):
-                tf.io.gfile.rmtree(temporary)
+                try:
+                    tf.io.gfile.rmtree(temporary)
+                except tf.errors.NotFoundError:  # ram:// lists a renamed folder's prefix as existing
+                    pass
         exported.append(ExportedServable(servable.name, model_name, version, final))
     return exported
 
 
 def _publish(temporary: str, final: str) -> None:
-    """Renames the finished version folder into place (one atomic rename on a local filesystem).
+    """Moves the finished version folder into place: one atomic rename on a local filesystem.
 
-    Filesystems without directory renames (object stores such as `gs://`, TF's `ram://`) get a copy
-    of every file, then the temporary folder is removed: TF Serving polls for new version folders,
-    so on such filesystems point it at a version only after `export_for_serving` has returned.
+    Object stores (`gs://`, `s3://`) and TF's `ram://` have no directory rename (a "rename" there
+    moves one key, or copies file by file), so on them every file is copied, then the temporary
+    folder is removed: TF Serving polls for new version folders, so point it at such a base path
+    only after `export_for_serving` has returned.
     """
-    try:
+    if "://" not in temporary or temporary.startswith("file://"):
         tf.io.gfile.rename(temporary, final)
         return
-    except (tf.errors.UnimplementedError, tf.errors.FailedPreconditionError, tf.errors.InvalidArgumentError):
-        pass
     for folder, _, files in tf.io.gfile.walk(temporary):
         target = final + folder[len(temporary):]
         tf.io.gfile.makedirs(target)
         for name in files:
-            tf.io.gfile.copy(os.path.join(folder, name), os.path.join(target, name))
+            source = os.path.join(folder, name)
+            if tf.io.gfile.exists(source) and not tf.io.gfile.isdir(source):  # ram:// lists phantom prefix matches
+                tf.io.gfile.copy(source, os.path.join(target, name))
 
 
 def _default_event(schema: Schema) -> dict[str, Any]:

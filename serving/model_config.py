@@ -173,16 +173,27 @@ def model_server_config(models: Sequence[ModelEntry]) -> model_server_config_pb2
     return config
 
 
+BATCHING_PARAMETERS_FILE = "batching_parameters.txt"
+
+
 def write_model_config(
-    path: str, models: Sequence[ModelEntry], check_versions: bool = True
+    path: str,
+    models: Sequence[ModelEntry],
+    check_versions: bool = True,
+    batching: BatchingParameters | None = None,
 ) -> model_server_config_pb2.ModelServerConfig:
     """Writes a TF Serving model config file (text-format `ModelServerConfig`) atomically.
+
+    Beside it goes `batching_parameters.txt` (`BATCHING_PARAMETERS_FILE`), for
+    `--enable_batching=true --batching_parameters_file=...` (see `serving_command`).
 
     Args:
         path: File to write, e.g. `runs/serving/models.config`.
         models: The models to serve.
         check_versions: Check that every listed version exists as `<base_path>/<version>/saved_model.pb`,
             so the server can load it and its labels are valid. Defaults to `True`.
+        batching: The batching parameters written beside the config. Defaults to
+            `BatchingParameters()` (padding on: our signatures are padding-safe).
 
     Returns:
         The written `ModelServerConfig`.
@@ -212,6 +223,8 @@ def write_model_config(
                     raise FileNotFoundError(
                         f"model {model.name!r}: version {version} has no SavedModel at {saved_model}"
                     )
+    write_batching_parameters(os.path.join(os.path.dirname(path), BATCHING_PARAMETERS_FILE),
+                              batching or BatchingParameters())
     _write_text_atomically(path, text_format.MessageToString(config))
     return config
 
