@@ -326,6 +326,8 @@ class BatchingParameters:
         wrapped = re.compile(r"^(\w+)\s*:?\s*\{\s*value\s*:\s*([^}\s]+)\s*\}$")
         plain = re.compile(r"^(\w+)\s*:\s*(\S+)$")
         known = {"max_batch_size", "batch_timeout_micros", "num_batch_threads", "max_enqueued_batches"}
+        # thread_pool_name, enable_large_batch_splitting, max_execution_batch_size: real-server settings the
+        # stand-in has no use for; they are accepted and ignored.
         for number, raw in enumerate(text.splitlines(), 1):
             line = raw.split("#", 1)[0].strip()
             if not line:
@@ -334,6 +336,9 @@ class BatchingParameters:
             if not match:
                 raise ModelConfigError(f"{source}:{number}: cannot parse {line!r}")
             field, value = match[1], match[2]
+            if field not in known | {"allowed_batch_sizes", "pad_variable_length_inputs", "thread_pool_name",
+                                     "enable_large_batch_splitting", "max_execution_batch_size"}:
+                raise ModelConfigError(f"{source}:{number}: unknown BatchingParameters field {field!r}")
             try:
                 if field in known:
                     values[field] = int(value)
@@ -343,10 +348,6 @@ class BatchingParameters:
                     if value not in ("true", "false"):
                         raise ValueError(value)
                     values[field] = value == "true"
-                elif field in ("thread_pool_name", "enable_large_batch_splitting", "max_execution_batch_size"):
-                    continue  # real-server settings the stand-in has no use for
-                else:
-                    raise ModelConfigError(f"{source}:{number}: unknown BatchingParameters field {field!r}")
             except ValueError:
                 raise ModelConfigError(f"{source}:{number}: bad value for {field}: {value!r}") from None
         return cls(**values, allowed_batch_sizes=tuple(sizes))

@@ -200,6 +200,8 @@ class _Batcher:
         self._run = run
         self._parameters = parameters
         self._queue: queue.Queue = queue.Queue()
+        self.batches = 0  # merged batches run
+        self.requests = 0  # requests they held
         self._thread = threading.Thread(target=self._loop, name=f"batch-{name}", daemon=True)
         self._thread.start()
 
@@ -240,6 +242,8 @@ class _Batcher:
             self._process(batch)
 
     def _process(self, batch: list) -> None:
+        self.batches += 1
+        self.requests += len(batch)
         try:
             merged, sizes = merge_batch([inputs for inputs, _, _ in batch], self._parameters)
             outputs = self._run(merged)
@@ -351,6 +355,11 @@ class ServableRegistry:
             if entry.name in self.models:
                 raise ModelConfigError(f"Illegal to list model {entry.name} multiple times in config list")
             self.models[entry.name] = self._load_model(entry, enable_warmup)
+
+    def batching_counts(self) -> dict[tuple, tuple[int, int]]:
+        """`{(model, version, signature, outputs): (batches run, requests in them)}` with batching on."""
+        with self._batchers_lock:
+            return {key: (batcher.batches, batcher.requests) for key, batcher in self._batchers.items()}
 
     def close(self) -> None:
         """Stops the batching threads."""
