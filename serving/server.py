@@ -326,6 +326,8 @@ class ServableRegistry:
             `AddModelsViaModelConfigList`). With it, a label may point at any version; a request
             through a label whose version is not served is NOT_FOUND. Defaults to `False`.
         batching: Batching parameters (`--enable_batching`), or `None` for no batching.
+        max_request_bytes: Largest declared size of a request tensor (elements times element
+            size, 8 bytes per string), checked before the tensor is built. Defaults to 64 MiB.
     """
 
     def __init__(
@@ -334,7 +336,9 @@ class ServableRegistry:
         enable_warmup: bool = True,
         allow_version_labels_for_unavailable_models: bool = False,
         batching: BatchingParameters | None = None,
+        max_request_bytes: int = MAX_REQUEST_BYTES,
     ):
+        self.max_request_bytes = int(max_request_bytes)
         if isinstance(config, str):
             config = read_model_config(config)
         self.batching = batching
@@ -457,8 +461,9 @@ class ServableRegistry:
                             spec.version_label if choice == "version_label" else None)
 
     # ---- tensors ----------------------------------------------------------------------------------
-    def _tensor_from_proto(self, name: str, proto: Any, max_bytes: int = MAX_REQUEST_BYTES) -> np.ndarray:
+    def _tensor_from_proto(self, name: str, proto: Any) -> np.ndarray:
         """A request `TensorProto` as an array, its declared size checked before anything is allocated."""
+        max_bytes = self.max_request_bytes
         dims = [d.size for d in proto.tensor_shape.dim]
         if any(d < 0 for d in dims):
             raise _invalid(f"tensor parsing error: {name} (negative dimension in shape {dims})")
@@ -1058,7 +1063,7 @@ class LocalModelServer:
         self.registry = ServableRegistry(
             config, enable_warmup=enable_warmup,
             allow_version_labels_for_unavailable_models=allow_version_labels_for_unavailable_models,
-            batching=batching,
+            batching=batching, max_request_bytes=max_request_bytes,
         )
         self.host = host
         self._requested = (grpc_port, rest_port)
