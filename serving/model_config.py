@@ -264,9 +264,10 @@ def read_model_config(path: str) -> model_server_config_pb2.ModelServerConfig:
 class BatchingParameters:
     """TF Serving's `BatchingParameters` (servables/tensorflow/session_bundle_config.proto), used by both servers.
 
-    Defaults are those TF Serving's basic batch scheduler uses when a field is unset
-    (`BasicBatchScheduler::Options`), except `pad_variable_length_inputs`, on here because our
-    signatures are padding-safe (`matta_tf.models.signatures`).
+    Defaults follow the batch scheduler TF Serving uses when a field is unset (TensorFlow's
+    `BasicBatchScheduler::Options`: at most 1000 rows, no timeout, 10 queued batches), except
+    `num_batch_threads` (TensorFlow: the machine's parallelism) and `pad_variable_length_inputs`,
+    on here because our signatures are padding-safe (`matta_tf.models.signatures`).
 
     Args:
         max_batch_size: Most rows in one merged batch; a larger request is refused. Defaults to 1000.
