@@ -29,10 +29,17 @@ from typing import Any
 import grpc
 import numpy as np
 import tensorflow as tf
+from google.protobuf import json_format
 from matta_tf.serving import json_codec
 from matta_tf.serving.export import EXAMPLES_INPUT, EXAMPLES_SIGNATURE, SERVING_SIGNATURE
 from tensorflow.core.framework import types_pb2
-from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
 
 PROTOCOLS = ("grpc", "rest")
 RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
@@ -121,6 +128,7 @@ class PredictionClient:
                 ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
             ])
             self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+            self._model_stub = model_service_pb2_grpc.ModelServiceStub(self._channel)
         else:
             self._base_url = (target if "://" in target else f"http://{target}").rstrip("/")
             self._opener = urllib.request.build_opener()
@@ -210,11 +218,23 @@ class PredictionClient:
         }
         return {"version": int(result["model_spec"]["version"]), "signatures": signatures}
 
-    def status(self) -> list[dict[str, Any]]:
-        """REST only: the served versions and their states (`GET /v1/models/<name>`)."""
-        if self.protocol != "rest":
-            raise ValueError("`status()` uses the REST API; create the client with protocol='rest'")
-        return self._rest("GET", f"/v1/models/{self.model_name}")["model_version_status"]
+    def status(self, *, version: int | None = None) -> list[dict[str, Any]]:
+        """The served versions and their states: gRPC `ModelService.GetModelStatus` or `GET /v1/models/<name>`.
+
+        Args:
+            version: Only this version. Defaults to every version (newest first).
+
+        Returns:
+            TF Serving's `model_version_status` list as JSON, e.g. `[{"version": "2", "state":
+            "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]`.
+        """
+        if self.protocol == "rest":
+            return self._rest("GET", self._model_path(version, None))["model_version_status"]
+        request = get_model_status_pb2.GetModelStatusRequest()
+        _set_model_spec(request.model_spec, self.model_name, version, None, "")
+        response = self._with_retries(lambda: self._model_stub.GetModelStatus(request, timeout=self.timeout))
+        return json_format.MessageToDict(response, always_print_fields_with_no_presence=True,
+                                         preserving_proto_field_name=True)["model_version_status"]
 
     def close(self) -> None:
         if self.protocol == "grpc":

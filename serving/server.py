@@ -202,6 +202,7 @@ class _Batcher:
         self._queue: queue.Queue = queue.Queue()
         self.batches = 0  # merged batches run
         self.requests = 0  # requests they held
+        self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=f"batch-{name}", daemon=True)
         self._thread.start()
 
@@ -210,14 +211,29 @@ class _Batcher:
         if size > self._parameters.max_batch_size:
             raise _invalid(f"Task size {size} is larger than maximum input batch size "
                            f"{self._parameters.max_batch_size}")
+        if self._stopped.is_set():
+            raise ServingError(Code.UNAVAILABLE, "the server is stopping")
         task: futures.Future = futures.Future()
         self._queue.put((inputs, size, task))
         return task.result()
 
     def stop(self) -> None:
+        self._stopped.set()
         self._queue.put(None)
 
     def _loop(self) -> None:
+        try:
+            self._batches()
+        finally:  # requests still queued when the server stops get an answer, not a hang
+            while True:
+                try:
+                    task = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if task is not None:
+                    task[2].set_exception(ServingError(Code.UNAVAILABLE, "the server is stopping"))
+
+    def _batches(self) -> None:
         pending, stopping = None, False
         while not stopping:
             first = pending if pending is not None else self._queue.get()
@@ -911,6 +927,7 @@ class _RestServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
         self.read_timeout = read_timeout
         self._slots = threading.BoundedSemaphore(max_connections)
         self._deadlines: dict[socket.socket, float] = {}
+        self._connections: set[socket.socket] = set()
         self._lock = threading.Lock()
         self._closing = threading.Event()
         super().__init__(address, handler)
@@ -926,11 +943,14 @@ class _RestServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
             raise
 
     def process_request_thread(self, request: Any, client_address: Any) -> None:
+        with self._lock:
+            self._connections.add(request)
         try:
             super().process_request_thread(request, client_address)
         finally:
             with self._lock:
                 self._deadlines.pop(request, None)
+                self._connections.discard(request)
             self._slots.release()
 
     def arm(self, connection: socket.socket) -> None:
@@ -957,6 +977,13 @@ class _RestServer(socketserver.ThreadingMixIn, http.server.HTTPServer):
     def server_close(self) -> None:
         self._closing.set()
         super().server_close()
+        with self._lock:
+            open_connections = list(self._connections)
+        for connection in open_connections:  # keep-alive connections end with the server
+            try:
+                connection.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
 
 
 # ---- gRPC services ----------------------------------------------------------------------------------

@@ -104,6 +104,11 @@ def test_grpc_model_service_get_model_status(server):
     with pytest.raises(grpc.RpcError) as error:
         stub.GetModelStatus(request, timeout=10)
     assert error.value.code() == grpc.StatusCode.NOT_FOUND
+    # PredictionClient.status() reads the same over both protocols.
+    grpc_client = PredictionClient(f"127.0.0.1:{server.grpc_port}", MODEL_NAME, timeout=10)
+    rest_client = PredictionClient(f"127.0.0.1:{server.rest_port}", MODEL_NAME, protocol="rest", timeout=10)
+    assert grpc_client.status() == rest_client.status() and len(grpc_client.status()) == 2
+    assert [s["version"] for s in grpc_client.status(version=1)] == ["1"]
 
 
 def test_extra_columnar_keys_are_ignored_and_row_keys_must_match(server, batch):
