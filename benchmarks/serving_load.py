@@ -374,8 +374,9 @@ def main(argv: list[str] | None = None) -> int:
             print(table)
             section = BATCHING_SECTION if args.scenario == "batching" else CONCURRENCY_SECTION
             if args.write_benchmarks and not failed:
+                clients = f" --concurrency {args.concurrency}" if args.scenario == "batching" else ""
                 command = (f"    . .venv/bin/activate && python benchmarks/serving_load.py --scenario {args.scenario} "
-                           f"--requests {args.requests} --concurrency {args.concurrency} --write-benchmarks")
+                           f"--requests {args.requests}{clients} --write-benchmarks")
                 what = (
                     f"The Student (MovieLens relevance model, default `RelevanceConfig`, random weights) served by "
                     f"`matta serve` in its own process, gRPC, {args.concurrency} concurrent client threads, "
