@@ -39,7 +39,9 @@ from typing import Any
 import numpy as np
 
 MAX_JSON_DEPTH = 400
-_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+# A JSON string, or an unterminated one running to the end: every match attempt succeeds, so the scan is
+# linear (a pattern that needs the closing quote retries from every later quote: quadratic).
+_STRING = re.compile(rb'"(?:[^"\\]|\\.|\\\Z)*(?:"|\Z)', re.DOTALL)
 _OPEN = np.frombuffer(b"[{", np.uint8)
 _CLOSE = np.frombuffer(b"]}", np.uint8)
 

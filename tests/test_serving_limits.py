@@ -15,7 +15,7 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-from matta_tf.serving import cli
+from matta_tf.serving import cli, json_codec
 from matta_tf.serving.export import raw_features
 from matta_tf.serving.server import LocalModelServer
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
@@ -97,6 +97,16 @@ def test_deeply_nested_json_is_refused_and_the_server_keeps_serving(server, body
     status, answer = _predict_rest(server, b'{"inputs": ' + b"[" * 401 + b"]" * 401 + b"}")
     assert status == 400 and "at most 400" in answer["error"]
     assert _predict_rest(server, body)[0] == 200
+
+
+def test_depth_scan_is_linear_on_unterminated_strings(server, body):
+    # '"' followed by escaped quotes and no closing quote: a scan that backtracks is quadratic here.
+    started = time.monotonic()
+    assert json_codec.json_depth(b'"' + b'\\"' * 400_000) == 0
+    assert json_codec.json_depth(b'{"a": "[[[", "b": [[1]]}') == 3
+    status, answer = _predict_rest(server, b'{"inputs": "' + b'\\"' * 400_000, timeout=10)
+    assert status == 400 and answer["error"].startswith("JSON Parse error")
+    assert time.monotonic() - started < 5
 
 
 def test_idle_and_slow_clients_do_not_block_rest(server, body):
