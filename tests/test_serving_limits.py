@@ -88,6 +88,14 @@ def test_request_over_the_size_limit_is_refused(server, body):
     status, answer = _predict_rest(server, b"{" + b" " * (2 << 20) + b"}")
     assert status == 400 and "at most 1048576" in answer["error"]
     assert _predict_rest(server, body)[0] == 200
+    request = predict_pb2.PredictRequest()  # gRPC: refused by the channel's message limit, before parsing
+    request.model_spec.name = MODEL_NAME
+    request.inputs["device"].CopyFrom(tf.make_tensor_proto(np.array([b"x" * (2 << 20)], dtype=object)))
+    stub = prediction_service_pb2_grpc.PredictionServiceStub(grpc.insecure_channel(
+        f"127.0.0.1:{server.grpc_port}", options=[("grpc.max_send_message_length", 8 << 20)]))
+    with pytest.raises(grpc.RpcError) as error:
+        stub.Predict(request, timeout=10)
+    assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 def test_deeply_nested_json_is_refused_and_the_server_keeps_serving(server, body):
