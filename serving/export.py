@@ -19,14 +19,19 @@ same folder and renamed when complete: TF Serving never sees half a model, and a
 is never overwritten.
 
 Every SavedModel has two Predict signatures with the same outputs (`logits` and `probabilities`:
-sigmoid for one logit, softmax for several):
+sigmoid for one logit, softmax for several), built by `matta_tf.models.signatures` (the builder the
+Teacher export uses too):
 
 - `serving_default`: one named raw tensor per model feature of the schema, as a client sends them
   (`int64`/`string` ids of shape `[batch]`, `float32` numeric values of shape `[batch]` or
-  `[batch, n]`, and multi-valued features as dense `[batch, length]` tensors padded with `""` or
-  negative ids);
+  `[batch, n]`, and multi-valued features as dense `[batch, width]` tensors with their value counts
+  `<name>_length`, int64 `[batch]`: only that many values of a row are read, so padding added by
+  anyone, TF Serving's batcher included, cannot change a score);
 - `examples`: one `examples` input of serialized tf.Example records, for callers that log raw
-  records.
+  records;
+- with `ServableModel(..., classify_regress=True)` (binary models), also `classify` (`inputs` ->
+  `scores`, `classes`) and `regress` (`inputs` -> `outputs`) for TF Serving's Classify and Regress
+  APIs.
 
 The vocabulary lookups, OOV buckets and bucketization of `FeaturePreprocessor` run inside both.
 
