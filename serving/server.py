@@ -836,6 +836,7 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # headers and body go out as separate writes: no delayed-ACK stalls
     registry: ServableRegistry  # set on the subclass made per server
     server: _RestServer
+    _unread = 0  # bytes of a refused body left on the connection
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - the base class's name
         logger.debug("%s " + format, self.address_string(), *args)
@@ -854,6 +855,7 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
         self._handle("POST")
 
     def _handle(self, method: str) -> None:
+        self._unread = 0
         try:
             body = self._read_body() if method == "POST" else b""
             self.server.disarm(self.connection)  # the request is in: running it is not reading
@@ -872,6 +874,23 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
+        if self._unread:
+            self._drain(self._unread)
+
+    def _drain(self, length: int, most: int = 16 << 20) -> None:
+        """Reads (and drops) part of a refused body, so the client gets to read the error, not a reset."""
+        left = min(length, most)
+        self.server.arm(self.connection)  # bounded by the read deadline too
+        try:
+            while left > 0:
+                chunk = self.rfile.read(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
+            pass
+        finally:
+            self.server.disarm(self.connection)
 
     def _route(self, method: str, body: bytes) -> dict[str, Any]:
         path = self.path.split("?", 1)[0]
@@ -906,6 +925,7 @@ class _RestHandler(http.server.BaseHTTPRequestHandler):
             raise _invalid("the request needs a Content-Length header")
         if int(length) > self.server.max_request_bytes:
             self.close_connection = True  # the body is not read: the connection cannot carry on
+            self._unread = int(length)
             raise _invalid(f"the request body has {length} bytes; at most {self.server.max_request_bytes} are "
                            "accepted")
         data = self.rfile.read(int(length))
