@@ -93,9 +93,11 @@ def build_sizes(work: str, users: int | None, warmup: int) -> tuple[list[dict], 
     return described, records, schema
 
 
-def start_server(config_path: str, grpc_port: int, rest_port: int, workers: int, timeout: float) -> subprocess.Popen:
+def start_server(config_path: str, grpc_port: int, rest_port: int, workers: int, timeout: float,
+                 extra: tuple[str, ...] = ()) -> subprocess.Popen:
     command = [sys.executable, "-m", "matta_tf.serving.cli", "serve", f"--model_config_file={config_path}",
-               f"--port={grpc_port}", f"--rest_api_port={rest_port}", f"--max_workers={workers}"]
+               f"--port={grpc_port}", f"--rest_api_port={rest_port}", f"--max_workers={workers}",
+               "--allow_version_labels_for_unavailable_models=true", *extra]
     process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
@@ -151,11 +153,11 @@ def run_load(client: PredictionClient, label: str, batches: list, requests: int,
     return latencies, errors[0], time.perf_counter() - start, cut[0]
 
 
-def write_section(path: str, text: str) -> None:
+def write_section(path: str, text: str, section: str = SECTION) -> None:
     """Replaces (or appends) this benchmark's section of BENCHMARKS.md, leaving other sections alone."""
     existing = open(path, encoding="utf-8").read() if os.path.exists(path) else "# Benchmarks\n"
     lines = existing.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == SECTION), None)
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == section), None)
     if start is None:
         updated = existing.rstrip("\n") + "\n\n" + text
     else:
@@ -234,8 +236,114 @@ def _tf_version() -> str:
     return tf.__version__
 
 
+def stop_server(server: subprocess.Popen) -> None:
+    server.send_signal(signal.SIGTERM)
+    try:
+        server.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        server.kill()
+
+
+def _percentiles(latencies: list[float]) -> tuple[float, float]:
+    values = np.array(latencies) * 1000.0
+    return (float(np.percentile(values, 50)), float(np.percentile(values, 99))) if len(values) else (np.nan, np.nan)
+
+
+def _machine_note() -> str:
+    load = os.getloadavg()
+    return (f"Machine: the project's 2-core CPU VM, TensorFlow {_tf_version()}. **It was shared with other jobs "
+            f"during the run** (load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} at the end), and the client "
+            "threads and the server share the 2 cores, so absolute latencies are inflated and p99 is noisy.")
+
+
+BATCHING_SECTION = "## Local server: request batching on vs off"
+CONCURRENCY_SECTION = "## Local server under concurrent and slow clients"
+
+
+def scenario_batching(args: argparse.Namespace, work: str, records: list, schema: Schema) -> tuple[str, bool]:
+    """The Student at `--concurrency` clients, 1 and 128 events per request, batching off, then on (gRPC)."""
+    config = os.path.join(work, "models", "models.config")
+    parameters = os.path.join(work, "models", "batching_parameters.txt")
+    from matta_tf.serving.model_config import BatchingParameters, write_batching_parameters
+
+    write_batching_parameters(parameters, BatchingParameters(max_batch_size=1024, batch_timeout_micros=2000,
+                                                             pad_variable_length_inputs=True))
+    rows, failed = [], False
+    for mode, extra in (("off", ()), ("on", ("--enable_batching=true", f"--batching_parameters_file={parameters}"))):
+        grpc_port = free_port()
+        server = start_server(config, grpc_port, 0, args.workers, timeout=180, extra=extra)
+        try:
+            client = PredictionClient(f"127.0.0.1:{grpc_port}", MODEL_NAME, timeout=30, retries=0)
+            for batch_size in (1, 128):
+                batches = [raw_features(records[i * batch_size:(i + 1) * batch_size], schema)
+                           for i in range(min(max(1, len(records) // batch_size), 64))]
+                run_load(client, "student", batches, args.warmup_requests, args.concurrency, float("inf"))
+                latencies, errors, wall, cut = run_load(client, "student", batches, args.requests, args.concurrency,
+                                                        time.monotonic() + args.time_limit / 4)
+                p50, p99 = _percentiles(latencies)
+                failed |= bool(errors or cut)
+                rows.append(f"| {mode} | {batch_size} | {args.concurrency} | {len(latencies)} | {p50:.2f} | "
+                            f"{p99:.2f} | {len(latencies) / wall:.1f} | {len(latencies) * batch_size / wall:,.0f} | "
+                            f"{errors} |")
+        finally:
+            stop_server(server)
+    table = "\n".join(["| batching | events / request | clients | requests | p50 (ms) | p99 (ms) | requests/s | "
+                       "events/s | errors |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|", *rows])
+    return table, failed
+
+
+def _slow_client(port: int, stop: threading.Event, closed: list) -> None:
+    """Sends one byte of a request every 2 s; reconnects when the server closes the connection."""
+    request = f"POST /v1/models/{MODEL_NAME}:predict HTTP/1.1\r\nContent-Length: 100\r\n".encode()
+    while not stop.is_set():
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+                for byte in request:
+                    if stop.wait(2.0):
+                        return
+                    connection.send(bytes([byte]))
+        except OSError:
+            closed[0] += 1
+
+
+def scenario_concurrency(args: argparse.Namespace, work: str, records: list, schema: Schema) -> tuple[str, bool]:
+    """REST and gRPC at 8, 32, 64 clients (`--requests` each), 8 slow REST clients running throughout."""
+    grpc_port, rest_port = free_port(), free_port()
+    server = start_server(os.path.join(work, "models", "models.config"), grpc_port, rest_port, args.workers,
+                          timeout=180)
+    stop, closed = threading.Event(), [0]
+    slow = [threading.Thread(target=_slow_client, args=(rest_port, stop, closed), daemon=True) for _ in range(8)]
+    rows, failed = [], False
+    try:
+        for thread in slow:
+            thread.start()
+        clients = {"grpc": PredictionClient(f"127.0.0.1:{grpc_port}", MODEL_NAME, timeout=30, retries=0),
+                   "rest": PredictionClient(f"127.0.0.1:{rest_port}", MODEL_NAME, protocol="rest", timeout=30,
+                                            retries=0)}
+        batches = [raw_features(records[i:i + 1], schema) for i in range(64)]
+        for protocol, client in clients.items():
+            run_load(client, "student", batches, args.warmup_requests, 8, float("inf"))
+            for concurrency in (8, 32, 64):
+                latencies, errors, wall, cut = run_load(client, "student", batches, args.requests, concurrency,
+                                                        time.monotonic() + args.time_limit / 6)
+                p50, p99 = _percentiles(latencies)
+                failed |= bool(errors or cut)
+                rows.append(f"| {protocol} | {concurrency} | {len(latencies)}{' (cut short)' if cut else ''} | "
+                            f"{p50:.2f} | {p99:.2f} | {len(latencies) / wall:.1f} | {errors} |")
+    finally:
+        stop.set()
+        stop_server(server)
+    table = "\n".join(["| protocol | clients | requests | p50 (ms) | p99 (ms) | requests/s | errors |",
+                       "|---|---:|---:|---:|---:|---:|---:|", *rows])
+    note = f"Slow REST connections closed by the server's 10 s read deadline during the run: {closed[0]}."
+    return table + "\n\n" + note, failed
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--scenario", choices=("sizes", "batching", "concurrency"), default="sizes",
+                        help="sizes: the three sizes by protocol (default); batching: batching off vs on at "
+                             "--concurrency clients; concurrency: REST and gRPC at 8/32/64 clients with 8 slow clients")
     parser.add_argument("--requests", type=int, default=DEFAULTS["requests"],
                         help="timed requests per size, protocol and request size")
     parser.add_argument("--rounds", type=int, default=DEFAULTS["rounds"],
@@ -260,6 +368,33 @@ def main(argv: list[str] | None = None) -> int:
     started = time.time()
     try:
         sizes, records, schema = build_sizes(os.path.join(work, "models"), args.users, warmup=50)
+        if args.scenario != "sizes":
+            run = scenario_batching if args.scenario == "batching" else scenario_concurrency
+            table, failed = run(args, work, records, schema)
+            print(table)
+            section = BATCHING_SECTION if args.scenario == "batching" else CONCURRENCY_SECTION
+            if args.write_benchmarks and not failed:
+                clients = f" --concurrency {args.concurrency}" if args.scenario == "batching" else ""
+                command = (f"    . .venv/bin/activate && python benchmarks/serving_load.py --scenario {args.scenario} "
+                           f"--requests {args.requests}{clients} --write-benchmarks")
+                what = (
+                    f"The Student (MovieLens relevance model, default `RelevanceConfig`, random weights) served by "
+                    f"`matta serve` in its own process, gRPC, {args.concurrency} concurrent client threads, "
+                    f"{args.requests} timed requests per row after {args.warmup_requests} warm-up requests. Batching "
+                    "on: `--enable_batching=true` with `max_batch_size 1024`, `batch_timeout_micros 2000`, "
+                    "`pad_variable_length_inputs: true` (TF Serving's semantics: requests merged on the 0th "
+                    "dimension, padded with each tensor's first element, outputs split back)."
+                    if args.scenario == "batching" else
+                    f"The Student served by `matta serve` (gRPC: {args.workers} threads; REST: one thread per "
+                    f"connection, up to 256), one event per request, {args.requests} timed requests per row from 8, "
+                    "32 and 64 concurrent client threads, while 8 slow REST clients send one byte of a request every "
+                    "2 s for the whole run (reconnecting when the server closes them). REST clients open a "
+                    "connection per request (urllib). Errors must be 0.")
+                text = "\n\n".join([section, textwrap.fill(what, 100), "Command (from the repository root; this run "
+                                     f"took {(time.time() - started) / 60:.1f} minutes end to end):", command,
+                                     textwrap.fill(_machine_note(), 100), table]) + "\n"
+                write_section(os.path.join(ROOT, "BENCHMARKS.md"), text, section)
+            return 1 if failed else 0
         batches = {
             batch_size: [raw_features(records[i * batch_size:(i + 1) * batch_size], schema)
                          for i in range(min(max(1, len(records) // batch_size), 64))]

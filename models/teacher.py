@@ -41,15 +41,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 from matta_tf.models.relevance import ConfigError, RelevanceConfig, build_relevance_network, relevance_preprocessor
+from matta_tf.models.signatures import EXAMPLES_INPUT, LOGITS, PROBABILITIES, serving_schema, write_scoring_saved_model
 
-from matta_tf.data.examples import parse_examples
 from matta_tf.data.schema import Label, Schema, SchemaError
 from matta_tf.data.tfrecords import make_dataset
 
 SIGNATURE = "serving_default"
-INPUT = "examples"
-LOGITS = "logits"
-PROBABILITIES = "probabilities"
+INPUT = EXAMPLES_INPUT
 SAVED_MODEL_DIR = "saved_model"
 SUMMARY_FILE = "teacher.json"
 
@@ -174,21 +172,8 @@ def export_teacher(network: keras.Model, schema: Schema, path: str, label: str =
     ```
     """
     task = schema.label(label).task
-    features = Schema(features=schema.model_features, name=schema.name)
-    preprocessor = relevance_preprocessor(features)
-    preprocessor(parse_examples(tf.constant([], tf.string), features, labels=False))  # ExportArchive needs it built
-
-    def serve(examples: tf.Tensor) -> dict[str, tf.Tensor]:
-        raw = parse_examples(examples, features, labels=False)
-        logits = network(preprocessor(raw), training=False)
-        probabilities = tf.sigmoid(logits) if task == "binary" else tf.nn.softmax(logits, axis=-1)
-        return {LOGITS: logits, PROBABILITIES: probabilities}
-
-    archive = keras.export.ExportArchive()
-    archive.track(preprocessor)
-    archive.track(network)
-    archive.add_endpoint(SIGNATURE, serve, input_signature=[tf.TensorSpec([None], tf.string, name=INPUT)])
-    archive.write_out(path, verbose=False)
+    write_scoring_saved_model(path, network, relevance_preprocessor(serving_schema(schema)), task,
+                              {SIGNATURE: "examples"})
     return path
 
 

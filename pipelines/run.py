@@ -197,7 +197,8 @@ def step_replay(run: RunContext) -> str:
     os.makedirs(out)
     log = ExposureLog(os.path.join(out, "exposures.jsonl"))
     outcomes = []
-    with LocalModelServer(run.path("serving", "models.config"), grpc_port=0, rest_port=0) as server:
+    with LocalModelServer(run.path("serving", "models.config"), grpc_port=0, rest_port=0,
+                          allow_version_labels_for_unavailable_models=True) as server:  # as TF Serving needs
         client = PredictionClient(f"127.0.0.1:{server.grpc_port}", run.config.serving.model_name, timeout=30)
         for user, user_records in tqdm(sorted(by_user.items()), desc="replaying users"):
             predict_for_user(client, test, user, raw_features(user_records, schema), log)

@@ -5,9 +5,12 @@ from matta_tf.serving import (ModelEntry, PredictionClient, ServableModel, expor
                               write_model_config)
 
 exported = export_for_serving([ServableModel.extract(nested, spec, schema) for spec in specs], "runs/serving")
-write_model_config("runs/serving/models.config",
+write_model_config("runs/serving/models.config",       # also writes runs/serving/batching_parameters.txt
                    [ModelEntry("relevance", "runs/serving/relevance", labels={"control": 1, "treatment": 2})])
-# tensorflow_model_server --model_config_file=runs/serving/models.config   (or: matta serve ...)
+print(" ".join(serving_command("runs/serving/models.config", "runs/serving/batching_parameters.txt")))
+# tensorflow_model_server --port=8500 --rest_api_port=8501 --model_config_file=... \
+#     --allow_version_labels_for_unavailable_models=true --enable_batching=true --batching_parameters_file=...
+# (the same flags work with `matta serve`; serving/README.md has the conformance table)
 client = PredictionClient("127.0.0.1:8500", "relevance")
 client.predict(raw_features(records, schema), label="treatment")["probabilities"]
 ```
@@ -26,13 +29,17 @@ _EXPORTS = {
     "export_for_serving": "matta_tf.serving.export",
     "raw_features": "matta_tf.serving.export",
     "raw_input_signature": "matta_tf.serving.export",
+    "BatchingParameters": "matta_tf.serving.model_config",
     "ModelEntry": "matta_tf.serving.model_config",
+    "serving_command": "matta_tf.serving.model_config",
+    "write_batching_parameters": "matta_tf.serving.model_config",
     "read_model_config": "matta_tf.serving.model_config",
     "write_model_config": "matta_tf.serving.model_config",
     "Prediction": "matta_tf.serving.client",
     "PredictionClient": "matta_tf.serving.client",
     "PredictionError": "matta_tf.serving.client",
     "LocalModelServer": "matta_tf.serving.server",
+    "ServingError": "matta_tf.serving.server",
     "ABAnalysis": "matta_tf.serving.ab",
     "ABTest": "matta_tf.serving.ab",
     "Arm": "matta_tf.serving.ab",
@@ -48,6 +55,7 @@ __all__ = [
     "ABAnalysis",
     "ABTest",
     "Arm",
+    "BatchingParameters",
     "ExportedServable",
     "ExposureLog",
     "LocalModelServer",
@@ -56,6 +64,7 @@ __all__ = [
     "PredictionClient",
     "PredictionError",
     "ServableModel",
+    "ServingError",
     "analyze_ab_test",
     "export_for_serving",
     "predict_for_user",
@@ -64,7 +73,9 @@ __all__ = [
     "read_exposures",
     "read_model_config",
     "sample_ratio_check",
+    "serving_command",
     "write_ab_report",
+    "write_batching_parameters",
     "write_model_config",
 ]
 
@@ -95,5 +106,12 @@ if TYPE_CHECKING:
         raw_features,
         raw_input_signature,
     )
-    from matta_tf.serving.model_config import ModelEntry, read_model_config, write_model_config
-    from matta_tf.serving.server import LocalModelServer
+    from matta_tf.serving.model_config import (
+        BatchingParameters,
+        ModelEntry,
+        read_model_config,
+        serving_command,
+        write_batching_parameters,
+        write_model_config,
+    )
+    from matta_tf.serving.server import LocalModelServer, ServingError

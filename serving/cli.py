@@ -1,9 +1,15 @@
 """`matta serve`: the local TF-Serving-compatible model server (a development stand-in).
 
-Flags follow `tensorflow_model_server`'s, so a command line carries over to real TF Serving:
+Flags follow `tensorflow_model_server`'s (model_servers/main.cc), so one command line serves on both:
 
-    matta serve --model_config_file=runs/serving/models.config --port=8500 --rest_api_port=8501
+    matta serve --port=8500 --rest_api_port=8501 --model_config_file=runs/serving/models.config \
+        --allow_version_labels_for_unavailable_models=true \
+        --enable_batching=true --batching_parameters_file=runs/serving/batching_parameters.txt
     matta serve --model_name=relevance --model_base_path=runs/serving/relevance
+
+(replace `matta serve` by `tensorflow_model_server`). As there, REST is off unless
+`--rest_api_port` is given, and a config with version labels needs
+`--allow_version_labels_for_unavailable_models=true`.
 
 `main(argv)` is also runnable as `python -m matta_tf.serving.cli serve ...`.
 """
@@ -20,10 +26,10 @@ from typing import Any
 _SERVE_HELP = """\
 Serves SavedModels exported by `serving.export_for_serving` (or any SavedModel with Predict
 signatures) over TF Serving's gRPC PredictionService (Predict, GetModelMetadata) and REST API
-(/v1/models/<name>[/versions/<N>|/labels/<label>][:predict|/metadata]), reading a TF Serving model
+(/v1/models/<name>[/versions/<N>|/labels/<label>][:predict|:classify|:regress|/metadata]), reading a TF Serving model
 config file (versions, version policies, version labels). It is a local stand-in for development and
-tests, not a replacement for TF Serving: no request batching, no model polling, no
-Classify/Regress/MultiInference. It binds to 127.0.0.1 unless --host says otherwise.
+tests, not a replacement for TF Serving: no model polling, no MultiInference. It binds to 127.0.0.1
+unless --host says otherwise. A SavedModel runs its own ops: serve only models you trust.
 """
 
 
@@ -33,6 +39,22 @@ def _boolean(text: str) -> bool:
     if text.lower() in ("false", "0", "no"):
         return False
     raise argparse.ArgumentTypeError(f"expected true or false; got {text!r}")
+
+
+def _port(text: str) -> int:
+    try:
+        port = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number; got {text!r}") from None
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"a port number is in [0, 65535]; got {port}")
+    return port
+
+
+def _flag(parser: argparse.ArgumentParser, name: str, default: bool, text: str) -> None:
+    """A boolean flag as TensorFlow's flag parser reads it: `--name`, `--name=true` or `--name=false`."""
+    parser.add_argument(f"--{name}", f"--{name.replace('_', '-')}", dest=name, type=_boolean, nargs="?", const=True,
+                        default=default, help=f"{text} (default {str(default).lower()})")
 
 
 def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
@@ -48,34 +70,53 @@ def add_serve_parser(subparsers: Any) -> argparse.ArgumentParser:
                         help="serve the latest version under this folder (with --model_name)")
     serve.add_argument("--model_name", "--model-name", dest="model_name", default="default",
                        help="model name with --model_base_path (default: default)")
-    serve.add_argument("--port", type=int, default=8500, help="gRPC port (default 8500)")
-    serve.add_argument("--rest_api_port", "--rest-api-port", dest="rest_api_port", type=int, default=8501,
-                       help="REST port; 0 disables REST (default 8501)")
+    serve.add_argument("--port", type=_port, default=8500, help="gRPC port, 1-65535 (default 8500)")
+    serve.add_argument("--rest_api_port", "--rest-api-port", dest="rest_api_port", type=_port, default=0,
+                       help="REST port; 0 disables REST (default 0, as TF Serving)")
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     serve.add_argument("--max_workers", "--max-workers", dest="max_workers", type=int, default=8,
-                       help="threads per API (default 8)")
-    serve.add_argument("--enable_model_warmup", "--enable-model-warmup", dest="enable_model_warmup", type=_boolean,
-                       default=True, help="replay assets.extra/tf_serving_warmup_requests at load (default true)")
+                       help="gRPC threads (default 8)")
+    serve.add_argument("--rest_api_num_threads", "--rest-api-num-threads", dest="rest_api_num_threads", type=int,
+                       default=256, help="REST connections served at once, one thread each (default 256)")
+    _flag(serve, "enable_model_warmup", True, "replay assets.extra/tf_serving_warmup_requests at load")
+    _flag(serve, "allow_version_labels_for_unavailable_models", False,
+          "let version labels point at versions that are not loaded yet; a config with labels needs it")
+    _flag(serve, "enable_batching", False, "batch concurrent requests (TF Serving's batching semantics)")
+    serve.add_argument("--batching_parameters_file", "--batching-parameters-file", dest="batching_parameters_file",
+                       default="", help="text BatchingParameters file (with --enable_batching)")
     return serve
 
 
 def run_serve(args: argparse.Namespace) -> int:
     """Runs the server until SIGINT or SIGTERM."""
     if args.port < 1:
-        raise ValueError(f"--port must be a port number >= 1. Received: --port={args.port}")
+        raise ValueError(f"--port must be a port number in [1, 65535]. Received: --port={args.port}")
+    if args.batching_parameters_file and not args.enable_batching:
+        # model_servers/server.cc: "batching_parameters_file is set without setting enable_batching"
+        raise ValueError("--batching_parameters_file is set without setting --enable_batching")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from matta_tf.serving.model_config import BatchingParameters, absolute_path
     from matta_tf.serving.server import LocalModelServer
     from tensorflow_serving.config import model_server_config_pb2
 
+    batching = None
+    if args.enable_batching:
+        batching = (BatchingParameters.read(args.batching_parameters_file) if args.batching_parameters_file
+                    else BatchingParameters(pad_variable_length_inputs=False))
     if args.model_config_file:
         config: Any = args.model_config_file
     else:
         config = model_server_config_pb2.ModelServerConfig()
-        config.model_config_list.config.add(name=args.model_name, base_path=os.path.abspath(args.model_base_path),
+        config.model_config_list.config.add(name=args.model_name, base_path=absolute_path(args.model_base_path),
                                             model_platform="tensorflow")
-    server = LocalModelServer(config, grpc_port=args.port, rest_port=args.rest_api_port or None, host=args.host,
-                              max_workers=args.max_workers, enable_warmup=args.enable_model_warmup).start()
+    server = LocalModelServer(
+        config, grpc_port=args.port, rest_port=args.rest_api_port or None, host=args.host,
+        max_workers=args.max_workers, max_connections=args.rest_api_num_threads,
+        enable_warmup=args.enable_model_warmup,
+        allow_version_labels_for_unavailable_models=args.allow_version_labels_for_unavailable_models,
+        batching=batching,
+    ).start()
 
     def stop(signum: int, frame: Any) -> None:
         server.stop()

@@ -18,7 +18,6 @@ prediction["probabilities"], prediction.version
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import json
 import time
@@ -30,9 +29,17 @@ from typing import Any
 import grpc
 import numpy as np
 import tensorflow as tf
+from google.protobuf import json_format
+from matta_tf.serving import json_codec
 from matta_tf.serving.export import EXAMPLES_INPUT, EXAMPLES_SIGNATURE, SERVING_SIGNATURE
 from tensorflow.core.framework import types_pb2
-from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.apis import (
+    get_model_metadata_pb2,
+    get_model_status_pb2,
+    model_service_pb2_grpc,
+    predict_pb2,
+    prediction_service_pb2_grpc,
+)
 
 PROTOCOLS = ("grpc", "rest")
 RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
@@ -121,6 +128,7 @@ class PredictionClient:
                 ("grpc.max_send_message_length", _MAX_MESSAGE_BYTES),
             ])
             self._stub = prediction_service_pb2_grpc.PredictionServiceStub(self._channel)
+            self._model_stub = model_service_pb2_grpc.ModelServiceStub(self._channel)
         else:
             self._base_url = (target if "://" in target else f"http://{target}").rstrip("/")
             self._opener = urllib.request.build_opener()
@@ -165,13 +173,9 @@ class PredictionClient:
             outputs = {name: tf.make_ndarray(proto) for name, proto in response.outputs.items()}
             return Prediction(outputs, response.model_spec.name, response.model_spec.version.value,
                               response.model_spec.signature_name)
-        body: dict[str, Any] = {"signature_name": signature_name}
-        if self.rest_format == "columnar":
-            body["inputs"] = {name: _json_value(name, value) for name, value in arrays.items()}
-        else:
-            body["instances"] = _rows(arrays)
+        body = json_codec.request_json(arrays, signature_name, row_format=self.rest_format == "row")
         result = self._rest("POST", f"{self._model_path(version, label)}:predict", body)
-        outputs = _outputs_from_json(result, output_filter)
+        outputs = json_codec.outputs_from_response(result, output_filter)
         if output_filter:  # TF Serving's REST API has no output filter: select here
             outputs = {name: outputs[name] for name in output_filter if name in outputs}
         return Prediction(outputs, self.model_name, version, signature_name)
@@ -214,11 +218,23 @@ class PredictionClient:
         }
         return {"version": int(result["model_spec"]["version"]), "signatures": signatures}
 
-    def status(self) -> list[dict[str, Any]]:
-        """REST only: the served versions and their states (`GET /v1/models/<name>`)."""
-        if self.protocol != "rest":
-            raise ValueError("`status()` uses the REST API; create the client with protocol='rest'")
-        return self._rest("GET", f"/v1/models/{self.model_name}")["model_version_status"]
+    def status(self, *, version: int | None = None) -> list[dict[str, Any]]:
+        """The served versions and their states: gRPC `ModelService.GetModelStatus` or `GET /v1/models/<name>`.
+
+        Args:
+            version: Only this version. Defaults to every version (newest first).
+
+        Returns:
+            TF Serving's `model_version_status` list as JSON, e.g. `[{"version": "2", "state":
+            "AVAILABLE", "status": {"error_code": "OK", "error_message": ""}}]`.
+        """
+        if self.protocol == "rest":
+            return self._rest("GET", self._model_path(version, None))["model_version_status"]
+        request = get_model_status_pb2.GetModelStatusRequest()
+        _set_model_spec(request.model_spec, self.model_name, version, None, "")
+        response = self._with_retries(lambda: self._model_stub.GetModelStatus(request, timeout=self.timeout))
+        return json_format.MessageToDict(response, always_print_fields_with_no_presence=True,
+                                         preserving_proto_field_name=True)["model_version_status"]
 
     def close(self) -> None:
         if self.protocol == "grpc":
@@ -295,56 +311,3 @@ def _as_array(value: Any) -> np.ndarray:
     if array.dtype.kind == "U":
         return np.vectorize(lambda s: s.encode("utf-8"), otypes=[object])(array) if array.size else array.astype(object)
     return array
-
-
-def _json_value(name: str, value: np.ndarray) -> Any:
-    if value.dtype != object and value.dtype.kind not in "SU":
-        return value.tolist()
-
-    def convert(item: Any) -> Any:
-        if isinstance(item, list):
-            return [convert(i) for i in item]
-        if isinstance(item, str):
-            return item
-        data = bytes(item)
-        if not name.endswith("_bytes"):
-            try:
-                return data.decode("utf-8")
-            except UnicodeDecodeError:
-                pass
-        return {"b64": base64.b64encode(data).decode("ascii")}
-
-    return convert(value.tolist())
-
-
-def _rows(arrays: Mapping[str, np.ndarray]) -> list[dict[str, Any]]:
-    sizes = {name: value.shape[0] if value.ndim else None for name, value in arrays.items()}
-    if len(set(sizes.values())) != 1 or None in sizes.values():
-        raise ValueError(f"the row format needs inputs with one batch size; got {sizes}. Use rest_format='columnar'")
-    columns = {name: _json_value(name, value) for name, value in arrays.items()}
-    return [{name: column[i] for name, column in columns.items()} for i in range(next(iter(sizes.values())))]
-
-
-def _from_json(value: Any) -> np.ndarray:
-    def decode(item: Any) -> Any:
-        if isinstance(item, list):
-            return [decode(i) for i in item]
-        if isinstance(item, dict) and set(item) == {"b64"}:
-            return base64.b64decode(item["b64"])
-        return item
-
-    decoded = decode(value)
-    array = np.asarray(decoded)
-    return array.astype(object) if array.dtype.kind in "SU" else array
-
-
-def _outputs_from_json(result: Mapping[str, Any], output_filter: Sequence[str]) -> dict[str, np.ndarray]:
-    if "outputs" in result:
-        outputs = result["outputs"]
-        if isinstance(outputs, dict):
-            return {name: _from_json(value) for name, value in outputs.items()}
-        return {(output_filter[0] if len(output_filter) == 1 else "outputs"): _from_json(outputs)}
-    predictions = result["predictions"]
-    if predictions and isinstance(predictions[0], dict) and set(predictions[0]) != {"b64"}:
-        return {name: _from_json([row[name] for row in predictions]) for name in predictions[0]}
-    return {(output_filter[0] if len(output_filter) == 1 else "predictions"): _from_json(predictions)}

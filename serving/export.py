@@ -19,14 +19,19 @@ same folder and renamed when complete: TF Serving never sees half a model, and a
 is never overwritten.
 
 Every SavedModel has two Predict signatures with the same outputs (`logits` and `probabilities`:
-sigmoid for one logit, softmax for several):
+sigmoid for one logit, softmax for several), built by `matta_tf.models.signatures` (the builder the
+Teacher export uses too):
 
 - `serving_default`: one named raw tensor per model feature of the schema, as a client sends them
   (`int64`/`string` ids of shape `[batch]`, `float32` numeric values of shape `[batch]` or
-  `[batch, n]`, and multi-valued features as dense `[batch, length]` tensors padded with `""` or
-  negative ids);
+  `[batch, n]`, and multi-valued features as dense `[batch, width]` tensors with their value counts
+  `<name>_length`, int64 `[batch]`: only that many values of a row are read, so padding added by
+  anyone, TF Serving's batcher included, cannot change a score);
 - `examples`: one `examples` input of serialized tf.Example records, for callers that log raw
-  records.
+  records;
+- with `ServableModel(..., classify_regress=True)` (binary models), also `classify` (`inputs` ->
+  `scores`, `classes`) and `regress` (`inputs` -> `outputs`) for TF Serving's Classify and Regress
+  APIs.
 
 The vocabulary lookups, OOV buckets and bucketization of `FeaturePreprocessor` run inside both.
 
@@ -47,7 +52,6 @@ import dataclasses
 import datetime
 import json
 import os
-import shutil
 import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -55,16 +59,21 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
+from matta_tf.models.signatures import CLASSIFY_INPUT as CLASSIFY_INPUT  # re-exported: part of this API
+from matta_tf.models.signatures import EXAMPLES_INPUT as EXAMPLES_INPUT
+from matta_tf.models.signatures import length_input, scoring_outputs, write_scoring_saved_model
+from matta_tf.models.signatures import raw_input_signature as raw_input_signature
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
 from matta_tf.data.examples import parse_examples, serialize_example
 from matta_tf.data.preprocessing import FeaturePreprocessor
-from matta_tf.data.schema import Feature, Schema
+from matta_tf.data.schema import Schema
 from matta_tf.extraction import SubmodelCost, SubmodelSpec, extract_submodel, model_cost, spec_cost
 
 SERVING_SIGNATURE = "serving_default"
 EXAMPLES_SIGNATURE = "examples"
-EXAMPLES_INPUT = "examples"
+CLASSIFY_SIGNATURE = "classify"
+REGRESS_SIGNATURE = "regress"
 ASSETS_EXTRA = "assets.extra"
 WARMUP_FILE = "tf_serving_warmup_requests"
 MODEL_CARD_FILE = "model_card.json"
@@ -92,6 +101,9 @@ class ServableModel:
         task: `"binary"` (sigmoid `probabilities`) or `"multiclass"` (softmax). Defaults to
             `"binary"` for one logit and `"multiclass"` for several.
         description: Free text for the model card. Defaults to `""`.
+        classify_regress: Also write `classify` and `regress` signatures (TF Serving's Classify,
+            Regress and MultiInference APIs over serialized tf.Example; binary models only).
+            Defaults to `False`.
 
     Example:
 
@@ -108,6 +120,7 @@ class ServableModel:
     metrics: Mapping[str, float] = dataclasses.field(default_factory=dict)
     task: str | None = None
     description: str = ""
+    classify_regress: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
@@ -124,6 +137,8 @@ class ServableModel:
         if task not in TASKS:
             raise ValueError(f"`task` must be one of {list(TASKS)}. Received: task={self.task!r}")
         object.__setattr__(self, "task", task)
+        if self.classify_regress and task != "binary":
+            raise ValueError(f"`classify_regress` needs a binary model (one logit). Received: task={task!r}")
         object.__setattr__(self, "metrics", {str(k): float(v) for k, v in dict(self.metrics).items()})
         if self.cost is None:
             object.__setattr__(self, "cost", model_cost(self.network))
@@ -140,6 +155,7 @@ class ServableModel:
         preprocessor: FeaturePreprocessor | Schema,
         metrics: Mapping[str, float] | None = None,
         description: str = "",
+        classify_regress: bool = False,
     ) -> ServableModel:
         """The size `spec` of a nested network: extracted weights, the spec and its exact cost.
 
@@ -149,10 +165,12 @@ class ServableModel:
             preprocessor: The `FeaturePreprocessor` (or `Schema`) in front of the network.
             metrics: Offline metrics for the model card. Defaults to none.
             description: Free text for the model card. Defaults to `""`.
+            classify_regress: Also write `classify`/`regress` signatures. Defaults to `False`.
         """
         network = extract_submodel(nested_model, spec)
         return cls(spec.name or network.name, network, preprocessor, spec=spec,
-                   cost=spec_cost(nested_model, spec), metrics=metrics or {}, description=description)
+                   cost=spec_cost(nested_model, spec), metrics=metrics or {}, description=description,
+                   classify_regress=classify_regress)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,38 +189,12 @@ def _serving_schema(schema: Schema) -> Schema:
     return dataclasses.replace(schema, features=schema.model_features, labels=())
 
 
-def _tf_dtype(feature: Feature) -> tf.DType:
-    return tf.string if feature.dtype == "string" else tf.as_dtype(feature.dtype)
-
-
-def raw_input_signature(schema: Schema) -> dict[str, tf.TensorSpec]:
-    """The named raw tensors of the `serving_default` signature, one per model feature.
-
-    Args:
-        schema: The schema of the raw features.
-
-    Returns:
-        `{name: tf.TensorSpec}`: `[batch]` for ids, strings and one-value numeric features,
-        `[batch, n]` for `n`-value numeric features and `[batch, length]` for multi-valued features
-        (padded with `""` or negative ids).
-    """
-    specs = {}
-    for feature in schema.model_features:
-        if feature.is_multi_valued:
-            shape = [None, None]
-        elif feature.kind == "numeric" and feature.shape > 1:
-            shape = [None, feature.shape]
-        else:
-            shape = [None]
-        specs[feature.name] = tf.TensorSpec(shape, _tf_dtype(feature), name=feature.name)
-    return specs
-
-
 def raw_features(records: Sequence[bytes | Mapping[str, Any]], schema: Schema) -> dict[str, np.ndarray]:
     """The `serving_default` inputs for a batch of events, as numpy arrays with the signature's dtypes.
 
     Multi-valued features are padded on the right (`""` for strings, `-1` for ids) to the longest
-    row, at least one value wide.
+    row, at least one value wide, and come with their value counts `<name>_length` (int64), so
+    padding added later (TF Serving's batcher) cannot change a score.
 
     Args:
         records: Serialized tf.Example records, or events as mappings of feature name to value
@@ -210,7 +202,7 @@ def raw_features(records: Sequence[bytes | Mapping[str, Any]], schema: Schema) -
         schema: The schema of the events.
 
     Returns:
-        `{feature name: np.ndarray}` for every model feature.
+        `{input name: np.ndarray}` for every input of `raw_input_signature(schema)`.
 
     Example:
 
@@ -233,44 +225,21 @@ def raw_features(records: Sequence[bytes | Mapping[str, Any]], schema: Schema) -
         if feature.is_multi_valued:
             padding = "" if feature.dtype == "string" else -1
             width = max(1, int(value.bounding_shape()[1]))
+            features[length_input(feature)] = value.row_lengths().numpy().astype(np.int64)
             value = value.to_tensor(default_value=padding, shape=[None, width])
         features[feature.name] = value.numpy()
     return features
 
 
-def _outputs(logits: tf.Tensor, task: str) -> dict[str, tf.Tensor]:
-    logits = tf.cast(logits, tf.float32)
-    probabilities = tf.sigmoid(logits) if task == "binary" else tf.nn.softmax(logits, axis=-1)
-    return {"logits": logits, "probabilities": probabilities}
-
-
-def _dummy_batch(signature: Mapping[str, tf.TensorSpec]) -> dict[str, tf.Tensor]:
-    batch = {}
-    for name, spec in signature.items():
-        shape = [1 if dim is None else dim for dim in spec.shape.as_list()]
-        batch[name] = tf.fill(shape, "") if spec.dtype == tf.string else tf.zeros(shape, spec.dtype)
-    return batch
+def _signature_kinds(servable: ServableModel) -> dict[str, str]:
+    kinds = {SERVING_SIGNATURE: "raw_features", EXAMPLES_SIGNATURE: "examples"}
+    if servable.classify_regress:
+        kinds.update({CLASSIFY_SIGNATURE: "classify", REGRESS_SIGNATURE: "regress"})
+    return kinds
 
 
 def _write_saved_model(servable: ServableModel, path: str) -> None:
-    schema = _serving_schema(servable.schema)
-    signature = raw_input_signature(schema)
-    preprocessor, network, task = servable.preprocessor, servable.network, servable.task
-    preprocessor(_dummy_batch(signature))  # builds the lookup layers, so their tables can be tracked
-
-    def serve_features(features: dict[str, tf.Tensor]) -> dict[str, tf.Tensor]:
-        return _outputs(network(preprocessor(features), training=False), task)
-
-    def serve_examples(examples: tf.Tensor) -> dict[str, tf.Tensor]:
-        return serve_features(parse_examples(examples, schema, labels=False))
-
-    archive = keras.export.ExportArchive()
-    archive.track(preprocessor)
-    archive.track(network)
-    archive.add_endpoint(SERVING_SIGNATURE, serve_features, input_signature=[signature])
-    archive.add_endpoint(EXAMPLES_SIGNATURE, serve_examples,
-                         input_signature=[tf.TensorSpec([None], tf.string, name=EXAMPLES_INPUT)])
-    archive.write_out(path, verbose=False)
+    write_scoring_saved_model(path, servable.network, servable.preprocessor, servable.task, _signature_kinds(servable))
 
 
 # ---- warmup requests and model card ----------------------------------------------------------------
@@ -322,6 +291,22 @@ def _spec_of(tensor_spec: tf.TensorSpec) -> dict[str, Any]:
     return {"dtype": tensor_spec.dtype.name, "shape": [-1 if d is None else d for d in tensor_spec.shape.as_list()]}
 
 
+def _card_signatures(servable: ServableModel, schema: Schema, outputs: dict[str, Any]) -> dict[str, Any]:
+    examples = {"dtype": "string", "shape": [-1]}
+    signatures = {
+        SERVING_SIGNATURE: {"inputs": {n: _spec_of(s) for n, s in raw_input_signature(schema).items()},
+                            "outputs": outputs},
+        EXAMPLES_SIGNATURE: {"inputs": {EXAMPLES_INPUT: examples}, "outputs": outputs},
+    }
+    if servable.classify_regress:
+        signatures[CLASSIFY_SIGNATURE] = {"inputs": {CLASSIFY_INPUT: examples},
+                                          "outputs": {"scores": {"dtype": "float32", "shape": [-1, 2]},
+                                                      "classes": {"dtype": "string", "shape": [-1, 2]}}}
+        signatures[REGRESS_SIGNATURE] = {"inputs": {CLASSIFY_INPUT: examples},
+                                         "outputs": {"outputs": {"dtype": "float32", "shape": [-1]}}}
+    return signatures
+
+
 def model_card(servable: ServableModel, model_name: str, version: int) -> dict[str, Any]:
     """What the model card of one exported size says: size, spec, cost, offline metrics, signatures."""
     schema = _serving_schema(servable.schema)
@@ -338,11 +323,7 @@ def model_card(servable: ServableModel, model_name: str, version: int) -> dict[s
         "flops_per_example": int(servable.cost.flops_per_example),
         "offline_metrics": dict(servable.metrics),
         "schema": schema.name,
-        "signatures": {
-            SERVING_SIGNATURE: {"inputs": {n: _spec_of(s) for n, s in raw_input_signature(schema).items()},
-                                "outputs": outputs},
-            EXAMPLES_SIGNATURE: {"inputs": {EXAMPLES_INPUT: {"dtype": "string", "shape": [-1]}}, "outputs": outputs},
-        },
+        "signatures": _card_signatures(servable, schema, outputs),
         "exported_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         "tensorflow_version": tf.__version__,
         "keras_version": keras.__version__,
@@ -352,37 +333,49 @@ def model_card(servable: ServableModel, model_name: str, version: int) -> dict[s
 def _write_extras(servable: ServableModel, path: str, model_name: str, version: int,
                   logs: Sequence[prediction_log_pb2.PredictionLog]) -> None:
     extra = os.path.join(path, ASSETS_EXTRA)
-    os.makedirs(extra, exist_ok=True)
+    tf.io.gfile.makedirs(extra)
     if logs:
         with tf.io.TFRecordWriter(os.path.join(extra, WARMUP_FILE)) as writer:
             for log in logs:
                 writer.write(log.SerializeToString())
-    with open(os.path.join(extra, MODEL_CARD_FILE), "w", encoding="utf-8") as handle:
-        json.dump(model_card(servable, model_name, version), handle, indent=2)
+    with tf.io.gfile.GFile(os.path.join(extra, MODEL_CARD_FILE), "w") as handle:
+        handle.write(json.dumps(model_card(servable, model_name, version), indent=2))
 
 
 def _verify(servable: ServableModel, path: str, records: Sequence[bytes]) -> None:
-    """Loads the written SavedModel and checks both signatures against the Keras model."""
+    """Loads the written SavedModel and checks every signature against the Keras model on `records`."""
     loaded = tf.saved_model.load(path)
+    examples = tf.constant(list(records), tf.string)
+    schema = _serving_schema(servable.schema)
+    # The reference reads ragged features parsed from the records, not the signature's dense form.
+    parsed = parse_examples(examples, schema, labels=False)
+    expected = scoring_outputs(servable.network(servable.preprocessor(parsed), training=False), servable.task)
     features = raw_features(records, servable.schema)
-    expected = _outputs(servable.network(servable.preprocessor(features), training=False), servable.task)
-    by_features = loaded.signatures[SERVING_SIGNATURE](**{k: tf.constant(v) for k, v in features.items()})
-    by_examples = loaded.signatures[EXAMPLES_SIGNATURE](examples=tf.constant(list(records), tf.string))
-    for signature, got in ((SERVING_SIGNATURE, by_features), (EXAMPLES_SIGNATURE, by_examples)):
-        for name, value in expected.items():
-            if not np.allclose(got[name].numpy(), value.numpy(), rtol=1e-5, atol=1e-6):
+    got = {
+        SERVING_SIGNATURE: loaded.signatures[SERVING_SIGNATURE](**{k: tf.constant(v) for k, v in features.items()}),
+        EXAMPLES_SIGNATURE: loaded.signatures[EXAMPLES_SIGNATURE](**{EXAMPLES_INPUT: examples}),
+    }
+    if servable.classify_regress:
+        classify = loaded.signatures[CLASSIFY_SIGNATURE](**{CLASSIFY_INPUT: examples})
+        regress = loaded.signatures[REGRESS_SIGNATURE](**{CLASSIFY_INPUT: examples})
+        got[CLASSIFY_SIGNATURE] = {"probabilities": classify["scores"][:, 1:]}
+        got[REGRESS_SIGNATURE] = {"probabilities": regress["outputs"][:, None]}
+    for signature, outputs in got.items():
+        for name, value in outputs.items():
+            want = expected[name].numpy()
+            if not np.allclose(value.numpy(), want, rtol=1e-5, atol=1e-6):
                 raise ExportError(
                     f"size {servable.name!r}: output {name!r} of signature {signature!r} differs from the "
-                    f"Keras model (max abs difference {np.max(np.abs(got[name].numpy() - value.numpy())):.3g})"
+                    f"Keras model (max abs difference {np.max(np.abs(value.numpy() - want)):.3g})"
                 )
 
 
 # ---- export ------------------------------------------------------------------------------------------
 def existing_versions(model_dir: str) -> list[int]:
     """The version numbers (integer folder names) under a TF Serving model folder, ascending."""
-    if not os.path.isdir(model_dir):
+    if not tf.io.gfile.isdir(model_dir):
         return []
-    return sorted(int(entry) for entry in os.listdir(model_dir) if entry.isdigit())
+    return sorted(int(entry.rstrip("/")) for entry in tf.io.gfile.listdir(model_dir) if entry.rstrip("/").isdigit())
 
 
 def export_for_serving(
@@ -398,7 +391,8 @@ def export_for_serving(
 
     Args:
         models: The sizes to export, in version order.
-        base_dir: TF Serving's base folder; versions go to `<base_dir>/<model_name>/<version>/`.
+        base_dir: TF Serving's base folder; versions go to `<base_dir>/<model_name>/<version>/`. Any
+            `tf.io.gfile` path or URI (`gs://...`, `file://...`, `ram://...`).
         model_name: TF Serving model name (a folder name without `/` or `:`). Defaults to
             `"relevance"`.
         versions: Version numbers, one per size (positive, not yet used). Defaults to the next
@@ -450,10 +444,10 @@ def export_for_serving(
     if len(set(versions)) != len(versions) or any(v < 1 for v in versions):
         raise ValueError(f"`versions` must be distinct positive integers. Received: versions={versions}")
     for version in versions:
-        if version in taken or os.path.exists(os.path.join(model_dir, str(version))):
+        if version in taken or tf.io.gfile.exists(os.path.join(model_dir, str(version))):
             raise FileExistsError(f"version {version} of model {model_name!r} already exists in {model_dir}")
 
-    os.makedirs(model_dir, exist_ok=True)
+    tf.io.gfile.makedirs(model_dir)
     exported = []
     for servable, version in zip(models, versions, strict=True):
         schema = _serving_schema(servable.schema)
@@ -467,14 +461,37 @@ def export_for_serving(
             _write_extras(servable, temporary, model_name, version, logs)
             if verify:
                 _verify(servable, temporary, records or [serialize_example(_default_event(schema), schema)])
-            if os.path.exists(final):
+            if tf.io.gfile.exists(final):
                 raise FileExistsError(f"version {version} of model {model_name!r} appeared while exporting: {final}")
-            os.rename(temporary, final)
+            _publish(temporary, final)
         finally:
-            if os.path.exists(temporary):
-                shutil.rmtree(temporary, ignore_errors=True)
+            if tf.io.gfile.exists(temporary):
+                try:
+                    tf.io.gfile.rmtree(temporary)
+                except tf.errors.NotFoundError:  # ram:// lists a renamed folder's prefix as existing
+                    pass
         exported.append(ExportedServable(servable.name, model_name, version, final))
     return exported
+
+
+def _publish(temporary: str, final: str) -> None:
+    """Moves the finished version folder into place: one atomic rename on a local filesystem.
+
+    Object stores (`gs://`, `s3://`) and TF's `ram://` have no directory rename (a "rename" there
+    moves one key, or copies file by file), so on them every file is copied, then the temporary
+    folder is removed: TF Serving polls for new version folders, so point it at such a base path
+    only after `export_for_serving` has returned.
+    """
+    if "://" not in temporary or temporary.startswith("file://"):
+        tf.io.gfile.rename(temporary, final)
+        return
+    for folder, _, files in tf.io.gfile.walk(temporary):
+        target = final + folder[len(temporary):]
+        tf.io.gfile.makedirs(target)
+        for name in files:
+            source = os.path.join(folder, name)
+            if tf.io.gfile.exists(source) and not tf.io.gfile.isdir(source):  # ram:// lists phantom prefix matches
+                tf.io.gfile.copy(source, os.path.join(target, name))
 
 
 def _default_event(schema: Schema) -> dict[str, Any]:

@@ -29,6 +29,7 @@ from matta_tf.serving.export import (
     ServableModel,
     export_for_serving,
     raw_features,
+    raw_input_signature,
 )
 from matta_tf.serving.model_config import ModelConfigError, ModelEntry, read_model_config, write_model_config
 from tensorflow_serving.apis import prediction_log_pb2
@@ -146,7 +147,9 @@ def test_serving_signature_takes_named_raw_tensors_with_padding(exports):
     loaded = tf.saved_model.load(exports.exported[0].path)
     signature = loaded.signatures[SERVING_SIGNATURE]
     specs = signature.structured_input_signature[1]
-    assert set(specs) == {f.name for f in SCHEMA.model_features}  # no metadata, no labels
+    multi_valued = {f.name + "_length" for f in SCHEMA.model_features if f.is_multi_valued}
+    assert set(specs) == {f.name for f in SCHEMA.model_features} | multi_valued  # no metadata, no labels
+    assert multi_valued == {"history_length", "tags_length"} and specs["history_length"].dtype == tf.int64
     assert specs["history"].shape.as_list() == [None, None] and specs["history"].dtype == tf.int64
     assert specs["tags"].dtype == tf.string and specs["score"].shape.as_list() == [None, 2]
     # Padding (-1, "") is ignored: a row padded to a wider batch scores as it does alone.
@@ -156,6 +159,7 @@ def test_serving_signature_takes_named_raw_tensors_with_padding(exports):
     alone = raw_features([events[0]], SCHEMA)
     together = raw_features(events, SCHEMA)
     assert together["history"][0].tolist() == [3, 4, -1, -1] and together["tags"][0].tolist() == [b"a", b"", b""]
+    assert together["history_length"][:2].tolist() == [2, 4] and together["tags_length"][:2].tolist() == [1, 3]
     one = signature(**{k: tf.constant(v) for k, v in alone.items()})["logits"].numpy()
     many = signature(**{k: tf.constant(v) for k, v in together.items()})["logits"].numpy()
     np.testing.assert_allclose(many[:1], one, rtol=1e-5, atol=1e-6)
@@ -201,7 +205,7 @@ def test_model_card_has_spec_cost_and_metrics(exports):
         assert card["spec"] == servable.spec.to_dict()
         assert card["parameters"] == cost.parameters and card["flops_per_example"] == cost.flops_per_example
         assert card["offline_metrics"] == servable.metrics
-        assert set(card["signatures"][SERVING_SIGNATURE]["inputs"]) == {f.name for f in SCHEMA.model_features}
+        assert set(card["signatures"][SERVING_SIGNATURE]["inputs"]) == set(raw_input_signature(SCHEMA))
     assert cards[0]["parameters"] < cards[1]["parameters"]  # the Student is smaller than the TA
 
 
