@@ -200,7 +200,7 @@ def test_small_transformer_reproduces_the_student_and_nests_a_plain_ta():
     x = nested.get_layer("block_0_ta_only_0").extract()(x)
     x = nested.get_layer("block_1").extract("ta")(x)
     x = nested.get_layer("final_norm").extract(12)(x)
-    ta = keras.Model([tokens, positions], nested.get_layer("lm_head").extract(12, 13)(x))
+    ta = keras.Model([tokens, positions], nested.get_layer("lm_head").extract(13, 12)(x))
     np.testing.assert_allclose(y_ta, ta(inputs), atol=TOLERANCE)
 
 

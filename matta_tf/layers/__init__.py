@@ -1,14 +1,35 @@
 """M-nested Keras layers: each runs a Student and a TA activation stream on shared parameters.
 
 Nested layers take `(x_student, x_ta)` (or one tensor read by both streams) and return
-`(y_student, y_ta)`; every one offers `extract(...)`, which returns ordinary Keras layers holding
-sliced copies of the weights. `GAU` and `TransformerBlock` are their plain counterparts.
+`(y_student, y_ta)`. Every one implements the protocol of `matta_tf.layers.base.NestedLayer`:
+`stream_widths()`, `from_plain(layer, context)` (used by `mnestify`), `extract(choice, input_layout,
+name)` (ordinary Keras layers holding sliced copies of the weights, used by extraction),
+`output_layout(...)` and `cost(...)`. `GAU` and `TransformerBlock` are plain counterparts.
+
+Supported layers (what `mnestify` nests, and what extraction returns):
+
+| plain Student layer | nested layer | Student / TA widths | extracts to |
+|---|---|---|---|
+| `keras.layers.Dense` | `NestedDense` | `units` / `round(units * m)` (output layers keep `units`) | `Dense` |
+| `keras.layers.Embedding`, `keras_rs.layers.EmbedReduce` | `NestedEmbedding` | `output_dim` / `round(output_dim * d_model_multiplier)` | the same class |
+| `keras.layers.LayerNormalization`, `RMSNormalization` (last axis) | `NestedNormalization` | follow the input | the same class |
+| `keras.layers.Concatenate` | `NestedConcatenate` | follow the inputs (Student features first) | `Concatenate` |
+| `keras_rs.layers.FeatureCross` (full rank) | `NestedFeatureCross` | follow the input | `FeatureCross` |
+| `matta_tf.layers.TransformerBlock` | `NestedTransformerBlock` | `ffn_dim` / `round(ffn_dim * m)`, heads / `round(h * num_heads_multiplier)` | `TransformerBlock` |
+| `matta_tf.layers.GAU` | `NestedGAU` | `expansion_dim`, `key_dim` / times `m` | `GAU` |
+| (inserted by `ta_only_after`) | `TAOnly` | skipped / run | the wrapped layer |
+| weightless: `Activation`, `ReLU`, `LeakyReLU`, `ELU`, `Softmax`, `Dropout`, `GaussianNoise`, `GaussianDropout`, `AlphaDropout`, `Identity`, `Add`, `Subtract`, `Multiply`, `Average`, `Maximum`, `Minimum`, `Dot`, `GlobalAveragePooling1D`, `GlobalMaxPooling1D`, `Flatten` | (run on each stream) | follow the input | a copy |
+
+Nested `Sequential` / functional sub-models are inlined. Any other layer with weights is rejected by
+`mnestify` with its name and class.
 """
 
+from matta_tf.layers.base import LayerCost, NestedLayer, NestingContext, StreamWidths
 from matta_tf.layers.gau import GAU
 from matta_tf.layers.nested_concatenate import NestedConcatenate
 from matta_tf.layers.nested_dense import NestedDense
 from matta_tf.layers.nested_embedding import NestedEmbedding
+from matta_tf.layers.nested_feature_cross import NestedFeatureCross
 from matta_tf.layers.nested_gau import NestedGAU
 from matta_tf.layers.nested_normalization import NestedNormalization
 from matta_tf.layers.nested_transformer_block import NestedTransformerBlock
@@ -17,12 +38,17 @@ from matta_tf.layers.transformer_block import TransformerBlock
 
 __all__ = [
     "GAU",
+    "LayerCost",
     "NestedConcatenate",
     "NestedDense",
     "NestedEmbedding",
+    "NestedFeatureCross",
     "NestedGAU",
+    "NestedLayer",
     "NestedNormalization",
     "NestedTransformerBlock",
+    "NestingContext",
+    "StreamWidths",
     "TAOnly",
     "TransformerBlock",
 ]
