@@ -103,8 +103,10 @@ class _Extractor:
         stream_inputs = [a for a in keras.tree.flatten(args) if isinstance(a, _Plain)]
         if not stream_inputs:
             raise SpecError(f"layer '{layer.name}': its TA input could not be traced")
-        layouts = tuple(x.positions() for x in stream_inputs)
-        input_layout = (layouts[0] if len(layouts) == 1 else layouts) if layer.reads_features else None
+        input_layout = None
+        if layer.reads_features:
+            layouts = tuple(x.positions() for x in stream_inputs)
+            input_layout = layouts[0] if len(layouts) == 1 and not layer.takes_parts else layouts
         choice = self._choice(layer)
         try:
             plain = layer.extract(choice, input_layout, name=layer.name)
