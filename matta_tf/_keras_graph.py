@@ -7,7 +7,7 @@ renames or reshapes one fails there, with the name of the internal).
 
 | internal | what for |
 |---|---|
-| `Functional._run_through_graph(inputs, call_fn)` | replay a graph, calling `call_fn(operation, *args, **kwargs)` per node |
+| `Functional._run_through_graph(inputs, call_fn)` | replay a graph: `call_fn(operation, *args, **kwargs)` |
 | `Functional._inputs_struct` | the structure (dict, list, ...) of a model's inputs |
 | `Functional._nodes_by_depth` | a model's nodes in dependency order |
 | `KerasTensor._keras_history` | `(operation, node_index, tensor_index)` that produced a symbolic tensor |

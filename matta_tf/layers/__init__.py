@@ -8,17 +8,23 @@ name)` (ordinary Keras layers holding sliced copies of the weights, used by extr
 
 Supported layers (what `mnestify` nests, and what extraction returns):
 
-| plain Student layer | nested layer | Student / TA widths | extracts to |
+| plain Student layer | nested layer | TA widths (Student's times) | extracts to |
 |---|---|---|---|
-| `keras.layers.Dense` | `NestedDense` | `units` / `round(units * m)` (output layers keep `units`) | `Dense` |
-| `keras.layers.Embedding`, `keras_rs.layers.EmbedReduce` | `NestedEmbedding` | `output_dim` / `round(output_dim * d_model_multiplier)` | the same class |
-| `keras.layers.LayerNormalization`, `RMSNormalization` (last axis) | `NestedNormalization` | follow the input | the same class |
-| `keras.layers.Concatenate` | `NestedConcatenate` | follow the inputs (Student features first) | `Concatenate` |
+| `keras.layers.Dense` | `NestedDense` | `units * m` (output layers keep theirs) | `Dense` |
+| `keras.layers.Embedding`, `keras_rs.layers.EmbedReduce` | `NestedEmbedding` | `output_dim * d_model_m` | same |
+| `keras.layers.LayerNormalization`, `RMSNormalization` | `NestedNormalization` | follow the input | same |
+| `keras.layers.Concatenate` | `NestedConcatenate` | follow the inputs | `Concatenate` |
 | `keras_rs.layers.FeatureCross` (full rank) | `NestedFeatureCross` | follow the input | `FeatureCross` |
-| `matta_tf.layers.TransformerBlock` | `NestedTransformerBlock` | `ffn_dim` / `round(ffn_dim * m)`, heads / `round(h * num_heads_multiplier)` | `TransformerBlock` |
-| `matta_tf.layers.GAU` | `NestedGAU` | `expansion_dim`, `key_dim` / times `m` | `GAU` |
-| (inserted by `ta_only_after`) | `TAOnly` | skipped / run | the wrapped layer |
-| weightless: `Activation`, `ReLU`, `LeakyReLU`, `ELU`, `Softmax`, `Dropout`, `GaussianNoise`, `GaussianDropout`, `AlphaDropout`, `Identity`, `Add`, `Subtract`, `Multiply`, `Average`, `Maximum`, `Minimum`, `Dot`, `GlobalAveragePooling1D`, `GlobalMaxPooling1D`, `Flatten` | (run on each stream) | follow the input | a copy |
+| `matta_tf.layers.TransformerBlock` | `NestedTransformerBlock` | `ffn_dim * m`, heads `* heads_m` | same |
+| `matta_tf.layers.GAU` | `NestedGAU` | `expansion_dim * m`, `key_dim * m` | same |
+| (inserted by `ta_only_after`) | `TAOnly` | Student skips, TA runs | the wrapped layer |
+| weightless layers (below) | run on each stream | follow the input | a copy |
+
+Weightless layers: `Activation`, `ReLU`, `LeakyReLU`, `ELU`, `Softmax`, `Dropout`, `GaussianNoise`,
+`GaussianDropout`, `AlphaDropout`, `Identity`, `Add`, `Subtract`, `Multiply`, `Average`, `Maximum`,
+`Minimum`, `Dot`, `GlobalAveragePooling1D`, `GlobalMaxPooling1D`, `Flatten`. Normalizations must
+normalize the last axis. `m` is the width multiplier (per layer or global), `d_model_m` the d_model
+multiplier, `heads_m` the heads multiplier (see `matta_tf.mnestify`).
 
 Nested `Sequential` / functional sub-models are inlined. Any other layer with weights is rejected by
 `mnestify` with its name and class.

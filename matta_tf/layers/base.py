@@ -9,8 +9,8 @@ declares, for the generic walkers that use it:
 | `from_plain(layer, context)` | `mnestify` | how it is made from a plain layer of the Student |
 | `assign_subnet(plain)` | `mnestify` | how a plain layer's weights become its Student block |
 | `stream_widths()` | `extraction.spec` | the widths its Student and TA streams choose between |
-| `extract(choice, input_layout, name)` | `extraction.extract` | the plain layer for a choice and an input layout |
-| `output_layout(choice, input_layout)` | `extraction.extract` | the nested positions of that plain layer's output features |
+| `extract(choice, input_layout, name)` | `extraction.extract` | the plain layer for a choice and layout |
+| `output_layout(choice, input_layout)` | `extraction.extract` | nested positions of its output features |
 | `plain_flops(plain, input_shape)` | `extraction.cost` | FLOPs per example of one of its plain layers |
 | `cost(choice, input_layout, input_shape)` | users | parameters and FLOPs of `extract(choice, input_layout)` |
 
