@@ -265,3 +265,59 @@ def test_flatten_over_nested_token_width_is_refused():
     nested = mnestify(student)  # un-nested token width: Flatten runs per stream
     ids = np.array([[1, 2, 3, 4]])
     np.testing.assert_allclose(nested(ids)[0], student(ids), atol=1e-6)
+
+
+def cross_student():
+    """A functional DCN-v2 Student: Dense -> two keras-rs FeatureCross layers -> logit."""
+    inputs = keras.Input((6,), name="features")
+    x0 = keras.layers.Dense(8, activation="relu", name="embed")(inputs)
+    x = keras_rs.layers.FeatureCross(name="cross_0")(x0)
+    x = keras_rs.layers.FeatureCross(diag_scale=0.5, name="cross_1")(x0, x)
+    student = keras.Model(inputs, keras.layers.Dense(1, name="logit")(x), name="dcn")
+    randomize(student, seed=4)
+    return student
+
+
+def test_feature_cross_student_is_reproduced_and_its_ta_cross_is_wider():
+    student = cross_student()
+    nested = mnestify(student, width_multiplier=2.0)
+    features = np.random.default_rng(5).normal(size=(5, 6)).astype("float32")
+    y_student, y_ta = nested(features)
+    np.testing.assert_allclose(y_student, student(features), atol=1e-6)
+
+    cross_0, cross_1 = nested.get_layer("cross_0"), nested.get_layer("cross_1")
+    assert type(cross_0).__name__ == "NestedFeatureCross"
+    assert cross_0.dense.kernel.shape == (16, 16) and (cross_0.student_dim, cross_0.ta_dim) == (8, 16)
+    np.testing.assert_array_equal(
+        cross_0.dense.kernel.numpy()[:8, :8], student.get_layer("cross_0").dense.kernel.numpy()
+    )
+    # The TA stream, in numpy: the wider embedding, then the 16 x 16 crosses.
+    embed, logit = nested.get_layer("embed"), nested.get_layer("logit")
+    h0 = np.maximum(features @ embed.kernel.numpy() + embed.bias.numpy(), 0)
+
+    def cross(layer, base, x, diag_scale):
+        return base * (x @ layer.dense.kernel.numpy() + layer.dense.bias.numpy() + diag_scale * x) + x
+
+    h = cross(cross_1, h0, cross(cross_0, h0, h0, 0.0), 0.5)
+    np.testing.assert_allclose(y_ta, h @ logit.kernel.numpy() + logit.bias.numpy(), atol=TOLERANCE)
+
+
+def test_feature_cross_student_extracts_to_plain_student_and_ta():
+    from matta_tf.extraction import SubmodelSpec, extract_submodel
+
+    student = cross_student()
+    nested = mnestify(student, width_multiplier=2.0)
+    features = np.random.default_rng(6).normal(size=(5, 6)).astype("float32")
+    y_student, y_ta = nested(features)
+    for choice, expected in (("student", y_student), ("ta", y_ta)):
+        plain = extract_submodel(nested, SubmodelSpec.uniform(nested, choice))
+        assert any(isinstance(layer, keras_rs.layers.FeatureCross) for layer in plain.layers)
+        np.testing.assert_allclose(plain(features), expected, atol=TOLERANCE)
+
+
+def test_low_rank_feature_cross_is_refused_by_name():
+    inputs = keras.Input((6,))
+    x = keras_rs.layers.FeatureCross(projection_dim=2, name="low_rank")(keras.layers.Dense(8)(inputs))
+    student = keras.Model(inputs, keras.layers.Dense(1)(x))
+    with pytest.raises(ValueError, match=r"'low_rank' of class FeatureCross .*projection_dim=2"):
+        mnestify(student)
