@@ -11,7 +11,11 @@ renames or reshapes one fails there, with the name of the internal).
 | `Functional._inputs_struct` | the structure (dict, list, ...) of a model's inputs |
 | `Functional._nodes_by_depth` | a model's nodes in dependency order |
 | `KerasTensor._keras_history` | `(operation, node_index, tensor_index)` that produced a symbolic tensor |
-| `Operation._inbound_nodes` | the calls of a layer: `node.arguments`, `node.input_tensors` |
+| `Operation._inbound_nodes` | the calls of a layer: `node.input_tensors` |
+| `keras.src.ops.numpy.*`, `keras.src.ops.nn.*` op classes | which Keras ops in a traced `call` act per feature |
+
+A subclassed model has no graph; `trace_call` makes one by calling its `call` on symbolic inputs
+(every Keras layer and op called there records a node), sharing the model's layers.
 """
 
 from __future__ import annotations
@@ -20,6 +24,20 @@ from collections.abc import Callable
 from typing import Any
 
 import keras
+from keras.src.ops import nn as _nn_ops
+from keras.src.ops import numpy as _numpy_ops
+
+# Keras ops that act on each feature alone (so they run unchanged on each stream).
+ELEMENTWISE_OPS = tuple(
+    getattr(module, name)
+    for module, names in (
+        (_numpy_ops, ("Add", "Subtract", "Multiply", "Divide", "TrueDivide", "Negative", "Absolute", "Exp", "Log",
+                      "Sqrt", "Square", "Maximum", "Minimum", "Tanh")),
+        (_nn_ops, ("Relu", "Relu6", "Sigmoid", "Silu", "Gelu", "Softplus", "Elu", "LeakyRelu")),
+    )
+    for name in names
+)
+CONCATENATE_OP = _numpy_ops.Concatenate
 
 
 def is_functional(model: Any) -> bool:
@@ -76,3 +94,35 @@ def first_input_shape(layer: Any) -> tuple | None:
     """The shape of the first input of `layer`'s first call, or `None` if it was never called."""
     tensors = node_input_tensors(layer, 0)
     return tuple(tensors[0].shape) if tensors else None
+
+
+def is_op(operation: Any) -> bool:
+    """Whether a graph operation is a Keras op (`keras.ops.*`) rather than a layer."""
+    return isinstance(operation, keras.Operation) and not isinstance(operation, keras.layers.Layer)
+
+
+def trace_call(model: keras.Model, inputs: Any) -> keras.Model:
+    """A functional model computing `model.call(inputs)` on symbolic `inputs`, sharing `model`'s layers.
+
+    Args:
+        model: a (subclassed) Keras model whose `call` is made of Keras layers and `keras.ops`.
+        inputs: `keras.Input` tensors in the structure `call` takes (a tensor, a list or a dict).
+
+    Raises:
+        ValueError: `inputs` are not symbolic, or `call` does something a graph cannot record (names
+            the model and the cause).
+    """
+    flat = keras.tree.flatten(inputs)
+    if not flat or not all(isinstance(x, keras.KerasTensor) for x in flat):
+        raise ValueError(
+            f"To trace the subclassed model '{model.name}', `inputs` must be `keras.Input` tensors in the "
+            f"structure its `call` takes. Received: {inputs!r}"
+        )
+    try:
+        outputs = model.call(inputs)
+        return keras.Model(inputs, outputs, name=model.name)
+    except Exception as error:  # what `call` may raise on symbolic tensors is open-ended
+        raise ValueError(
+            f"Could not trace the `call` of '{model.name}' ({model.__class__.__name__}) into a graph: it must "
+            f"be made of Keras layers and `keras.ops` on its inputs. Cause: {type(error).__name__}: {error}"
+        ) from error

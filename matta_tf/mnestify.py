@@ -13,7 +13,7 @@ from typing import Any
 import keras
 
 from matta_tf import _keras_graph
-from matta_tf.layers import TAOnly, _nesting, base
+from matta_tf.layers import NestedConcatenate, TAOnly, _nesting, base
 
 # Weightless element-wise layers: they run on each stream, and a Dense still counts as an output
 # layer when its output reaches a model output through them only.
@@ -85,6 +85,7 @@ def mnestify(
     copy_student_weights: bool = True,
     student_init: str = "standalone",
     name: str | None = None,
+    inputs: Any = None,
 ) -> keras.Model:
     """M-nestifies a Student Keras model into a Student+TA network with shared parameters.
 
@@ -127,6 +128,10 @@ def mnestify(
         student_init: `"standalone"` (default) or `"ta_slice"`: how fresh nested weights are
             initialized, see `matta_tf.layers.NestedDense`.
         name: optional model name. Defaults to `f"{student.name}_mnested"`.
+        inputs: for a subclassed Student only: `keras.Input` tensors in the structure its `call`
+            takes. Its `call` is traced on them into a functional graph (it must be made of Keras
+            layers and `keras.ops`; element-wise ops run on each stream and `keras.ops.concatenate`
+            becomes a `NestedConcatenate`).
 
     Returns:
         A `keras.Model` with the Student's inputs whose outputs are `[student_output, ta_output]`
@@ -162,7 +167,7 @@ def mnestify(
         ta_only_after=dict(ta_only_after or {}),
         copy_student_weights=copy_student_weights,
         student_init=student_init,
-    ).run(student, name)
+    ).run(student, name, inputs)
 
 
 class _Mnestifier:
@@ -200,8 +205,8 @@ class _Mnestifier:
         self.weight_pairs: list[tuple[keras.layers.Layer, keras.layers.Layer]] = []
         self.prefix = ""
 
-    def run(self, student: keras.Model, name: str | None) -> keras.Model:
-        graph = _functional_graph(student)
+    def run(self, student: keras.Model, name: str | None, inputs: Any = None) -> keras.Model:
+        graph = _functional_graph(student, inputs)
         self.output_layers = _output_layers(graph)
         inputs = [_copy_input(tensor) for tensor in graph.inputs]
         self.used_names.update(_keras_graph.input_name(tensor) for tensor in inputs)
@@ -264,8 +269,17 @@ class _Mnestifier:
 
             call_args, call_kwargs = keras.tree.map_structure(as_input, (args, kwargs))
             return _Streams(*nested(*call_args, **call_kwargs))
-        if isinstance(layer, _PER_STREAM_LAYERS):
+        if isinstance(layer, _keras_graph.CONCATENATE_OP):
+            concatenate = self._converted(layer, lambda: NestedConcatenate(layer.axis, name=self._name(layer.name)))
+            return _Streams(*concatenate([s.as_input() for s in args[0]]))
+        if isinstance(layer, _PER_STREAM_LAYERS + _keras_graph.ELEMENTWISE_OPS):
             return self._call_per_stream(layer, args, kwargs, streams)
+        if _keras_graph.is_op(layer):
+            raise ValueError(
+                f"mnestify does not support the Keras op '{layer.name}' ({layer.__class__.__name__}) in a "
+                "traced `call`: only element-wise ops and `keras.ops.concatenate` run on the two streams. "
+                "Use a Keras layer for it."
+            )
         raise ValueError(
             f"mnestify does not support layer '{layer.name}' of class "
             f"{layer.__class__.__module__}.{layer.__class__.__name__}. Supported: {supported_layers()}."
@@ -290,7 +304,7 @@ class _Mnestifier:
         if id(layer) not in self.converted:
             nested = make()
             self.converted[id(layer)] = nested
-            if layer.weights:
+            if getattr(layer, "weights", None):
                 self.weight_pairs.append((layer, nested))
         return self.converted[id(layer)]
 
@@ -322,6 +336,8 @@ class _Mnestifier:
         )
 
     def _clone(self, layer: Any, name: str) -> Any:
+        if _keras_graph.is_op(layer):
+            return layer  # a stateless op: the same op runs on each stream
         config = dict(layer.get_config())
         config["name"] = name
         return layer.__class__.from_config(config)
@@ -387,8 +403,8 @@ def _check_multiplier(name: str, value: Any) -> None:
         raise ValueError(f"`{name}` must be a number >= 1. Received: {name}={value!r}")
 
 
-def _functional_graph(model: keras.Model) -> keras.Model:
-    """A functional view of a built Sequential or functional model (sharing its layers)."""
+def _functional_graph(model: keras.Model, inputs: Any = None) -> keras.Model:
+    """A functional view of a built Sequential, functional or (traced on `inputs`) subclassed model."""
     if isinstance(model, keras.Sequential):
         try:
             inputs, outputs = model.inputs, model.outputs
@@ -398,12 +414,15 @@ def _functional_graph(model: keras.Model) -> keras.Model:
             ) from error
         # A Sequential takes and returns single tensors, not lists of one.
         return keras.Model(inputs[0], outputs[0], name=model.name)
-    if not _keras_graph.is_functional(model):
+    if _keras_graph.is_functional(model):
+        return model
+    if inputs is None:
         raise ValueError(
             f"mnestify needs a Sequential or functional model. Received '{model.name}' of class "
-            f"{model.__class__.__name__} (a subclassed model has no graph to nest)."
+            f"{model.__class__.__name__}: for a subclassed model, pass `inputs` (`keras.Input` tensors in "
+            "the structure its `call` takes) so that its `call` can be traced into a graph."
         )
-    return model
+    return _keras_graph.trace_call(model, inputs)
 
 
 def _copy_input(tensor: Any) -> Any:
@@ -425,7 +444,7 @@ def _output_layers(model: keras.Model) -> set[int]:
         operation, node_index, tensor_index = _keras_graph.producer(tensor)
         if base.nested_class_for(operation) is not None:
             found.add(id(operation))
-        elif isinstance(operation, _ELEMENTWISE_LAYERS):
+        elif isinstance(operation, _ELEMENTWISE_LAYERS + _keras_graph.ELEMENTWISE_OPS):
             visit(_keras_graph.node_input_tensors(operation, node_index)[0])
         elif isinstance(operation, keras.Model):
             visit(keras.tree.flatten(_functional_graph(operation).outputs)[tensor_index])

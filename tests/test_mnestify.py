@@ -321,3 +321,75 @@ def test_low_rank_feature_cross_is_refused_by_name():
     student = keras.Model(inputs, keras.layers.Dense(1)(x))
     with pytest.raises(ValueError, match=r"'low_rank' of class FeatureCross .*projection_dim=2"):
         mnestify(student)
+
+
+class SubclassedRanker(keras.Model):
+    """A subclassed Student: embeddings, keras.ops in `call`, an MLP."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.user = keras.layers.Embedding(30, 4, name="user_embedding")
+        self.item = keras.layers.Embedding(20, 6, name="item_embedding")
+        self.hidden = keras.layers.Dense(8, name="hidden")
+        self.logit = keras.layers.Dense(1, name="logit")
+
+    def call(self, inputs):
+        x = keras.ops.concatenate([self.user(inputs["user"]), self.item(inputs["item"])], axis=-1)
+        return self.logit(keras.ops.relu(self.hidden(x)))
+
+
+class SubclassedCross(keras.Model):
+    """A subclassed DCN-v2 Student with a keras-rs FeatureCross."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.embed = keras.layers.Dense(8, activation="relu", name="embed")
+        self.cross = keras_rs.layers.FeatureCross(name="cross")
+        self.logit = keras.layers.Dense(1, name="logit")
+
+    def call(self, x):
+        x0 = self.embed(x)
+        return self.logit(self.cross(x0, x0))
+
+
+def ranker_inputs():
+    return {"user": keras.Input((), dtype="int32", name="user"), "item": keras.Input((), dtype="int32", name="item")}
+
+
+def test_subclassed_mlp_with_embeddings_is_reproduced_exactly():
+    rng = np.random.default_rng(7)
+    data = {"user": rng.integers(0, 30, 9).astype("int32"), "item": rng.integers(0, 20, 9).astype("int32")}
+    student = SubclassedRanker(name="ranker")
+    student(data)
+    randomize(student, seed=8)
+    nested = mnestify(student, width_multiplier=2.0, d_model_multiplier=2.0, inputs=ranker_inputs())
+    y_student, y_ta = nested(data)
+    np.testing.assert_array_equal(y_student, student(data))
+    assert nested.get_layer("user_embedding").ta_dim == 8 and nested.get_layer("hidden").ta_units == 16
+    assert y_ta.shape == (9, 1)
+    with pytest.raises(ValueError, match="pass `inputs`"):
+        mnestify(student)
+
+
+def test_subclassed_feature_cross_student_is_reproduced_exactly():
+    features = np.random.default_rng(9).normal(size=(5, 6)).astype("float32")
+    student = SubclassedCross(name="cross_model")
+    student(features)
+    randomize(student, seed=10)
+    nested = mnestify(student, width_multiplier=2.0, inputs=keras.Input((6,)))
+    y_student, y_ta = nested(features)
+    np.testing.assert_array_equal(y_student, student(features))
+    assert nested.get_layer("cross").dense.kernel.shape == (16, 16)
+
+
+def test_a_call_that_cannot_be_traced_is_named():
+    class UsesNumpy(keras.Model):
+        def __init__(self):
+            super().__init__(name="uses_numpy")
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.dense(np.asarray(x) * 2)
+
+    with pytest.raises(ValueError, match="Could not trace the `call` of 'uses_numpy'"):
+        mnestify(UsesNumpy(), inputs=keras.Input((3,)))

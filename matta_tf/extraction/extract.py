@@ -139,7 +139,10 @@ class _Extractor:
 
         call_args, call_kwargs = keras.tree.map_structure(unwrap, (args, kwargs))
         clone = self.plain_clones.get(id(layer))
-        if clone is not None:
+        if _keras_graph.is_op(layer):
+            # A stateless Keras op (from a traced `call`): the same op runs on the plain tensors.
+            output = layer(*call_args, **call_kwargs)
+        elif clone is not None:
             # A plain layer the nested model calls again (e.g. a tied embedding read back as the output
             # projection) is one layer of the sub-model too: its weights stay shared.
             output = clone(*call_args, **call_kwargs)

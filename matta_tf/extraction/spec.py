@@ -36,12 +36,41 @@ class ChoosableLayer:
     widths: tuple[int, int]  # (Student, TA) output widths; (0, 1) for depth layers
 
 
+def functional_view(model: keras.Model, inputs: Any) -> keras.Model:
+    """A functional model of a subclassed nested network, sharing its layers, for specs and extraction.
+
+    Its `call` is traced on `inputs`; it must be made of Keras layers (nested and plain) and
+    `keras.ops`. The result has the same weights: `all_specs`, `extract_submodel` and `spec_cost`
+    work on it, and its sub-models are the subclassed network's.
+
+    Args:
+        model: a subclassed `keras.Model` built from matta-tf nested layers, returning `[student, ta]`.
+        inputs: `keras.Input` tensors in the structure its `call` takes.
+
+    Example:
+
+    ```python
+    inputs = {"user": keras.Input((), dtype="int32"), "item": keras.Input((), dtype="int32")}
+    view = functional_view(my_ranker, inputs)
+    student = extract_submodel(view, SubmodelSpec.uniform(view, "student"))
+    ```
+    """
+    if _keras_graph.is_functional(model):
+        return model
+    try:
+        return _keras_graph.trace_call(model, inputs)
+    except ValueError as error:
+        raise SpecError(str(error)) from error
+
+
 def nested_layers_in_order(model: keras.Model) -> list[Any]:
     """The model's operations in the order the graph runs them (each layer once)."""
     if not _keras_graph.is_functional(model):
         raise SpecError(
-            f"'{model.name}' ({model.__class__.__name__}) has no functional graph to follow: build the nested "
-            "network with the functional API (or `mnestify`) to enumerate, extract or cost its sub-models."
+            f"'{model.name}' ({model.__class__.__name__}) is a subclassed model: it has no graph to follow "
+            "for specs, extraction or cost. Trace it first with "
+            "`matta_tf.extraction.functional_view(model, inputs)` (inputs: `keras.Input` tensors as its "
+            "`call` takes them), or build it with the functional API or `mnestify`."
         )
     return _keras_graph.operations_in_order(model)
 
