@@ -270,9 +270,8 @@ def test_subclassed_nested_network_extracts_its_student_and_ta():
     y_student, y_ta = ranker(data)
     with pytest.raises(SpecError, match="'my_ranker' .* is a subclassed model.*functional_view"):
         all_specs(ranker)
-    view = functional_view(
-        ranker, {"user": keras.Input((), dtype="int32", name="user"), "item": keras.Input((), dtype="int32", name="item")}
-    )
+    inputs = {name: keras.Input((), dtype="int32", name=name) for name in ("user", "item")}
+    view = functional_view(ranker, inputs)
     assert [layer.name for layer in choosable_layers(view)] == ["user_embedding", "item_embedding", "hidden", "extra"]
     assert len(all_specs(view)) == 16
     for choice, expected in (("student", y_student), ("ta", y_ta)):
