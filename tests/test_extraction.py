@@ -279,3 +279,14 @@ def test_subclassed_nested_network_extracts_its_student_and_ta():
         plain = extract_submodel(view, spec)
         np.testing.assert_allclose(plain(data).numpy(), keras.ops.convert_to_numpy(expected), atol=1e-5)
         assert spec_cost(view, spec) == model_cost(plain)
+
+
+def test_random_specs_are_extractable(relevance):
+    from matta_tf.extraction import is_extractable
+
+    specs = random_specs(relevance, 4, seed=0)
+    assert len({s.to_json() for s in specs}) == 6
+    for spec in specs[2:]:
+        extract_submodel(relevance, spec)  # raises SpecError for a spec that cannot be extracted
+    unfiltered = random_specs(relevance, 30, seed=0, extractable_only=False)
+    assert not all(is_extractable(relevance, spec) for spec in unfiltered)

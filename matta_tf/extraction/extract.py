@@ -195,3 +195,12 @@ def trace_submodel(nested_model: keras.Model, spec: SubmodelSpec) -> list[keras.
     extractor = _Extractor(nested_model, spec)
     extractor.run(f"{nested_model.name}_trace")
     return extractor.created
+
+
+def is_extractable(nested_model: keras.Model, spec: SubmodelSpec) -> bool:
+    """Whether `extract_submodel(nested_model, spec)` succeeds (the spec's widths meet everywhere)."""
+    try:
+        _Extractor(nested_model, spec).run(f"{nested_model.name}_check")
+    except SpecError:
+        return False
+    return True
