@@ -222,6 +222,7 @@ def test_cost_follows_the_plain_formulas():
     ta_only, (x,), _ = _ta_only()
     ta_only(x)
     assert ta_only.cost("student", None, (None, 6)) == LayerCost(0, 0)
+    assert ta_only.cost("ta", None, (None, 6)) == LayerCost(6 * 6 + 6, 2 * 6 * 6)  # x + Dense(x)
 
 
 def test_registry_maps_plain_classes_to_nested_ones():

@@ -25,15 +25,15 @@ class SubmodelCost:
 
 
 def layer_flops(layer: keras.layers.Layer) -> int:
-    """FLOPs per example of one built plain layer, from the shapes of its first call.
+    """FLOPs per example of one built plain layer (or functional model), from the shapes of its first call.
 
     The formula of each layer class lives in the nested layer that extracts to it
     (`NestedLayer.plain_flops`); layers no nested layer produces (weightless ones) count 0.
     """
-    if isinstance(layer, keras.Model):
-        return sum(layer_flops(inner) for inner in layer.layers)
     shape = _keras_graph.first_input_shape(layer)
-    return 0 if shape is None else plain_layer_flops(layer, shape)
+    if shape is None and not isinstance(layer, keras.Model):
+        return 0
+    return plain_layer_flops(layer, shape or ())
 
 
 def spec_cost(nested_model: keras.Model, spec: SubmodelSpec) -> SubmodelCost:

@@ -33,6 +33,8 @@ from typing import Any, ClassVar
 import keras
 import numpy as np
 
+from matta_tf import _keras_graph
+
 CHOICES = ("student", "ta")
 
 # Plain layer class -> the nested layer class that nests it (filled in by `NestedLayer` subclasses).
@@ -233,7 +235,17 @@ def nestable_classes() -> dict[type, type]:
 
 
 def plain_layer_flops(layer: keras.layers.Layer, input_shape: tuple) -> int:
-    """FLOPs per example of a plain layer, from the nested layer class that extracts to its class."""
+    """FLOPs per example of a plain layer (or a functional model of them) called on `input_shape`.
+
+    The formula comes from the nested layer class that extracts to the layer's class; layers that no
+    nested layer produces (weightless ones) count 0. A model's layers count at their own call shapes.
+    """
+    if isinstance(layer, keras.Model):
+        total = 0
+        for inner in layer.layers:
+            shape = _keras_graph.first_input_shape(inner)
+            total += 0 if shape is None else plain_layer_flops(inner, shape)
+        return total
     nested_class = nested_class_for(layer)
     return 0 if nested_class is None else int(nested_class.plain_flops(layer, tuple(input_shape)))
 
