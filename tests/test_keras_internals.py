@@ -179,3 +179,34 @@ def test_symbolic_build_under_a_strategy_reads_one_replica_batch():
     assert model.built and model.optimizer.built
     assert int(model.optimizer.iterations.numpy()) == 4
     assert np.isfinite(history.history["loss"][-1])
+
+
+def test_keras_op_classes_of_traced_calls_exist():
+    for module, names in _keras_graph.ELEMENTWISE_OP_NAMES.items():
+        for name in names:
+            require(isinstance(getattr(module, name, None), type), f"{module.__name__}.{name}",
+                    "the op class is missing")
+    require(isinstance(_keras_graph.CONCATENATE_OP, type), "keras.src.ops.numpy.Concatenate", "the op class is missing")
+    x = keras.Input((3,))
+    y = keras.ops.concatenate([keras.ops.relu(x), x], axis=-1)
+    operation = _keras_graph.producer(y)[0]
+    require(isinstance(operation, _keras_graph.CONCATENATE_OP) and operation.axis == -1,
+            "keras.src.ops.numpy.Concatenate", f"keras.ops.concatenate recorded {operation!r}")
+    require(isinstance(_keras_graph.producer(_keras_graph.node_input_tensors(operation)[0])[0],
+                       _keras_graph.ELEMENTWISE_OPS), "keras.src.ops.nn.Relu", "keras.ops.relu is not recorded as Relu")
+
+
+def test_a_subclassed_call_traces_into_a_graph_of_its_layers():
+    class Model(keras.Model):
+        def __init__(self):
+            super().__init__(name="sub")
+            self.dense = keras.layers.Dense(2, name="dense")
+
+        def call(self, x):
+            return self.dense(keras.ops.relu(x))
+
+    model = Model()
+    traced = _keras_graph.trace_call(model, keras.Input((3,)))
+    names = [type(op).__name__ for op in _keras_graph.operations_in_order(traced)]
+    require(names == ["Relu", "Dense"], "Layer.__call__ on KerasTensors", f"the traced graph holds {names}")
+    require(traced.get_layer("dense") is model.dense, "Layer.__call__ on KerasTensors", "the layer is not shared")
