@@ -5,6 +5,11 @@ streams `(student, ta)`: layers with weights become their nested counterparts (l
 d_model M-nesting), weightless layers run on each stream, and TA-only layers can be inserted (depth
 M-nesting). The result is a `keras.Model` with the Student's inputs and outputs
 `[student_output, ta_output]`.
+
+This walker knows no nested layer class: it asks `matta_tf.layers.base.nested_class_for(layer)` for
+the nested counterpart of each Student layer and builds it with that class's `from_plain`. The table
+of supported layers is in the `matta_tf.layers` docstring. A subclassed Student is first traced
+(its `call` on symbolic `inputs`) into a functional graph sharing its layers.
 """
 
 from collections.abc import Mapping, Sequence
@@ -110,7 +115,8 @@ def mnestify(
 
     Args:
         student: a built `keras.Sequential` or functional `keras.Model` made of the supported layers
-            (nested Sequential/functional sub-models are inlined).
+            (nested Sequential/functional sub-models are inlined), or a subclassed `keras.Model`
+            whose `call` is made of them and Keras ops (give `inputs`).
         width_multiplier: float `>= 1`. Global TA/Student width ratio of Dense units, Transformer
             FFN widths and GAU widths. Defaults to `2.0`.
         layer_width_multipliers: optional mapping from a Student layer name to its own multiplier

@@ -26,6 +26,10 @@ Weightless layers: `Activation`, `ReLU`, `LeakyReLU`, `ELU`, `Softmax`, `Dropout
 normalize the last axis. `m` is the width multiplier (per layer or global), `d_model_m` the d_model
 multiplier, `heads_m` the heads multiplier (see `matta_tf.mnestify`).
 
+In a subclassed Student traced by `mnestify(student, inputs=...)`, element-wise `keras.ops` (`add`,
+`subtract`, `multiply`, `divide`, `negative`, `abs`, `exp`, `log`, `sqrt`, `square`, `maximum`,
+`minimum`, `tanh`, `relu`, `relu6`, `sigmoid`, `silu`, `gelu`, `softplus`, `elu`, `leaky_relu`) run on
+each stream and `keras.ops.concatenate` becomes a `NestedConcatenate`; other ops are refused by name.
 Nested `Sequential` / functional sub-models are inlined. Any other layer with weights is rejected by
 `mnestify` with its name and class.
 """
