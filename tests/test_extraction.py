@@ -290,3 +290,19 @@ def test_random_specs_are_extractable(relevance):
         extract_submodel(relevance, spec)  # raises SpecError for a spec that cannot be extracted
     unfiltered = random_specs(relevance, 30, seed=0, extractable_only=False)
     assert not all(is_extractable(relevance, spec) for spec in unfiltered)
+
+
+def test_a_subclassed_nested_sub_model_is_named():
+    class Tower(keras.Model):
+        def __init__(self):
+            super().__init__(name="tower")
+            self.dense = NestedDense(2, 4, name="tower_dense")
+
+        def call(self, x):
+            return self.dense(x)
+
+    inputs = keras.Input((3,))
+    tower = Tower()
+    nested = keras.Model(inputs, list(NestedDense(1, 1, name="logit")(tower(inputs))))
+    with pytest.raises(SpecError, match="subclassed model 'tower' .*functional_view"):
+        extract_submodel(nested, SubmodelSpec({}, name="student"))

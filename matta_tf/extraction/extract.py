@@ -91,6 +91,12 @@ class _Extractor:
             return _keras_graph.run_through_graph(layer, args[0], self._call)
         if isinstance(layer, NestedLayer):
             return _SKIP, self._nested(layer, args, kwargs)
+        if isinstance(layer, keras.Model) and _holds_nested_layers(layer):
+            raise SpecError(
+                f"'{self.model.name}' calls the subclassed model '{layer.name}' ({layer.__class__.__name__}), "
+                "which holds nested layers: extraction cannot follow inside it. Build it with the functional "
+                "API, or trace the whole network with `matta_tf.extraction.functional_view`."
+            )
         return self._plain_layer(layer, args, kwargs)
 
     # ---- nested layers: ask the layer -------------------------------------------------------------
@@ -156,6 +162,13 @@ class _Extractor:
         if layout is not None and int(output.shape[-1]) != len(layout):
             raise SpecError(f"layer '{layer.name}' changes the width of an input that is not in nested order")
         return _Plain(output, layout)
+
+
+def _holds_nested_layers(model: keras.Model) -> bool:
+    return any(
+        isinstance(inner, NestedLayer) or (isinstance(inner, keras.Model) and _holds_nested_layers(inner))
+        for inner in model.layers
+    )
 
 
 def _copy_input(tensor: Any) -> Any:
