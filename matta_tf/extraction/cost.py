@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import time
 from typing import Any
@@ -13,15 +12,10 @@ import tensorflow as tf
 from matta_tf import _keras_graph
 from matta_tf.extraction.extract import trace_submodel
 from matta_tf.extraction.spec import SubmodelSpec
-from matta_tf.layers.base import plain_layer_flops
+from matta_tf.layers.base import LayerCost, plain_layer_flops
 
-
-@dataclasses.dataclass(frozen=True)
-class SubmodelCost:
-    """Size of a sub-model: trainable parameters and multiply-add FLOPs (2 per MAC) per example."""
-
-    parameters: int
-    flops_per_example: int
+# One cost type for a layer and for a sub-model: trainable parameters and FLOPs (2 per MAC) per example.
+SubmodelCost = LayerCost
 
 
 def layer_flops(layer: keras.layers.Layer) -> int:

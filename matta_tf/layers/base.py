@@ -93,7 +93,10 @@ class StreamWidths:
 
 @dataclasses.dataclass(frozen=True)
 class LayerCost:
-    """Trainable parameters and multiply-add FLOPs (2 per MAC) per example of one plain layer."""
+    """Trainable parameters and multiply-add FLOPs (2 per MAC) per example, of a layer or a sub-model.
+
+    `matta_tf.extraction.SubmodelCost` is this class.
+    """
 
     parameters: int
     flops_per_example: int
