@@ -256,6 +256,12 @@ class _Mnestifier:
         return outputs
 
     def _inline(self, model: keras.Model, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(model, keras.Sequential) and not _keras_graph.is_functional(model):
+            raise ValueError(
+                f"mnestify cannot follow inside the subclassed sub-model '{model.name}' "
+                f"({model.__class__.__name__}): build it with the functional API, or give the whole Student "
+                "as a subclassed model with `inputs` so that its `call` is traced."
+            )
         graph = _functional_graph(model)
         outer_prefix = self.prefix
         self.prefix = f"{outer_prefix}{model.name}_"

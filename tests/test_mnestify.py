@@ -393,3 +393,18 @@ def test_a_call_that_cannot_be_traced_is_named():
 
     with pytest.raises(ValueError, match="Could not trace the `call` of 'uses_numpy'"):
         mnestify(UsesNumpy(), inputs=keras.Input((3,)))
+
+
+def test_a_subclassed_sub_model_inside_a_functional_student_is_named():
+    class Tower(keras.Model):
+        def __init__(self):
+            super().__init__(name="tower")
+            self.dense = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.dense(x)
+
+    inputs = keras.Input((4,))
+    student = keras.Model(inputs, keras.layers.Dense(1)(Tower()(inputs)))
+    with pytest.raises(ValueError, match="cannot follow inside the subclassed sub-model 'tower'"):
+        mnestify(student)
