@@ -25,6 +25,8 @@ from matta_tf.layers import (
     StreamWidths,
     TAOnly,
     TransformerBlock,
+    _nesting,
+    base,
 )
 from matta_tf.layers.base import nested_class_for
 
@@ -232,3 +234,79 @@ def test_registry_maps_plain_classes_to_nested_ones():
     assert nested_class_for(GAU(4)) is NestedGAU
     assert nested_class_for(TransformerBlock(2, 2, 4)) is NestedTransformerBlock
     assert nested_class_for(keras.layers.Conv1D(2, 3)) is None
+
+
+# ---- adding a nested layer is one class: mnestify, specs, extraction and cost need no change -------------------
+class Scale(keras.layers.Layer):
+    """A plain per-feature scale `y = x * w` (a layer no part of matta-tf knows)."""
+
+    def build(self, input_shape):
+        self.w = self.add_weight(name="w", shape=(input_shape[-1],), initializer="ones")
+
+    def call(self, x):
+        return x * self.w
+
+
+class NestedScale(NestedLayer, keras.layers.Layer):
+    """Its nested counterpart: one TA-wide `w`; the Student reads its leading entries."""
+
+    plain_classes = (Scale,)
+
+    def build(self, input_shape):
+        self.student_dim, self.ta_dim = _nesting.input_widths(input_shape, self.name)
+        self.w = self.add_weight(name="w", shape=(self.ta_dim,), initializer="ones")
+
+    def call(self, inputs):
+        x_student, x_ta = _nesting.split_streams(inputs)
+        return x_student * self.w[: self.student_dim], x_ta * self.w
+
+    def compute_output_shape(self, input_shape):
+        return _nesting.split_shapes(input_shape)
+
+    @classmethod
+    def from_plain(cls, layer, context):
+        return cls(name=context.name)
+
+    def assign_subnet(self, plain):
+        _nesting.assign_leading_block(self.w, plain.w)
+
+    def _positions(self, choice, input_layout):
+        width = self.student_dim if choice == "student" else self.ta_dim
+        return base.input_positions(input_layout, width, high=self.ta_dim, layer_name=self.name)
+
+    def extract(self, choice="ta", input_layout=None, name=None):
+        positions = self._positions(choice, input_layout)
+        plain = Scale(name=name or self.name)
+        plain.build((None, len(positions)))
+        plain.w.assign(self.w.numpy()[positions])
+        return plain
+
+    def output_layout(self, choice, input_layout):
+        return None if input_layout is None else self._positions(choice, input_layout)
+
+    @classmethod
+    def plain_flops(cls, plain, input_shape):
+        return int(input_shape[-1]) * base.positions_per_example(input_shape)
+
+
+def test_a_new_nested_layer_needs_no_change_elsewhere():
+    from matta_tf.extraction import SubmodelSpec, extract_submodel, spec_cost
+    from matta_tf.mnestify import mnestify
+
+    inputs = keras.Input((5,))
+    x = keras.layers.Concatenate()([keras.layers.Dense(4, name="a")(inputs), keras.layers.Dense(3, name="b")(inputs)])
+    student = keras.Model(inputs, keras.layers.Dense(1, name="logit")(Scale(name="scale")(x)))
+    randomize(student, seed=5)
+    nested = mnestify(student, width_multiplier=2.0)
+    assert type(nested.get_layer("scale")) is NestedScale
+    features = np.random.default_rng(1).normal(size=(6, 5)).astype("float32")
+    y_student, y_ta = nested(features)
+    np.testing.assert_allclose(y_student, student(features), atol=1e-6)
+    for choice, expected in (("student", y_student), ("ta", y_ta)):
+        spec = SubmodelSpec.uniform(nested, choice)
+        plain = extract_submodel(nested, spec)
+        assert any(type(layer) is Scale for layer in plain.layers)
+        np.testing.assert_allclose(plain(features), expected, atol=TOLERANCE)
+    # The Scale's FLOPs come from NestedScale.plain_flops: 7 (Student) or 14 (TA) features.
+    student_cost = spec_cost(nested, SubmodelSpec.uniform(nested, "student"))
+    assert student_cost.flops_per_example == 2 * 5 * 7 + 7 + 2 * 7
