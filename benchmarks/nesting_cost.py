@@ -46,12 +46,7 @@ def nested_mlp(input_dim: int, student_widths: list[int], multiplier: int) -> ke
 
 
 def plain_mlp(nested: keras.Model, stream: str, input_dim: int) -> keras.Model:
-    layers, width = [keras.Input((input_dim,))], input_dim
-    for layer in nested.layers[1:]:
-        units = layer.student_units if stream == "student" else layer.ta_units
-        layers.append(layer.extract(width, units))
-        width = units
-    return keras.Sequential(layers)
+    return keras.Sequential([keras.Input((input_dim,))] + [layer.extract(stream) for layer in nested.layers[1:]])
 
 
 def nested_transformer(
@@ -68,14 +63,7 @@ def nested_transformer(
 
 def plain_transformer(nested: keras.Model, stream: str, length: int, model_dim: int) -> keras.Model:
     layers = [keras.Input((length,), dtype="int32")]
-    for layer in nested.layers[1:]:
-        if isinstance(layer, NestedTransformerBlock):
-            layers.append(layer.extract(stream))
-        elif isinstance(layer, NestedDense):
-            layers.append(layer.extract(model_dim, layer.ta_units))
-        else:
-            layers.append(layer.extract(model_dim))
-    return keras.Sequential(layers)
+    return keras.Sequential(layers + [layer.extract(stream) for layer in nested.layers[1:]])
 
 
 def train_step(model: keras.Model, jit_compile: bool) -> Callable:

@@ -5,26 +5,20 @@ streams `(student, ta)`: layers with weights become their nested counterparts (l
 d_model M-nesting), weightless layers run on each stream, and TA-only layers can be inserted (depth
 M-nesting). The result is a `keras.Model` with the Student's inputs and outputs
 `[student_output, ta_output]`.
+
+This walker knows no nested layer class: it asks `matta_tf.layers.base.nested_class_for(layer)` for
+the nested counterpart of each Student layer and builds it with that class's `from_plain`. The table
+of supported layers is in the `matta_tf.layers` docstring. A subclassed Student is first traced
+(its `call` on symbolic `inputs`) into a functional graph sharing its layers.
 """
 
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import keras
-import keras_rs
 
-from matta_tf.layers import (
-    GAU,
-    NestedConcatenate,
-    NestedDense,
-    NestedEmbedding,
-    NestedGAU,
-    NestedNormalization,
-    NestedTransformerBlock,
-    TAOnly,
-    TransformerBlock,
-    _nesting,
-)
+from matta_tf import _keras_graph
+from matta_tf.layers import NestedConcatenate, TAOnly, _nesting, base
 
 # Weightless element-wise layers: they run on each stream, and a Dense still counts as an output
 # layer when its output reaches a model output through them only.
@@ -54,12 +48,20 @@ _PER_STREAM_LAYERS = _ELEMENTWISE_LAYERS + (
     keras.layers.Flatten,
 )
 
-SUPPORTED_LAYERS = (
-    "Dense, Embedding, keras_rs.layers.EmbedReduce, LayerNormalization (last axis), "
-    "RMSNormalization (last axis), Concatenate, matta_tf.layers.GAU, matta_tf.layers.TransformerBlock, "
-    "nested Sequential/functional models, and the weightless layers "
-    + ", ".join(cls.__name__ for cls in _PER_STREAM_LAYERS)
-)
+
+
+def supported_layers() -> str:
+    """The layer classes `mnestify` accepts, for error messages (the table is in `matta_tf.layers`)."""
+    names = []
+    for cls in base.nestable_classes():
+        prefix = {"keras_rs": "keras_rs.layers.", "matta_tf": "matta_tf.layers."}.get(cls.__module__.split(".")[0], "")
+        names.append(prefix + cls.__name__)
+    # The most common first; the rest in registration order.
+    names.sort(key=lambda name: {"Dense": 0, "Embedding": 1}.get(name, 2))
+    return (
+        ", ".join(names) + ", nested Sequential/functional models, and the weightless layers "
+        + ", ".join(cls.__name__ for cls in _PER_STREAM_LAYERS)
+    )
 
 
 class _Streams:
@@ -88,6 +90,7 @@ def mnestify(
     copy_student_weights: bool = True,
     student_init: str = "standalone",
     name: str | None = None,
+    inputs: Any = None,
 ) -> keras.Model:
     """M-nestifies a Student Keras model into a Student+TA network with shared parameters.
 
@@ -104,13 +107,16 @@ def mnestify(
       widths `round(e * m)`, `round(s * m)`; their model width follows their inputs;
     - `LayerNormalization` / `RMSNormalization` -> `NestedNormalization` (per-stream statistics);
     - `Concatenate` -> `NestedConcatenate` (the Student's features stay a prefix of the TA's);
+    - `keras_rs.layers.FeatureCross` (full rank) -> `NestedFeatureCross` (its width follows its input);
     - weightless layers (dropout, activations, merges, pooling) run on each stream.
 
-    `m` is `layer_width_multipliers[layer.name]` if given, else `width_multiplier`.
+    `m` is `layer_width_multipliers[layer.name]` if given, else `width_multiplier`. The table of
+    supported layers is in `matta_tf.layers`; each nested layer's `from_plain` says how it is made.
 
     Args:
         student: a built `keras.Sequential` or functional `keras.Model` made of the supported layers
-            (nested Sequential/functional sub-models are inlined).
+            (nested Sequential/functional sub-models are inlined), or a subclassed `keras.Model`
+            whose `call` is made of them and Keras ops (give `inputs`).
         width_multiplier: float `>= 1`. Global TA/Student width ratio of Dense units, Transformer
             FFN widths and GAU widths. Defaults to `2.0`.
         layer_width_multipliers: optional mapping from a Student layer name to its own multiplier
@@ -128,6 +134,10 @@ def mnestify(
         student_init: `"standalone"` (default) or `"ta_slice"`: how fresh nested weights are
             initialized, see `matta_tf.layers.NestedDense`.
         name: optional model name. Defaults to `f"{student.name}_mnested"`.
+        inputs: for a subclassed Student only: `keras.Input` tensors in the structure its `call`
+            takes. Its `call` is traced on them into a functional graph (it must be made of Keras
+            layers and `keras.ops`; element-wise ops run on each stream and `keras.ops.concatenate`
+            becomes a `NestedConcatenate`).
 
     Returns:
         A `keras.Model` with the Student's inputs whose outputs are `[student_output, ta_output]`
@@ -163,7 +173,7 @@ def mnestify(
         ta_only_after=dict(ta_only_after or {}),
         copy_student_weights=copy_student_weights,
         student_init=student_init,
-    ).run(student, name)
+    ).run(student, name, inputs)
 
 
 class _Mnestifier:
@@ -201,12 +211,12 @@ class _Mnestifier:
         self.weight_pairs: list[tuple[keras.layers.Layer, keras.layers.Layer]] = []
         self.prefix = ""
 
-    def run(self, student: keras.Model, name: str | None) -> keras.Model:
-        graph = _functional_graph(student)
+    def run(self, student: keras.Model, name: str | None, inputs: Any = None) -> keras.Model:
+        graph = _functional_graph(student, inputs)
         self.output_layers = _output_layers(graph)
         inputs = [_copy_input(tensor) for tensor in graph.inputs]
-        self.used_names.update(tensor._keras_history.operation.name for tensor in inputs)
-        outputs = graph._run_through_graph([_Streams(x, x) for x in inputs], call_fn=self._convert_call)
+        self.used_names.update(_keras_graph.input_name(tensor) for tensor in inputs)
+        outputs = _keras_graph.run_through_graph(graph, [_Streams(x, x) for x in inputs], self._convert_call)
         unknown = (set(self.layer_width_multipliers) | set(self.ta_only_after)) - self.seen_names
         if unknown:
             raise ValueError(
@@ -219,7 +229,7 @@ class _Mnestifier:
         if len(flat) == 1:
             student_outputs, ta_outputs = flat[0].student, flat[0].ta
         # Keep the Student's input structure (e.g. a dict of features).
-        model_inputs = keras.tree.pack_sequence_as(graph._inputs_struct, inputs)
+        model_inputs = keras.tree.pack_sequence_as(_keras_graph.inputs_struct(graph), inputs)
         nested = keras.Model(model_inputs, [student_outputs, ta_outputs], name=name or f"{student.name}_mnested")
         if self.copy_student_weights:
             for plain, nested_layer in self.weight_pairs:
@@ -246,162 +256,69 @@ class _Mnestifier:
         return outputs
 
     def _inline(self, model: keras.Model, *args: Any, **kwargs: Any) -> Any:
+        if not isinstance(model, keras.Sequential) and not _keras_graph.is_functional(model):
+            raise ValueError(
+                f"mnestify cannot follow inside the subclassed sub-model '{model.name}' "
+                f"({model.__class__.__name__}): build it with the functional API, or give the whole Student "
+                "as a subclassed model with `inputs` so that its `call` is traced."
+            )
         graph = _functional_graph(model)
         outer_prefix = self.prefix
         self.prefix = f"{outer_prefix}{model.name}_"
         try:
-            return graph._run_through_graph(args[0], call_fn=self._convert_call)
+            return _keras_graph.run_through_graph(graph, args[0], self._convert_call)
         finally:
             self.prefix = outer_prefix
 
     def _call_nested(self, layer: Any, args: tuple, kwargs: dict) -> _Streams:
         streams = [x for x in keras.tree.flatten((args, kwargs)) if isinstance(x, _Streams)]
-        if isinstance(layer, keras.layers.Dense):
-            return self._nested_layer(layer, self._nested_dense)(streams[0])
-        if isinstance(layer, keras.layers.Embedding):
-            return self._call_embedding(layer, args, kwargs)
-        if isinstance(layer, (keras.layers.LayerNormalization, keras.layers.RMSNormalization)):
-            return self._nested_layer(layer, self._nested_normalization)(streams[0])
-        if isinstance(layer, TransformerBlock):
-            return self._nested_layer(layer, self._nested_transformer_block)(streams[0], kwargs)
-        if isinstance(layer, GAU):
-            return self._nested_layer(layer, self._nested_gau)(streams[0], kwargs)
-        if isinstance(layer, keras.layers.Concatenate):
+        nested_class = base.nested_class_for(layer)
+        if nested_class is not None:
+            nested = self._converted(layer, lambda: nested_class.from_plain(layer, self._context(layer, streams)))
+
+            def as_input(value: Any) -> Any:
+                return value.as_input() if isinstance(value, _Streams) else value
+
+            call_args, call_kwargs = keras.tree.map_structure(as_input, (args, kwargs))
+            return _Streams(*nested(*call_args, **call_kwargs))
+        if isinstance(layer, _keras_graph.CONCATENATE_OP):
             concatenate = self._converted(layer, lambda: NestedConcatenate(layer.axis, name=self._name(layer.name)))
             return _Streams(*concatenate([s.as_input() for s in args[0]]))
-        if isinstance(layer, _PER_STREAM_LAYERS):
+        if isinstance(layer, _PER_STREAM_LAYERS + _keras_graph.ELEMENTWISE_OPS):
             return self._call_per_stream(layer, args, kwargs, streams)
+        if _keras_graph.is_op(layer):
+            raise ValueError(
+                f"mnestify does not support the Keras op '{layer.name}' ({layer.__class__.__name__}) in a "
+                "traced `call`: only element-wise ops and `keras.ops.concatenate` run on the two streams. "
+                "Use a Keras layer for it."
+            )
         raise ValueError(
             f"mnestify does not support layer '{layer.name}' of class "
-            f"{layer.__class__.__module__}.{layer.__class__.__name__}. Supported: {SUPPORTED_LAYERS}."
+            f"{layer.__class__.__module__}.{layer.__class__.__name__}. Supported: {supported_layers()}."
         )
 
-    def _nested_layer(self, layer: Any, make: Any) -> Any:
-        """A function calling the nested counterpart of `layer` (created once) on `_Streams`."""
-
-        def call(streams: _Streams, kwargs: dict | None = None) -> _Streams:
-            nested = self._converted(layer, lambda: make(layer, streams))
-            return _Streams(*nested(streams.as_input(), **(kwargs or {})))
-
-        return call
+    def _context(self, layer: Any, streams: list[_Streams]) -> base.NestingContext:
+        layer_multiplier = self.layer_width_multipliers.get(layer.name)
+        return base.NestingContext(
+            name=self._name(layer.name),
+            student_init=self.student_init,
+            input_shapes=tuple((tuple(s.student.shape), tuple(s.ta.shape)) for s in streams),
+            inputs_shared=all(s.shared for s in streams),
+            is_output=id(layer) in self.output_layers and layer_multiplier is None,
+            multipliers={
+                "width": self.width_multiplier if layer_multiplier is None else layer_multiplier,
+                "d_model": self.d_model_multiplier if layer_multiplier is None else layer_multiplier,
+                "heads": self.num_heads_multiplier,
+            },
+        )
 
     def _converted(self, layer: Any, make: Any) -> Any:
         if id(layer) not in self.converted:
             nested = make()
             self.converted[id(layer)] = nested
-            if layer.weights:
+            if getattr(layer, "weights", None):
                 self.weight_pairs.append((layer, nested))
         return self.converted[id(layer)]
-
-    def _widen(self, layer: Any, width: int, default: float | None = None) -> int:
-        """The TA's width: `width` times the layer's own multiplier, else `default` (`width_multiplier`)."""
-        default = self.width_multiplier if default is None else default
-        return max(width, int(round(width * self.layer_width_multipliers.get(layer.name, default))))
-
-    def _nested_dense(self, layer: keras.layers.Dense, streams: _Streams) -> NestedDense:
-        is_output = id(layer) in self.output_layers and layer.name not in self.layer_width_multipliers
-        ta_units = layer.units if is_output else self._widen(layer, layer.units)
-        return NestedDense(
-            layer.units,
-            ta_units,
-            activation=layer.activation,
-            use_bias=layer.use_bias,
-            kernel_initializer=_nesting.clone_initializer(layer.kernel_initializer),
-            bias_initializer=_nesting.clone_initializer(layer.bias_initializer),
-            kernel_regularizer=layer.kernel_regularizer,
-            bias_regularizer=layer.bias_regularizer,
-            kernel_constraint=layer.kernel_constraint,
-            bias_constraint=layer.bias_constraint,
-            student_init=self.student_init,
-            dtype=layer.dtype_policy,
-            name=self._name(layer.name),
-        )
-
-    def _call_embedding(self, layer: keras.layers.Embedding, args: tuple, kwargs: dict) -> _Streams:
-        if getattr(layer, "mask_zero", False):
-            raise ValueError(
-                f"mnestify does not support layer '{layer.name}' of class Embedding with "
-                "`mask_zero=True`. Supported: Embedding without masking."
-            )
-        values = [a.ta if isinstance(a, _Streams) else a for a in args]
-        kw = {k: (v.ta if isinstance(v, _Streams) else v) for k, v in kwargs.items()}
-        if any(isinstance(a, _Streams) and not a.shared for a in list(args) + list(kwargs.values())):
-            raise ValueError(f"mnestify: the ids of embedding '{layer.name}' must be the same for both streams.")
-        combiner = layer.combiner if isinstance(layer, keras_rs.layers.EmbedReduce) else None
-        nested = self._converted(
-            layer,
-            lambda: NestedEmbedding(
-                layer.input_dim,
-                layer.output_dim,
-                self._widen(layer, layer.output_dim, self.d_model_multiplier),
-                embeddings_initializer=_nesting.clone_initializer(layer.embeddings_initializer),
-                embeddings_regularizer=layer.embeddings_regularizer,
-                embeddings_constraint=layer.embeddings_constraint,
-                combiner=combiner,
-                student_init=self.student_init,
-                dtype=layer.dtype_policy,
-                name=self._name(layer.name),
-            ),
-        )
-        return _Streams(*nested(*values, **kw))
-
-    def _nested_normalization(self, layer: Any, streams: _Streams) -> NestedNormalization:
-        rank = len(streams.ta.shape)
-        axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
-        if [a % rank for a in axis] != [rank - 1]:
-            raise ValueError(
-                f"mnestify supports normalization over the last axis only. Layer '{layer.name}' "
-                f"({layer.__class__.__name__}) normalizes over axis={layer.axis}."
-            )
-        if isinstance(layer, keras.layers.RMSNormalization):
-            return NestedNormalization(
-                "rms_norm", epsilon=layer.epsilon, dtype=layer.dtype_policy, name=self._name(layer.name)
-            )
-        return NestedNormalization(
-            "layer_norm",
-            epsilon=layer.epsilon,
-            center=layer.center,
-            scale=layer.scale,
-            dtype=layer.dtype_policy,
-            name=self._name(layer.name),
-        )
-
-    def _nested_transformer_block(self, layer: TransformerBlock, streams: _Streams) -> NestedTransformerBlock:
-        return NestedTransformerBlock(
-            layer.num_heads,
-            layer.head_dim,
-            layer.ffn_dim,
-            self._widen(layer, layer.ffn_dim),
-            ta_num_heads=max(layer.num_heads, int(round(layer.num_heads * self.num_heads_multiplier))),
-            activation=layer.activation,
-            causal=layer.causal,
-            normalization=layer.normalization,
-            epsilon=layer.epsilon,
-            dropout=layer.dropout,
-            kernel_initializer=_nesting.clone_initializer(layer.kernel_initializer),
-            bias_initializer=_nesting.clone_initializer(layer.bias_initializer),
-            student_init=self.student_init,
-            dtype=layer.dtype_policy,
-            name=self._name(layer.name),
-        )
-
-    def _nested_gau(self, layer: GAU, streams: _Streams) -> NestedGAU:
-        return NestedGAU(
-            layer.expansion_dim,
-            self._widen(layer, layer.expansion_dim),
-            student_key_dim=layer.key_dim,
-            ta_key_dim=self._widen(layer, layer.key_dim),
-            activation=layer.activation,
-            use_bias=layer.use_bias,
-            normalization=layer.normalization,
-            epsilon=layer.epsilon,
-            dropout=layer.dropout,
-            kernel_initializer=_nesting.clone_initializer(layer.kernel_initializer),
-            bias_initializer=_nesting.clone_initializer(layer.bias_initializer),
-            student_init=self.student_init,
-            dtype=layer.dtype_policy,
-            name=self._name(layer.name),
-        )
 
     def _call_per_stream(self, layer: Any, args: tuple, kwargs: dict, streams: list) -> _Streams:
         if isinstance(layer, keras.layers.Flatten):
@@ -431,6 +348,8 @@ class _Mnestifier:
         )
 
     def _clone(self, layer: Any, name: str) -> Any:
+        if _keras_graph.is_op(layer):
+            return layer  # a stateless op: the same op runs on each stream
         config = dict(layer.get_config())
         config["name"] = name
         return layer.__class__.from_config(config)
@@ -448,7 +367,7 @@ class _Mnestifier:
             return [
                 TAOnly(
                     self._mirror_at_ta_width(layer, nested),
-                    residual=isinstance(nested, NestedDense),
+                    residual=bool(getattr(nested, "mirror_residual", False)),
                     name=self._name(f"{layer.name}_ta_only_{i}"),
                 )
                 for i in range(spec)
@@ -465,21 +384,18 @@ class _Mnestifier:
         return layers
 
     def _mirror_at_ta_width(self, layer: Any, nested: Any) -> keras.layers.Layer:
-        if isinstance(nested, NestedDense):
-            return keras.layers.Dense(
-                nested.ta_units,
-                activation=nested.activation,
-                use_bias=nested.use_bias,
-                kernel_initializer=_nesting.clone_initializer(nested.kernel_initializer),
-                bias_initializer=_nesting.clone_initializer(nested.bias_initializer),
-                dtype=nested.dtype_policy,
-            )
-        if isinstance(nested, (NestedTransformerBlock, NestedGAU)):
+        if isinstance(nested, base.NestedLayer) and nested.mirror_residual is not None:
             config = nested.extract_config("ta")
             config.pop("name")
-            return (TransformerBlock if isinstance(nested, NestedTransformerBlock) else GAU).from_config(config)
+            return nested.plain_classes[0].from_config(config)
+        mirrorable = {cls for cls in base.nestable_classes().values() if cls.mirror_residual is not None}
+        # Residual mirrors (Dense) first, then the blocks.
+        names = sorted(cls.plain_classes[0].__name__ for cls in mirrorable if cls.mirror_residual) + sorted(
+            (cls.plain_classes[0].__name__ for cls in mirrorable if not cls.mirror_residual), reverse=True
+        )
+        listed = ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else "".join(names)
         raise ValueError(
-            f"`ta_only_after['{layer.name}']`: an int count mirrors Dense, TransformerBlock and GAU "
+            f"`ta_only_after['{layer.name}']`: an int count mirrors {listed} "
             f"layers only; '{layer.name}' is a {layer.__class__.__name__}. Pass a list of layers."
         )
 
@@ -499,8 +415,8 @@ def _check_multiplier(name: str, value: Any) -> None:
         raise ValueError(f"`{name}` must be a number >= 1. Received: {name}={value!r}")
 
 
-def _functional_graph(model: keras.Model) -> keras.Model:
-    """A functional view of a built Sequential or functional model (sharing its layers)."""
+def _functional_graph(model: keras.Model, inputs: Any = None) -> keras.Model:
+    """A functional view of a built Sequential, functional or (traced on `inputs`) subclassed model."""
     if isinstance(model, keras.Sequential):
         try:
             inputs, outputs = model.inputs, model.outputs
@@ -510,12 +426,15 @@ def _functional_graph(model: keras.Model) -> keras.Model:
             ) from error
         # A Sequential takes and returns single tensors, not lists of one.
         return keras.Model(inputs[0], outputs[0], name=model.name)
-    if not hasattr(model, "_nodes_by_depth"):
+    if _keras_graph.is_functional(model):
+        return model
+    if inputs is None:
         raise ValueError(
             f"mnestify needs a Sequential or functional model. Received '{model.name}' of class "
-            f"{model.__class__.__name__} (a subclassed model has no graph to nest)."
+            f"{model.__class__.__name__}: for a subclassed model, pass `inputs` (`keras.Input` tensors in "
+            "the structure its `call` takes) so that its `call` can be traced into a graph."
         )
-    return model
+    return _keras_graph.trace_call(model, inputs)
 
 
 def _copy_input(tensor: Any) -> Any:
@@ -525,20 +444,20 @@ def _copy_input(tensor: Any) -> Any:
         dtype=tensor.dtype,
         sparse=tensor.sparse,
         ragged=tensor.ragged,
-        name=tensor._keras_history.operation.name,
+        name=_keras_graph.input_name(tensor),
     )
 
 
 def _output_layers(model: keras.Model) -> set[int]:
-    """Ids of the Dense layers whose output reaches a model output through element-wise layers only."""
+    """Ids of the nestable layers whose output reaches a model output through element-wise layers only."""
     found: set[int] = set()
 
     def visit(tensor: Any) -> None:
-        operation, node_index, tensor_index = tensor._keras_history
-        if isinstance(operation, keras.layers.Dense):
+        operation, node_index, tensor_index = _keras_graph.producer(tensor)
+        if base.nested_class_for(operation) is not None:
             found.add(id(operation))
-        elif isinstance(operation, _ELEMENTWISE_LAYERS):
-            visit(operation._inbound_nodes[node_index].input_tensors[0])
+        elif isinstance(operation, _ELEMENTWISE_LAYERS + _keras_graph.ELEMENTWISE_OPS):
+            visit(_keras_graph.node_input_tensors(operation, node_index)[0])
         elif isinstance(operation, keras.Model):
             visit(keras.tree.flatten(_functional_graph(operation).outputs)[tensor_index])
 

@@ -33,8 +33,8 @@ from matta_tf.data.schema import Feature, Schema
 from matta_tf.layers.nested_concatenate import NestedConcatenate
 from matta_tf.layers.nested_dense import NestedDense
 from matta_tf.layers.nested_embedding import NestedEmbedding
+from matta_tf.layers.nested_feature_cross import NestedFeatureCross
 from matta_tf.layers.ta_only import TAOnly
-from matta_tf.towers.nested_feature_cross import NestedFeatureCross
 
 ROLES = ("user", "context", "item")
 

@@ -32,7 +32,15 @@ from matta_tf.extraction import (
     spec_cost,
     wide_narrow_wide_specs,
 )
-from matta_tf.layers import NestedDense, NestedEmbedding, NestedTransformerBlock, TAOnly, TransformerBlock
+from matta_tf.layers import (
+    NestedConcatenate,
+    NestedDense,
+    NestedEmbedding,
+    NestedFeatureCross,
+    NestedTransformerBlock,
+    TAOnly,
+    TransformerBlock,
+)
 
 SCHEMA = Schema(
     features=(
@@ -228,3 +236,73 @@ def test_evaluate_pareto_plot_and_select(relevance, tmp_path):
 def test_pareto_frontier():
     table = pd.DataFrame({"parameters": [1, 2, 3, 4, 5], "auc": [0.6, 0.58, 0.7, 0.69, 0.75]})
     assert pareto_frontier(table, "parameters", "auc").tolist() == [True, False, True, False, True]
+
+
+class MyRanker(keras.Model):
+    """A subclassed nested network built from matta-tf layers (with keras.ops on each stream)."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.user = NestedEmbedding(30, 3, 6, name="user_embedding")
+        self.item = NestedEmbedding(20, 4, 8, name="item_embedding")
+        self.concat = NestedConcatenate(name="concat")
+        self.hidden = NestedDense(5, 10, name="hidden")
+        self.cross = NestedFeatureCross(name="cross")
+        self.extra = TAOnly(keras.layers.Dense(10, activation="relu"), name="extra")
+        self.logit = NestedDense(1, 1, name="logit")
+
+    def call(self, inputs):
+        x = self.concat([self.user(inputs["user"]), self.item(inputs["item"])])
+        h = tuple(keras.ops.relu(stream) for stream in self.hidden(x))
+        h = self.extra(self.cross(h))
+        return list(self.logit(h))
+
+
+def test_subclassed_nested_network_extracts_its_student_and_ta():
+    from matta_tf.extraction import functional_view
+
+    rng = np.random.default_rng(3)
+    data = {"user": rng.integers(0, 30, 7).astype("int32"), "item": rng.integers(0, 20, 7).astype("int32")}
+    ranker = MyRanker(name="my_ranker")
+    y_student, y_ta = ranker(data)
+    for weight in ranker.weights:
+        weight.assign(rng.normal(0, 0.4, weight.shape))
+    y_student, y_ta = ranker(data)
+    with pytest.raises(SpecError, match="'my_ranker' .* is a subclassed model.*functional_view"):
+        all_specs(ranker)
+    inputs = {name: keras.Input((), dtype="int32", name=name) for name in ("user", "item")}
+    view = functional_view(ranker, inputs)
+    assert [layer.name for layer in choosable_layers(view)] == ["user_embedding", "item_embedding", "hidden", "extra"]
+    assert len(all_specs(view)) == 16
+    for choice, expected in (("student", y_student), ("ta", y_ta)):
+        spec = SubmodelSpec.uniform(view, choice)
+        plain = extract_submodel(view, spec)
+        np.testing.assert_allclose(plain(data).numpy(), keras.ops.convert_to_numpy(expected), atol=1e-5)
+        assert spec_cost(view, spec) == model_cost(plain)
+
+
+def test_random_specs_are_extractable(relevance):
+    from matta_tf.extraction import is_extractable
+
+    specs = random_specs(relevance, 4, seed=0)
+    assert len({s.to_json() for s in specs}) == 6
+    for spec in specs[2:]:
+        extract_submodel(relevance, spec)  # raises SpecError for a spec that cannot be extracted
+    unfiltered = random_specs(relevance, 30, seed=0, extractable_only=False)
+    assert not all(is_extractable(relevance, spec) for spec in unfiltered)
+
+
+def test_a_subclassed_nested_sub_model_is_named():
+    class Tower(keras.Model):
+        def __init__(self):
+            super().__init__(name="tower")
+            self.dense = NestedDense(2, 4, name="tower_dense")
+
+        def call(self, x):
+            return self.dense(x)
+
+    inputs = keras.Input((3,))
+    tower = Tower()
+    nested = keras.Model(inputs, list(NestedDense(1, 1, name="logit")(tower(inputs))))
+    with pytest.raises(SpecError, match="subclassed model 'tower' .*functional_view"):
+        extract_submodel(nested, SubmodelSpec({}, name="student"))

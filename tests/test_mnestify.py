@@ -200,7 +200,7 @@ def test_small_transformer_reproduces_the_student_and_nests_a_plain_ta():
     x = nested.get_layer("block_0_ta_only_0").extract()(x)
     x = nested.get_layer("block_1").extract("ta")(x)
     x = nested.get_layer("final_norm").extract(12)(x)
-    ta = keras.Model([tokens, positions], nested.get_layer("lm_head").extract(12, 13)(x))
+    ta = keras.Model([tokens, positions], nested.get_layer("lm_head").extract(13, 12)(x))
     np.testing.assert_allclose(y_ta, ta(inputs), atol=TOLERANCE)
 
 
@@ -265,3 +265,146 @@ def test_flatten_over_nested_token_width_is_refused():
     nested = mnestify(student)  # un-nested token width: Flatten runs per stream
     ids = np.array([[1, 2, 3, 4]])
     np.testing.assert_allclose(nested(ids)[0], student(ids), atol=1e-6)
+
+
+def cross_student():
+    """A functional DCN-v2 Student: Dense -> two keras-rs FeatureCross layers -> logit."""
+    inputs = keras.Input((6,), name="features")
+    x0 = keras.layers.Dense(8, activation="relu", name="embed")(inputs)
+    x = keras_rs.layers.FeatureCross(name="cross_0")(x0)
+    x = keras_rs.layers.FeatureCross(diag_scale=0.5, name="cross_1")(x0, x)
+    student = keras.Model(inputs, keras.layers.Dense(1, name="logit")(x), name="dcn")
+    randomize(student, seed=4)
+    return student
+
+
+def test_feature_cross_student_is_reproduced_and_its_ta_cross_is_wider():
+    student = cross_student()
+    nested = mnestify(student, width_multiplier=2.0)
+    features = np.random.default_rng(5).normal(size=(5, 6)).astype("float32")
+    y_student, y_ta = nested(features)
+    np.testing.assert_allclose(y_student, student(features), atol=1e-6)
+
+    cross_0, cross_1 = nested.get_layer("cross_0"), nested.get_layer("cross_1")
+    assert type(cross_0).__name__ == "NestedFeatureCross"
+    assert cross_0.dense.kernel.shape == (16, 16) and (cross_0.student_dim, cross_0.ta_dim) == (8, 16)
+    np.testing.assert_array_equal(
+        cross_0.dense.kernel.numpy()[:8, :8], student.get_layer("cross_0").dense.kernel.numpy()
+    )
+    # The TA stream, in numpy: the wider embedding, then the 16 x 16 crosses.
+    embed, logit = nested.get_layer("embed"), nested.get_layer("logit")
+    h0 = np.maximum(features @ embed.kernel.numpy() + embed.bias.numpy(), 0)
+
+    def cross(layer, base, x, diag_scale):
+        return base * (x @ layer.dense.kernel.numpy() + layer.dense.bias.numpy() + diag_scale * x) + x
+
+    h = cross(cross_1, h0, cross(cross_0, h0, h0, 0.0), 0.5)
+    np.testing.assert_allclose(y_ta, h @ logit.kernel.numpy() + logit.bias.numpy(), atol=TOLERANCE)
+
+
+def test_feature_cross_student_extracts_to_plain_student_and_ta():
+    from matta_tf.extraction import SubmodelSpec, extract_submodel
+
+    student = cross_student()
+    nested = mnestify(student, width_multiplier=2.0)
+    features = np.random.default_rng(6).normal(size=(5, 6)).astype("float32")
+    y_student, y_ta = nested(features)
+    for choice, expected in (("student", y_student), ("ta", y_ta)):
+        plain = extract_submodel(nested, SubmodelSpec.uniform(nested, choice))
+        assert any(isinstance(layer, keras_rs.layers.FeatureCross) for layer in plain.layers)
+        np.testing.assert_allclose(plain(features), expected, atol=TOLERANCE)
+
+
+def test_low_rank_feature_cross_is_refused_by_name():
+    inputs = keras.Input((6,))
+    x = keras_rs.layers.FeatureCross(projection_dim=2, name="low_rank")(keras.layers.Dense(8)(inputs))
+    student = keras.Model(inputs, keras.layers.Dense(1)(x))
+    with pytest.raises(ValueError, match=r"'low_rank' of class FeatureCross .*projection_dim=2"):
+        mnestify(student)
+
+
+class SubclassedRanker(keras.Model):
+    """A subclassed Student: embeddings, keras.ops in `call`, an MLP."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.user = keras.layers.Embedding(30, 4, name="user_embedding")
+        self.item = keras.layers.Embedding(20, 6, name="item_embedding")
+        self.hidden = keras.layers.Dense(8, name="hidden")
+        self.logit = keras.layers.Dense(1, name="logit")
+
+    def call(self, inputs):
+        x = keras.ops.concatenate([self.user(inputs["user"]), self.item(inputs["item"])], axis=-1)
+        return self.logit(keras.ops.relu(self.hidden(x)))
+
+
+class SubclassedCross(keras.Model):
+    """A subclassed DCN-v2 Student with a keras-rs FeatureCross."""
+
+    def __init__(self, **kwargs):
+        super().__init__(**kwargs)
+        self.embed = keras.layers.Dense(8, activation="relu", name="embed")
+        self.cross = keras_rs.layers.FeatureCross(name="cross")
+        self.logit = keras.layers.Dense(1, name="logit")
+
+    def call(self, x):
+        x0 = self.embed(x)
+        return self.logit(self.cross(x0, x0))
+
+
+def ranker_inputs():
+    return {"user": keras.Input((), dtype="int32", name="user"), "item": keras.Input((), dtype="int32", name="item")}
+
+
+def test_subclassed_mlp_with_embeddings_is_reproduced_exactly():
+    rng = np.random.default_rng(7)
+    data = {"user": rng.integers(0, 30, 9).astype("int32"), "item": rng.integers(0, 20, 9).astype("int32")}
+    student = SubclassedRanker(name="ranker")
+    student(data)
+    randomize(student, seed=8)
+    nested = mnestify(student, width_multiplier=2.0, d_model_multiplier=2.0, inputs=ranker_inputs())
+    y_student, y_ta = nested(data)
+    np.testing.assert_array_equal(y_student, student(data))
+    assert nested.get_layer("user_embedding").ta_dim == 8 and nested.get_layer("hidden").ta_units == 16
+    assert y_ta.shape == (9, 1)
+    with pytest.raises(ValueError, match="pass `inputs`"):
+        mnestify(student)
+
+
+def test_subclassed_feature_cross_student_is_reproduced_exactly():
+    features = np.random.default_rng(9).normal(size=(5, 6)).astype("float32")
+    student = SubclassedCross(name="cross_model")
+    student(features)
+    randomize(student, seed=10)
+    nested = mnestify(student, width_multiplier=2.0, inputs=keras.Input((6,)))
+    y_student, y_ta = nested(features)
+    np.testing.assert_array_equal(y_student, student(features))
+    assert nested.get_layer("cross").dense.kernel.shape == (16, 16)
+
+
+def test_a_call_that_cannot_be_traced_is_named():
+    class UsesNumpy(keras.Model):
+        def __init__(self):
+            super().__init__(name="uses_numpy")
+            self.dense = keras.layers.Dense(2)
+
+        def call(self, x):
+            return self.dense(np.asarray(x) * 2)
+
+    with pytest.raises(ValueError, match="Could not trace the `call` of 'uses_numpy'"):
+        mnestify(UsesNumpy(), inputs=keras.Input((3,)))
+
+
+def test_a_subclassed_sub_model_inside_a_functional_student_is_named():
+    class Tower(keras.Model):
+        def __init__(self):
+            super().__init__(name="tower")
+            self.dense = keras.layers.Dense(3)
+
+        def call(self, x):
+            return self.dense(x)
+
+    inputs = keras.Input((4,))
+    student = keras.Model(inputs, keras.layers.Dense(1)(Tower()(inputs)))
+    with pytest.raises(ValueError, match="cannot follow inside the subclassed sub-model 'tower'"):
+        mnestify(student)

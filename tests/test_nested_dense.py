@@ -161,14 +161,14 @@ def test_extract_returns_plain_dense_with_a_copy_of_the_slice(input_dim, units):
     layer((np.zeros((1, 4), "float32"), np.zeros((1, 9), "float32")))
     randomize(layer)
     kernel, bias = layer.kernel.numpy(), layer.bias.numpy()
-    dense = layer.extract(input_dim=input_dim, units=units)
+    dense = layer.extract(units, input_layout=input_dim)
     assert type(dense) is keras.layers.Dense and dense.name == "hidden"
     x = np.random.default_rng(5).normal(size=(2, input_dim)).astype("float32")
     expected = np.maximum(x @ kernel[:input_dim, :units] + bias[:units], 0)
     np.testing.assert_allclose(dense(x), expected, atol=TOLERANCE)
     layer.kernel.assign(np.zeros_like(kernel))  # the extracted layer owns its weights
     np.testing.assert_allclose(dense(x), expected, atol=TOLERANCE)
-    assert dense.get_config() == {**layer.extract_config(input_dim, units), "name": dense.name}
+    assert dense.get_config() == {**layer.extract_config(units, input_layout=input_dim), "name": dense.name}
 
 
 def test_assign_subnet_writes_the_leading_block():
@@ -202,7 +202,7 @@ def test_errors_name_the_argument_and_value():
     with pytest.raises(ValueError, match=r"built for input widths \(student, ta\)=\(3, 5\)"):
         layer(np.zeros((1, 5), "float32"))
     with pytest.raises(ValueError, match=r"`units` must be an integer in \[1, 4\]"):
-        layer.extract(input_dim=3, units=5)
+        layer.extract(5, input_layout=3)
 
 
 def test_keras_save_and_load_keep_outputs(tmp_path):

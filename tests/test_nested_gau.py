@@ -98,7 +98,7 @@ def test_errors_name_the_argument_and_value():
         NestedGAU(8, 16, student_key_dim=8, ta_key_dim=4)
     nested = NestedGAU(4, 8, student_key_dim=2)
     nested(np.zeros((1, 2, 3), "float32"))
-    with pytest.raises(ValueError, match="`stream` must be one of"):
+    with pytest.raises(ValueError, match="`choice` must be one of"):
         nested.extract("teacher")
 
 

@@ -130,7 +130,7 @@ def test_transformer_stack_with_depth_nesting_equals_extracted_plain_models():
         layers += [
             nested.get_layer("block_1").extract(stream),
             nested.get_layer("final_norm").extract(model_dim),
-            nested.get_layer("head").extract(model_dim, 11),
+            nested.get_layer("head").extract(11, model_dim),
         ]
         return keras.Sequential(layers)
 

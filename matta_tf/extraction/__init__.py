@@ -18,8 +18,8 @@ from matta_tf.extraction.evaluate import (
     plot_quality_vs_size,
     select_submodel,
 )
-from matta_tf.extraction.extract import extract_submodel, trace_submodel
-from matta_tf.extraction.spec import ChoosableLayer, SpecError, SubmodelSpec, choosable_layers
+from matta_tf.extraction.extract import extract_submodel, is_extractable, trace_submodel
+from matta_tf.extraction.spec import ChoosableLayer, SpecError, SubmodelSpec, choosable_layers, functional_view
 
 __all__ = [
     "ChoosableLayer",
@@ -31,6 +31,8 @@ __all__ = [
     "choosable_layers",
     "evaluate_submodels",
     "extract_submodel",
+    "functional_view",
+    "is_extractable",
     "layer_flops",
     "measure_latency",
     "model_cost",

@@ -2,58 +2,32 @@
 
 from __future__ import annotations
 
-import dataclasses
-import math
 import statistics
 import time
 from typing import Any
 
 import keras
-import keras_rs
 import tensorflow as tf
 
+from matta_tf import _keras_graph
 from matta_tf.extraction.extract import trace_submodel
 from matta_tf.extraction.spec import SubmodelSpec
-from matta_tf.layers import GAU, TransformerBlock
+from matta_tf.layers.base import LayerCost, plain_layer_flops
 
-
-@dataclasses.dataclass(frozen=True)
-class SubmodelCost:
-    """Size of a sub-model: trainable parameters and multiply-add FLOPs (2 per MAC) per example."""
-
-    parameters: int
-    flops_per_example: int
-
-
-def _positions(shape: Any) -> int:
-    """Positions a per-feature layer runs at: the product of the non-batch, non-feature axes."""
-    return int(math.prod(int(d) for d in shape[1:-1])) if len(shape) > 2 else 1
+# One cost type for a layer and for a sub-model: trainable parameters and FLOPs (2 per MAC) per example.
+SubmodelCost = LayerCost
 
 
 def layer_flops(layer: keras.layers.Layer) -> int:
-    """FLOPs per example of one built plain layer, from the shapes of its first call."""
-    if isinstance(layer, keras.Model):
-        return sum(layer_flops(inner) for inner in layer.layers)
-    if not layer._inbound_nodes or not layer._inbound_nodes[0].input_tensors:
+    """FLOPs per example of one built plain layer (or functional model), from the shapes of its first call.
+
+    The formula of each layer class lives in the nested layer that extracts to it
+    (`NestedLayer.plain_flops`); layers no nested layer produces (weightless ones) count 0.
+    """
+    shape = _keras_graph.first_input_shape(layer)
+    if shape is None and not isinstance(layer, keras.Model):
         return 0
-    shape = tuple(layer._inbound_nodes[0].input_tensors[0].shape)
-    if isinstance(layer, keras.layers.Dense):
-        return 2 * int(shape[-1]) * layer.units * _positions(shape)
-    if isinstance(layer, keras_rs.layers.EmbedReduce):
-        return 2 * int(shape[-1]) * layer.output_dim  # weighted sum over the values
-    if isinstance(layer, keras_rs.layers.FeatureCross):
-        d = int(shape[-1])
-        return (2 * d * d + 3 * d) * _positions(shape)
-    if isinstance(layer, (keras.layers.LayerNormalization, keras.layers.RMSNormalization)):
-        return 5 * int(shape[-1]) * _positions(shape)
-    if isinstance(layer, GAU):
-        n, d, e, s = int(shape[-2]), int(shape[-1]), layer.expansion_dim, layer.key_dim
-        return 2 * n * d * (2 * e + s) + 2 * n * e * d + 2 * n * n * (s + e)
-    if isinstance(layer, TransformerBlock):
-        n, d, f = int(shape[-2]), int(shape[-1]), layer.ffn_dim
-        heads = layer.num_heads * layer.head_dim
-        return 2 * n * d * 3 * heads + 2 * n * heads * d + 4 * n * d * f + 4 * n * n * heads
-    return 0
+    return plain_layer_flops(layer, shape or ())
 
 
 def spec_cost(nested_model: keras.Model, spec: SubmodelSpec) -> SubmodelCost:

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import keras
 
+from matta_tf.extraction.extract import is_extractable
 from matta_tf.extraction.spec import SpecError, SubmodelSpec, choosable_layers
 
 MAX_EXHAUSTIVE = 4096
@@ -69,18 +70,39 @@ def wide_narrow_wide_specs(
     return specs
 
 
-def random_specs(model: keras.Model, count: int, seed: int = 0, include_ends: bool = True) -> list[SubmodelSpec]:
-    """`count` distinct random specs (uniform choice per layer), plus the Student and the TA if asked."""
+def random_specs(
+    model: keras.Model, count: int, seed: int = 0, include_ends: bool = True, extractable_only: bool = True
+) -> list[SubmodelSpec]:
+    """`count` distinct random specs (uniform choice per layer), plus the Student and the TA if asked.
+
+    Args:
+        model: The nested model.
+        count: Number of random specs (fewer when the model has fewer distinct extractable specs).
+        seed: Seed of the draws.
+        include_ends: Whether the Student and the TA specs come first (not counted in `count`).
+        extractable_only: Whether to skip draws that `extract_submodel` refuses (e.g. a TA-only layer
+            kept after a layer at Student width): each draw is checked by extracting it. Defaults to
+            `True`.
+
+    Returns:
+        The specs, the ends first, then `random-<n>` in draw order.
+    """
     names = [layer.name for layer in choosable_layers(model)]
     rng = random.Random(seed)
     specs: dict[tuple, SubmodelSpec] = {}
     if include_ends:
         for choice in ("student", "ta"):
             specs[(choice,) * len(names)] = SubmodelSpec.uniform(model, choice)
+    rejected: set[tuple] = set()
     attempts = 0
     while len(specs) < count + (2 if include_ends else 0) and attempts < 100 * max(count, 1):
         attempts += 1
         combination = tuple(rng.choice(("student", "ta")) for _ in names)
-        if combination not in specs:
-            specs[combination] = SubmodelSpec(dict(zip(names, combination, strict=True)), name=f"random-{len(specs)}")
+        if combination in specs or combination in rejected:
+            continue
+        spec = SubmodelSpec(dict(zip(names, combination, strict=True)), name=f"random-{len(specs)}")
+        if extractable_only and not is_extractable(model, spec):
+            rejected.add(combination)
+            continue
+        specs[combination] = spec
     return list(specs.values())

@@ -17,13 +17,8 @@ from typing import Any
 
 import keras
 
-from matta_tf.layers import (
-    NestedDense,
-    NestedEmbedding,
-    NestedGAU,
-    NestedTransformerBlock,
-    TAOnly,
-)
+from matta_tf import _keras_graph
+from matta_tf.layers.base import NestedLayer
 
 CHOICES = ("student", "ta")
 
@@ -41,45 +36,54 @@ class ChoosableLayer:
     widths: tuple[int, int]  # (Student, TA) output widths; (0, 1) for depth layers
 
 
-def _widths(layer: Any) -> tuple[int, int] | None:
-    if isinstance(layer, NestedDense):
-        return layer.student_units, layer.ta_units
-    if isinstance(layer, NestedEmbedding):
-        return layer.student_dim, layer.ta_dim
-    if isinstance(layer, NestedGAU):
-        return layer.student_expansion_dim, layer.ta_expansion_dim
-    if isinstance(layer, NestedTransformerBlock):
-        return layer.student_ffn_dim, layer.ta_ffn_dim
-    return None
+def functional_view(model: keras.Model, inputs: Any) -> keras.Model:
+    """A functional model of a subclassed nested network, sharing its layers, for specs and extraction.
+
+    Its `call` is traced on `inputs`; it must be made of Keras layers (nested and plain) and
+    `keras.ops`. The result has the same weights: `all_specs`, `extract_submodel` and `spec_cost`
+    work on it, and its sub-models are the subclassed network's.
+
+    Args:
+        model: a subclassed `keras.Model` built from matta-tf nested layers, returning `[student, ta]`.
+        inputs: `keras.Input` tensors in the structure its `call` takes.
+
+    Example:
+
+    ```python
+    inputs = {"user": keras.Input((), dtype="int32"), "item": keras.Input((), dtype="int32")}
+    view = functional_view(my_ranker, inputs)
+    student = extract_submodel(view, SubmodelSpec.uniform(view, "student"))
+    ```
+    """
+    if _keras_graph.is_functional(model):
+        return model
+    try:
+        return _keras_graph.trace_call(model, inputs)
+    except ValueError as error:
+        raise SpecError(str(error)) from error
 
 
 def nested_layers_in_order(model: keras.Model) -> list[Any]:
     """The model's operations in the order the graph runs them (each layer once)."""
-    ordered, seen = [], set()
-    for depth in sorted(model._nodes_by_depth, reverse=True):
-        for node in model._nodes_by_depth[depth]:
-            operation = node.operation
-            if operation is None or node.is_input or id(operation) in seen:
-                continue
-            seen.add(id(operation))
-            ordered.append(operation)
-    return ordered
+    if not _keras_graph.is_functional(model):
+        raise SpecError(
+            f"'{model.name}' ({model.__class__.__name__}) is a subclassed model: it has no graph to follow "
+            "for specs, extraction or cost. Trace it first with "
+            "`matta_tf.extraction.functional_view(model, inputs)` (inputs: `keras.Input` tensors as its "
+            "`call` takes them), or build it with the functional API or `mnestify`."
+        )
+    return _keras_graph.operations_in_order(model)
 
 
 def choosable_layers(model: keras.Model) -> list[ChoosableLayer]:
-    """The layers a spec chooses for, in graph order."""
+    """The layers a spec chooses for, in graph order: the nested layers whose `stream_widths()` differ."""
     found = []
     for layer in nested_layers_in_order(model):
-        if isinstance(layer, TAOnly):
-            found.append(ChoosableLayer(layer.name, "depth", (0, 1)))
+        if not isinstance(layer, NestedLayer):
             continue
-        widths = _widths(layer)
-        if widths is not None and widths[0] != widths[1]:
-            found.append(ChoosableLayer(layer.name, "width", widths))
-        elif isinstance(layer, (NestedGAU, NestedTransformerBlock)) and (
-            layer._stream_widths("student") != layer._stream_widths("ta")
-        ):
-            found.append(ChoosableLayer(layer.name, "width", (0, 1)))
+        widths = layer.stream_widths()
+        if widths.choosable:
+            found.append(ChoosableLayer(layer.name, widths.kind, widths.primary))
     return found
 
 

@@ -3,13 +3,14 @@
 from typing import Any
 
 import keras
+import numpy as np
 from keras import ops
 
-from matta_tf.layers import _nesting
+from matta_tf.layers import _nesting, base
 
 
 @keras.saving.register_keras_serializable(package="matta_tf")
-class NestedConcatenate(keras.layers.Layer):
+class NestedConcatenate(base.NestedLayer, keras.layers.Layer):
     """Concatenates stream pairs so that the Student's concatenation leads the TA's.
 
     Concatenating nested features naively interleaves them: for parts `a` and `b` the TA would read
@@ -47,15 +48,77 @@ class NestedConcatenate(keras.layers.Layer):
       https://doi.org/10.1145/3711896.3737245), section 3.2 and Algorithm 2.
     """
 
+    plain_classes = (keras.layers.Concatenate,)
+    takes_parts = True
+
     def __init__(self, axis: int = -1, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.axis = axis
+        self.part_widths: list[tuple[int, int]] | None = None
+        self.rank: int | None = None
 
     def build(self, input_shape: Any) -> None:
         if not isinstance(input_shape, (list, tuple)) or len(input_shape) < 1:
             raise ValueError(f"Layer '{self.name}' takes a list of parts. Received: input_shape={input_shape}")
-        for shape in input_shape:
-            _nesting.input_widths(shape, self.name)
+        self.part_widths = [_nesting.input_widths(shape, self.name) for shape in input_shape]
+        self.rank = len(_nesting.split_shapes(input_shape[0])[1])
+
+    @classmethod
+    def from_plain(cls, layer: keras.layers.Concatenate, context: base.NestingContext) -> "NestedConcatenate":
+        """`Concatenate(axis)` -> `NestedConcatenate(axis)` (the Student's features stay a prefix)."""
+        return cls(layer.axis, name=context.name)
+
+    def _part_positions(self, choice: str | int, input_layout: base.InputLayout) -> list[np.ndarray]:
+        if not self.built:
+            raise ValueError(f"Layer '{self.name}' must be built before extraction.")
+        base.check_choice(choice)
+        layouts = [None] * len(self.part_widths) if input_layout is None else list(input_layout)
+        if len(layouts) != len(self.part_widths):
+            raise ValueError(
+                f"Layer '{self.name}' concatenates {len(self.part_widths)} parts: `input_layout` needs one "
+                f"layout per part. Received: {len(layouts)} layouts"
+            )
+        return [
+            base.input_positions(layout, s if choice == "student" else t, high=t, layer_name=self.name)
+            for layout, (s, t) in zip(layouts, self.part_widths, strict=True)
+        ]
+
+    def extract(
+        self, choice: str | int = "ta", input_layout: base.InputLayout = None, name: str | None = None
+    ) -> keras.layers.Concatenate:
+        """A plain `keras.layers.Concatenate` (no weights); `output_layout` says where its features sit.
+
+        Args:
+            choice: `"student"` or `"ta"`: the parts' default widths.
+            input_layout: optional tuple with one layout per part (see `matta_tf.layers.base`).
+            name: optional name. Defaults to this layer's name.
+        """
+        self._part_positions(choice, input_layout)
+        return keras.layers.Concatenate(axis=self.axis, name=name or self.name)
+
+    def output_layout(self, choice: str | int, input_layout: base.InputLayout) -> np.ndarray | None:
+        """Nested positions of the plain concatenation: each part whole, mapped to the TA's order.
+
+        The nested TA orders its features as [Student parts in order, TA-only parts in order]; a part's
+        feature at nested position `p` sits at its Student offset when `p < d_S` and at its TA-only
+        offset otherwise.
+        """
+        parts = self._part_positions(choice, input_layout)
+        if not self._is_feature_axis(self.rank):
+            if len({tuple(p) for p in parts}) > 1:
+                raise ValueError(f"Layer '{self.name}': parts concatenated along axis {self.axis} differ in width")
+            return parts[0]
+        student_widths = [s for s, _ in self.part_widths]
+        extra_widths = [t - s for s, t in self.part_widths]
+        student_offsets = np.cumsum([0, *student_widths[:-1]])
+        extra_offsets = sum(student_widths) + np.cumsum([0, *extra_widths[:-1]])
+        layout = [
+            np.where(positions < s, s_offset + positions, x_offset + positions - s)
+            for positions, s, s_offset, x_offset in zip(
+                parts, student_widths, student_offsets, extra_offsets, strict=True
+            )
+        ]
+        return np.concatenate(layout)
 
     def call(self, inputs: Any) -> tuple[Any, Any]:
         pairs = [_nesting.split_streams(part) for part in inputs]

@@ -5,11 +5,11 @@ from typing import Any
 import keras
 from keras import ops
 
-from matta_tf.layers import _nesting
+from matta_tf.layers import _nesting, base
 
 
 @keras.saving.register_keras_serializable(package="matta_tf")
-class NestedDense(keras.layers.Layer):
+class NestedDense(base.NestedLayer, keras.layers.Layer):
     """A Dense layer whose Student weights are the leading block of the TA's.
 
     The layer holds one TA kernel `W_TA` of shape `(M_TA, N_TA)` and one bias `b_TA` of shape
@@ -60,13 +60,16 @@ class NestedDense(keras.layers.Layer):
     head = matta_tf.layers.NestedDense(1, 1)
     h_student, h_ta = first(x)                    # (4, 32), (4, 64)
     logit_student, logit_ta = head((h_student, h_ta))  # (4, 1), (4, 1)
-    student_dense = first.extract(input_dim=16, units=32)  # a plain keras.layers.Dense
+    student_dense = first.extract("student")      # a plain keras.layers.Dense(32) on 16 inputs
     ```
 
     References:
     - [Verma et al., 2025. Matryoshka Model Learning for Improved Elastic Student Models](
       https://doi.org/10.1145/3711896.3737245), Algorithm 2 and Figure 2.
     """
+
+    plain_classes = (keras.layers.Dense,)
+    mirror_residual = True
 
     def __init__(
         self,
@@ -151,9 +154,45 @@ class NestedDense(keras.layers.Layer):
         shape_student, shape_ta = _nesting.split_shapes(input_shape)
         return (*shape_student[:-1], self.student_units), (*shape_ta[:-1], self.ta_units)
 
-    def extract_config(self, input_dim: int, units: int) -> dict[str, Any]:
-        """The config of the plain `keras.layers.Dense` that `extract(input_dim, units)` returns."""
-        self._check_extract_widths(input_dim, units)
+    @classmethod
+    def from_plain(cls, layer: keras.layers.Dense, context: base.NestingContext) -> "NestedDense":
+        """`Dense(units)` -> `NestedDense(units, round(units * m))`; an output layer keeps its units."""
+        return cls(
+            layer.units,
+            layer.units if context.is_output else context.widen(layer.units),
+            activation=layer.activation,
+            use_bias=layer.use_bias,
+            kernel_initializer=_nesting.clone_initializer(layer.kernel_initializer),
+            bias_initializer=_nesting.clone_initializer(layer.bias_initializer),
+            kernel_regularizer=layer.kernel_regularizer,
+            bias_regularizer=layer.bias_regularizer,
+            kernel_constraint=layer.kernel_constraint,
+            bias_constraint=layer.bias_constraint,
+            student_init=context.student_init,
+            dtype=layer.dtype_policy,
+            name=context.name,
+        )
+
+    def stream_widths(self) -> base.StreamWidths:
+        return base.StreamWidths({"units": self.student_units}, {"units": self.ta_units})
+
+    def _units(self, choice: str | int) -> int:
+        base.check_choice(choice, allow_int=True)
+        if not self.built:
+            raise ValueError(f"Layer '{self.name}' must be built before extraction.")
+        units = {"student": self.student_units, "ta": self.ta_units}.get(choice, choice)
+        if not 1 <= units <= self.ta_units:
+            raise ValueError(f"`units` must be an integer in [1, {self.ta_units}]. Received: choice={choice!r}")
+        return int(units)
+
+    def _input_positions(self, choice: str | int, input_layout: base.InputLayout) -> Any:
+        default = self.student_input_dim if choice == "student" else self.ta_input_dim
+        return base.input_positions(input_layout, default, high=self.ta_input_dim, layer_name=self.name)
+
+    def extract_config(self, choice: str | int = "ta", input_layout: base.InputLayout = None) -> dict[str, Any]:
+        """The config of the plain `keras.layers.Dense` that `extract(choice, input_layout)` returns."""
+        units = self._units(choice)
+        self._input_positions(choice, input_layout)
         return keras.layers.Dense(
             units,
             activation=self.activation,
@@ -168,27 +207,37 @@ class NestedDense(keras.layers.Layer):
             name=self.name,
         ).get_config()
 
-    def extract(self, input_dim: int, units: int, name: str | None = None) -> keras.layers.Dense:
-        """A standalone `keras.layers.Dense` holding copies of `kernel[:input_dim, :units]` and `bias[:units]`.
+    def extract(
+        self, choice: str | int = "ta", input_layout: base.InputLayout = None, name: str | None = None
+    ) -> keras.layers.Dense:
+        """A standalone `keras.layers.Dense` holding copies of `kernel[positions, :units]` and `bias[:units]`.
 
         Args:
-            input_dim: int. Input width of the extracted layer: `M_S` or `M_TA` for the Student's or
-                the TA's input (any width in `[1, M_TA]` slices the kernel the same way).
-            units: int. Output width: `student_units`, `ta_units`, or any width in between.
+            choice: `"student"` (`student_units`), `"ta"` (`ta_units`) or any number of units in
+                `[1, ta_units]`.
+            input_layout: the nested input features the Dense reads: `None` (the chosen stream's
+                input, `M_S` or `M_TA` features; `M_TA` for an integer choice), a width `m` (the
+                first `m` features) or a sequence of feature positions (rows of the kernel).
             name: optional name of the extracted layer. Defaults to this layer's name.
 
         Returns:
             A built `keras.layers.Dense` with its own variables.
         """
-        config = self.extract_config(input_dim, units)
+        config = self.extract_config(choice, input_layout)
+        units = config["units"]
+        positions = self._input_positions(choice, input_layout)
         if name is not None:
             config["name"] = name
         dense = keras.layers.Dense.from_config(config)
-        dense.build((None, input_dim))
-        dense.kernel.assign(_nesting.leading_block(self.kernel, (input_dim, units)))
+        dense.build((None, len(positions)))
+        dense.kernel.assign(ops.convert_to_numpy(self.kernel)[positions, :units])
         if self.use_bias:
             dense.bias.assign(_nesting.leading_block(self.bias, (units,)))
         return dense
+
+    @classmethod
+    def plain_flops(cls, plain: keras.layers.Dense, input_shape: tuple) -> int:
+        return 2 * int(input_shape[-1]) * plain.units * base.positions_per_example(input_shape)
 
     def assign_subnet(self, dense: keras.layers.Dense) -> None:
         """Writes a plain Dense's weights into the leading block (the inverse of `extract`).
@@ -205,12 +254,6 @@ class NestedDense(keras.layers.Layer):
         _nesting.assign_leading_block(self.kernel, dense.kernel)
         if self.use_bias:
             _nesting.assign_leading_block(self.bias, dense.bias)
-
-    def _check_extract_widths(self, input_dim: int, units: int) -> None:
-        if not self.built:
-            raise ValueError(f"Layer '{self.name}' must be built before extraction.")
-        _nesting.check_width("input_dim", input_dim, 1, self.ta_input_dim)
-        _nesting.check_width("units", units, 1, self.ta_units)
 
     def get_config(self) -> dict[str, Any]:
         config: dict[str, Any] = super().get_config()

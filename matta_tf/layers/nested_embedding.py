@@ -5,13 +5,13 @@ from typing import Any
 import keras
 import keras_rs
 
-from matta_tf.layers import _nesting
+from matta_tf.layers import _nesting, base
 
 COMBINERS = ("mean", "sum", "sqrtn")
 
 
 @keras.saving.register_keras_serializable(package="matta_tf")
-class NestedEmbedding(keras.layers.Layer):
+class NestedEmbedding(base.NestedLayer, keras.layers.Layer):
     """An embedding table of the TA's width whose first `student_dim` columns are the Student's.
 
     One table `E` of shape `(input_dim, ta_dim)`; for ids `i`
@@ -55,7 +55,7 @@ class NestedEmbedding(keras.layers.Layer):
     e_student, e_ta = table(np.array([3, 7, 42]))            # (3, 8), (3, 16)
     genres = matta_tf.layers.NestedEmbedding(20, 8, 16, combiner="mean")
     g_student, g_ta = genres(tf.ragged.constant([[1, 4], [2], [5, 6, 7]]))  # (3, 8), (3, 16)
-    student_table = table.extract(dim=8)  # a plain keras.layers.Embedding
+    student_table = table.extract("student")  # a plain keras.layers.Embedding(100, 8)
     ```
 
     References:
@@ -63,6 +63,9 @@ class NestedEmbedding(keras.layers.Layer):
       https://doi.org/10.1145/3711896.3737245), section 3.2.3 (d_model M-nesting).
     - [Kusupati et al., 2022. Matryoshka Representation Learning](https://arxiv.org/abs/2205.13147).
     """
+
+    plain_classes = (keras.layers.Embedding, keras_rs.layers.EmbedReduce)
+    reads_features = False
 
     def __init__(
         self,
@@ -143,18 +146,53 @@ class NestedEmbedding(keras.layers.Layer):
             keras.KerasTensor(shape_ta, dtype=self.compute_dtype),
         )
 
-    def extract_config(self, dim: int) -> dict[str, Any]:
-        """The config of the plain layer that `extract(dim)` returns."""
-        _nesting.check_width("dim", dim, 1, self.ta_dim)
+    @classmethod
+    def from_plain(cls, layer: keras.layers.Embedding, context: base.NestingContext) -> "NestedEmbedding":
+        """`Embedding(input_dim, d)` / `EmbedReduce` -> `NestedEmbedding(input_dim, d, round(d * d_model_m))`."""
+        if getattr(layer, "mask_zero", False):
+            raise ValueError(
+                f"mnestify does not support layer '{layer.name}' of class Embedding with "
+                "`mask_zero=True`. Supported: Embedding without masking."
+            )
+        if not context.inputs_shared:
+            raise ValueError(f"mnestify: the ids of embedding '{layer.name}' must be the same for both streams.")
+        return cls(
+            layer.input_dim,
+            layer.output_dim,
+            context.widen(layer.output_dim, "d_model"),
+            embeddings_initializer=_nesting.clone_initializer(layer.embeddings_initializer),
+            embeddings_regularizer=layer.embeddings_regularizer,
+            embeddings_constraint=layer.embeddings_constraint,
+            combiner=layer.combiner if isinstance(layer, keras_rs.layers.EmbedReduce) else None,
+            student_init=context.student_init,
+            dtype=layer.dtype_policy,
+            name=context.name,
+        )
+
+    def stream_widths(self) -> base.StreamWidths:
+        return base.StreamWidths({"dim": self.student_dim}, {"dim": self.ta_dim})
+
+    def _dim(self, choice: str | int) -> int:
+        base.check_choice(choice, allow_int=True)
+        dim = {"student": self.student_dim, "ta": self.ta_dim}.get(choice, choice)
+        if not 1 <= dim <= self.ta_dim:
+            raise ValueError(f"`dim` must be an integer in [1, {self.ta_dim}]. Received: choice={choice!r}")
+        return int(dim)
+
+    def extract_config(self, choice: str | int = "ta", input_layout: base.InputLayout = None) -> dict[str, Any]:
+        """The config of the plain layer that `extract(choice)` returns."""
         return self._plain_layer(
-            dim, _nesting.clone_initializer(self.embeddings_initializer), name=self.name
+            self._dim(choice), _nesting.clone_initializer(self.embeddings_initializer), name=self.name
         ).get_config()
 
-    def extract(self, dim: int, name: str | None = None) -> keras.layers.Embedding:
+    def extract(
+        self, choice: str | int = "ta", input_layout: base.InputLayout = None, name: str | None = None
+    ) -> keras.layers.Embedding:
         """A standalone embedding holding a copy of the first `dim` columns of the table.
 
         Args:
-            dim: int. Embedding width: `student_dim`, `ta_dim` or any width in between.
+            choice: `"student"` (`student_dim`), `"ta"` (`ta_dim`) or any width in `[1, ta_dim]`.
+            input_layout: unused (the inputs are ids, not features); must be `None`.
             name: optional name of the extracted layer. Defaults to this layer's name.
 
         Returns:
@@ -163,13 +201,25 @@ class NestedEmbedding(keras.layers.Layer):
         """
         if not self.built:
             raise ValueError(f"Layer '{self.name}' must be built before extraction.")
-        config = self.extract_config(dim)
+        if input_layout is not None:
+            raise ValueError(
+                f"Layer '{self.name}' reads ids, not features: `input_layout` must be None. "
+                f"Received: input_layout={input_layout!r}"
+            )
+        dim = self._dim(choice)
+        config = self.extract_config(choice)
         if name is not None:
             config["name"] = name
         plain = self.lookup.__class__.from_config(config)
         plain.build()
         plain.embeddings.assign(_nesting.leading_block(self.embeddings, (self.input_dim, dim)))
         return plain
+
+    @classmethod
+    def plain_flops(cls, plain: keras.layers.Embedding, input_shape: tuple) -> int:
+        if isinstance(plain, keras_rs.layers.EmbedReduce):
+            return 2 * int(input_shape[-1]) * plain.output_dim  # weighted sum over the values
+        return 0
 
     def assign_subnet(self, embedding: keras.layers.Embedding) -> None:
         """Writes a plain embedding table into the leading columns (the inverse of `extract`)."""

@@ -5,14 +5,14 @@ from typing import Any
 import keras
 from keras import ops
 
-from matta_tf.layers import _nesting
+from matta_tf.layers import _nesting, base
 from matta_tf.layers.gau import GAU, gated_attention
 from matta_tf.layers.nested_dense import NestedDense
 from matta_tf.layers.nested_normalization import NestedNormalization
 
 
 @keras.saving.register_keras_serializable(package="matta_tf")
-class NestedGAU(keras.layers.Layer):
+class NestedGAU(base.NestedLayer, keras.layers.Layer):
     """A Gated Attention Unit whose every projection is a `NestedDense` (paper Figure 3).
 
     Each stream runs the plain `GAU` with its own widths, on parameters that are leading blocks of
@@ -64,6 +64,9 @@ class NestedGAU(keras.layers.Layer):
       https://doi.org/10.1145/3711896.3737245), Figure 3.
     - [Hua et al., 2022. Transformer Quality in Linear Time](https://arxiv.org/abs/2202.10447).
     """
+
+    plain_classes = (GAU,)
+    mirror_residual = False
 
     def __init__(
         self,
@@ -181,25 +184,47 @@ class NestedGAU(keras.layers.Layer):
     def compute_output_shape(self, input_shape: Any) -> tuple[tuple, tuple]:
         return _nesting.split_shapes(input_shape)
 
-    def _stream_widths(self, stream: str) -> dict[str, int]:
-        _nesting.check_choice("stream", stream, _nesting.STREAMS)
+    @classmethod
+    def from_plain(cls, layer: GAU, context: base.NestingContext) -> "NestedGAU":
+        """`GAU(e, s)` -> `NestedGAU` with TA widths `round(e * m)`, `round(s * m)`; `d` follows the input."""
+        return cls(
+            layer.expansion_dim,
+            context.widen(layer.expansion_dim),
+            student_key_dim=layer.key_dim,
+            ta_key_dim=context.widen(layer.key_dim),
+            activation=layer.activation,
+            use_bias=layer.use_bias,
+            normalization=layer.normalization,
+            epsilon=layer.epsilon,
+            dropout=layer.dropout,
+            kernel_initializer=_nesting.clone_initializer(layer.kernel_initializer),
+            bias_initializer=_nesting.clone_initializer(layer.bias_initializer),
+            student_init=context.student_init,
+            dtype=layer.dtype_policy,
+            name=context.name,
+        )
+
+    def stream_widths(self) -> base.StreamWidths:
         if not self.built:
-            raise ValueError(f"Layer '{self.name}' must be built before extraction.")
-        if stream == "student":
-            return {
-                "model_dim": self.student_model_dim,
+            raise ValueError(f"Layer '{self.name}' must be built before its stream widths are known.")
+        return base.StreamWidths(
+            {
                 "expansion_dim": self.student_expansion_dim,
                 "key_dim": self.student_key_dim,
-            }
-        return {
-            "model_dim": self.ta_model_dim,
-            "expansion_dim": self.ta_expansion_dim,
-            "key_dim": self.ta_key_dim,
-        }
+                "model_dim": self.student_model_dim,
+            },
+            {"expansion_dim": self.ta_expansion_dim, "key_dim": self.ta_key_dim, "model_dim": self.ta_model_dim},
+        )
 
-    def extract_config(self, stream: str) -> dict[str, Any]:
-        """The config of the plain `GAU` that `extract(stream)` returns."""
-        widths = self._stream_widths(stream)
+    def _widths(self, choice: str, input_layout: base.InputLayout) -> dict[str, int]:
+        base.check_choice(choice)
+        widths = self.stream_widths().of(choice)
+        base.check_block_input(self, choice, widths["model_dim"], input_layout)
+        return widths
+
+    def extract_config(self, choice: str = "ta", input_layout: base.InputLayout = None) -> dict[str, Any]:
+        """The config of the plain `GAU` that `extract(choice, input_layout)` returns."""
+        widths = self._widths(choice, input_layout)
         return GAU(
             widths["expansion_dim"],
             key_dim=widths["key_dim"],
@@ -214,26 +239,24 @@ class NestedGAU(keras.layers.Layer):
             name=self.name,
         ).get_config()
 
-    def extract(self, stream: str, name: str | None = None) -> GAU:
+    def extract(self, choice: str = "ta", input_layout: base.InputLayout = None, name: str | None = None) -> GAU:
         """A standalone plain `GAU` with copies of one stream's weights.
 
         Args:
-            stream: `"student"` or `"ta"`.
+            choice: `"student"` or `"ta"`: the stream whose widths the plain GAU has.
+            input_layout: `None` or the stream's model width (the block reads its input in nested
+                order; a Mix'n'Match spec must feed it at that width).
             name: optional name of the extracted layer. Defaults to this layer's name.
 
         Returns:
             A built `matta_tf.layers.GAU` of that stream's widths.
         """
-        widths = self._stream_widths(stream)
-        config = self.extract_config(stream)
+        widths = self._widths(choice, input_layout)
+        config = self.extract_config(choice, input_layout)
         if name is not None:
             config["name"] = name
         gau = GAU.from_config(config)
-        model_dim, expansion_dim, key_dim = (
-            widths["model_dim"],
-            widths["expansion_dim"],
-            widths["key_dim"],
-        )
+        model_dim, expansion_dim, key_dim = widths["model_dim"], widths["expansion_dim"], widths["key_dim"]
         gau.build((None, None, model_dim))
         gau.norm.set_weights(self.norm.extract(model_dim).get_weights())
         for plain, nested, input_dim, units in (
@@ -242,10 +265,15 @@ class NestedGAU(keras.layers.Layer):
             (gau.z_projection, self.z_projection, model_dim, key_dim),
             (gau.output_projection, self.output_projection, expansion_dim, model_dim),
         ):
-            plain.set_weights(nested.extract(input_dim, units).get_weights())
+            plain.set_weights(nested.extract(units, input_dim).get_weights())
         gau.qk_scale.assign(_nesting.leading_block(self.qk_scale, (2, key_dim)))
         gau.qk_offset.assign(_nesting.leading_block(self.qk_offset, (2, key_dim)))
         return gau
+
+    @classmethod
+    def plain_flops(cls, plain: GAU, input_shape: tuple) -> int:
+        n, d, e, s = int(input_shape[-2]), int(input_shape[-1]), plain.expansion_dim, plain.key_dim
+        return 2 * n * d * (2 * e + s) + 2 * n * e * d + 2 * n * n * (s + e)
 
     def assign_subnet(self, gau: GAU) -> None:
         """Writes a plain `GAU`'s weights into the leading blocks (the inverse of `extract`)."""
@@ -278,3 +306,4 @@ class NestedGAU(keras.layers.Layer):
             }
         )
         return config
+

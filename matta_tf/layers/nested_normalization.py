@@ -5,11 +5,11 @@ from typing import Any
 import keras
 from keras import ops
 
-from matta_tf.layers import _nesting
+from matta_tf.layers import _nesting, base
 
 
 @keras.saving.register_keras_serializable(package="matta_tf")
-class NestedNormalization(keras.layers.Layer):
+class NestedNormalization(base.NestedLayer, keras.layers.Layer):
     """Normalizes each stream over its own width with the leading part of shared parameters.
 
     For a stream `x` of width `d` (`d_S` for the Student, `d_TA` for the TA):
@@ -42,7 +42,7 @@ class NestedNormalization(keras.layers.Layer):
     ```python
     norm = matta_tf.layers.NestedNormalization()
     y_student, y_ta = norm((np.random.rand(2, 5, 8), np.random.rand(2, 5, 16)))
-    student_norm = norm.extract(dim=8)  # a plain keras.layers.LayerNormalization
+    student_norm = norm.extract("student")  # a plain keras.layers.LayerNormalization over 8 features
     ```
 
     References:
@@ -52,6 +52,8 @@ class NestedNormalization(keras.layers.Layer):
     - [Yu et al., 2019. Slimmable Neural Networks](https://arxiv.org/abs/1812.08928) (why
       normalization must be per width).
     """
+
+    plain_classes = (keras.layers.LayerNormalization, keras.layers.RMSNormalization)
 
     def __init__(
         self,
@@ -95,14 +97,43 @@ class NestedNormalization(keras.layers.Layer):
     def compute_output_shape(self, input_shape: Any) -> tuple[tuple, tuple]:
         return _nesting.split_shapes(input_shape)
 
-    def extract_config(self, dim: int) -> dict[str, Any]:
-        """The config of the plain layer that `extract(dim)` returns."""
-        return self._plain_layer(dim, self.name).get_config()
+    @classmethod
+    def from_plain(cls, layer: keras.layers.Layer, context: base.NestingContext) -> "NestedNormalization":
+        """`LayerNormalization` / `RMSNormalization` over the last axis -> per-stream statistics."""
+        rank = len(context.input_shapes[0][1])
+        axis = layer.axis if isinstance(layer.axis, (list, tuple)) else [layer.axis]
+        if [a % rank for a in axis] != [rank - 1]:
+            raise ValueError(
+                f"mnestify supports normalization over the last axis only. Layer '{layer.name}' "
+                f"({layer.__class__.__name__}) normalizes over axis={layer.axis}."
+            )
+        if isinstance(layer, keras.layers.RMSNormalization):
+            return cls("rms_norm", epsilon=layer.epsilon, dtype=layer.dtype_policy, name=context.name)
+        return cls(
+            "layer_norm",
+            epsilon=layer.epsilon,
+            center=layer.center,
+            scale=layer.scale,
+            dtype=layer.dtype_policy,
+            name=context.name,
+        )
 
-    def _plain_layer(self, dim: int, name: str) -> keras.layers.Layer:
+    def _positions(self, choice: str | int, input_layout: base.InputLayout) -> Any:
         if not self.built:
             raise ValueError(f"Layer '{self.name}' must be built before extraction.")
-        _nesting.check_width("dim", dim, 1, self.ta_dim)
+        base.check_choice(choice, allow_int=True)
+        width = {"student": self.student_dim, "ta": self.ta_dim}.get(choice, choice)
+        if input_layout is None:
+            _nesting.check_width("dim", width, 1, self.ta_dim)
+            input_layout = width
+        return base.input_positions(input_layout, width, high=self.ta_dim, layer_name=self.name)
+
+    def extract_config(self, choice: str | int = "ta", input_layout: base.InputLayout = None) -> dict[str, Any]:
+        """The config of the plain layer that `extract(choice, input_layout)` returns."""
+        self._positions(choice, input_layout)
+        return self._plain_layer(self.name).get_config()
+
+    def _plain_layer(self, name: str) -> keras.layers.Layer:
         return _nesting.make_normalization(
             self.normalization,
             self.epsilon,
@@ -112,17 +143,32 @@ class NestedNormalization(keras.layers.Layer):
             scale=self.scale,
         )
 
-    def extract(self, dim: int, name: str | None = None) -> keras.layers.Layer:
-        """A standalone `LayerNormalization` / `RMSNormalization` of width `dim` with copied parameters.
+    def extract(
+        self, choice: str | int = "ta", input_layout: base.InputLayout = None, name: str | None = None
+    ) -> keras.layers.Layer:
+        """A standalone `LayerNormalization` / `RMSNormalization` with the parameters of its features.
+
+        The width follows the input: the normalized features are `input_layout`'s (their entries
+        of `gamma` and `beta`, in that order), by default the first `width` features, `width` being
+        the Student's (`"student"`), the TA's (`"ta"`) or an integer `choice`.
 
         Args:
-            dim: int. Width of the normalized stream: the Student's, the TA's or any in between.
+            choice: `"student"`, `"ta"` or an integer width in `[1, ta_dim]`.
+            input_layout: optional nested positions of the input features (overrides the width).
             name: optional name of the extracted layer. Defaults to this layer's name.
         """
-        plain = self._plain_layer(dim, name or self.name)
-        plain.build((None, dim))
-        plain.set_weights([_nesting.leading_block(w, (dim,)) for w in self._parameters()])
+        positions = self._positions(choice, input_layout)
+        plain = self._plain_layer(name or self.name)
+        plain.build((None, len(positions)))
+        plain.set_weights([ops.convert_to_numpy(w)[positions] for w in self._parameters()])
         return plain
+
+    def output_layout(self, choice: str | int, input_layout: base.InputLayout) -> Any:
+        return None if input_layout is None else self._positions(choice, input_layout)
+
+    @classmethod
+    def plain_flops(cls, plain: keras.layers.Layer, input_shape: tuple) -> int:
+        return 5 * int(input_shape[-1]) * base.positions_per_example(input_shape)
 
     def assign_subnet(self, norm: keras.layers.Layer) -> None:
         """Writes a plain normalization layer's parameters into the leading entries."""

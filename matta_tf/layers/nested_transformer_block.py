@@ -6,14 +6,14 @@ import keras
 import numpy as np
 from keras import ops
 
-from matta_tf.layers import _nesting
+from matta_tf.layers import _nesting, base
 from matta_tf.layers.nested_dense import NestedDense
 from matta_tf.layers.nested_normalization import NestedNormalization
 from matta_tf.layers.transformer_block import TransformerBlock
 
 
 @keras.saving.register_keras_serializable(package="matta_tf")
-class NestedTransformerBlock(keras.layers.Layer):
+class NestedTransformerBlock(base.NestedLayer, keras.layers.Layer):
     """A pre-norm Transformer block whose Student is the leading sub-block of the TA.
 
     Each stream runs the plain `TransformerBlock` with its own widths:
@@ -69,6 +69,9 @@ class NestedTransformerBlock(keras.layers.Layer):
     - [Devvrit et al., 2023. MatFormer: Nested Transformer for Elastic Inference](
       https://arxiv.org/abs/2310.07707).
     """
+
+    plain_classes = (TransformerBlock,)
+    mirror_residual = False
 
     def __init__(
         self,
@@ -197,18 +200,45 @@ class NestedTransformerBlock(keras.layers.Layer):
     def compute_output_shape(self, input_shape: Any) -> tuple[tuple, tuple]:
         return _nesting.split_shapes(input_shape)
 
-    def _stream_widths(self, stream: str) -> tuple[int, int, int]:
-        """`(model_dim, num_heads, ffn_dim)` of a stream."""
-        _nesting.check_choice("stream", stream, _nesting.STREAMS)
-        if not self.built:
-            raise ValueError(f"Layer '{self.name}' must be built before extraction.")
-        if stream == "student":
-            return self.student_model_dim, self.student_num_heads, self.student_ffn_dim
-        return self.ta_model_dim, self.ta_num_heads, self.ta_ffn_dim
+    @classmethod
+    def from_plain(cls, layer: TransformerBlock, context: base.NestingContext) -> "NestedTransformerBlock":
+        """`TransformerBlock(h, head_dim, f)` -> TA FFN width `round(f * m)`, `round(h * heads_m)` heads."""
+        return cls(
+            layer.num_heads,
+            layer.head_dim,
+            layer.ffn_dim,
+            context.widen(layer.ffn_dim),
+            ta_num_heads=context.widen(layer.num_heads, "heads"),
+            activation=layer.activation,
+            causal=layer.causal,
+            normalization=layer.normalization,
+            epsilon=layer.epsilon,
+            dropout=layer.dropout,
+            kernel_initializer=_nesting.clone_initializer(layer.kernel_initializer),
+            bias_initializer=_nesting.clone_initializer(layer.bias_initializer),
+            student_init=context.student_init,
+            dtype=layer.dtype_policy,
+            name=context.name,
+        )
 
-    def extract_config(self, stream: str) -> dict[str, Any]:
-        """The config of the plain `TransformerBlock` that `extract(stream)` returns."""
-        _, num_heads, ffn_dim = self._stream_widths(stream)
+    def stream_widths(self) -> base.StreamWidths:
+        if not self.built:
+            raise ValueError(f"Layer '{self.name}' must be built before its stream widths are known.")
+        return base.StreamWidths(
+            {"ffn_dim": self.student_ffn_dim, "num_heads": self.student_num_heads, "model_dim": self.student_model_dim},
+            {"ffn_dim": self.ta_ffn_dim, "num_heads": self.ta_num_heads, "model_dim": self.ta_model_dim},
+        )
+
+    def _widths(self, choice: str, input_layout: base.InputLayout) -> tuple[int, int, int]:
+        """`(model_dim, num_heads, ffn_dim)` of a stream, checked against the input layout."""
+        base.check_choice(choice)
+        widths = self.stream_widths().of(choice)
+        base.check_block_input(self, choice, widths["model_dim"], input_layout)
+        return widths["model_dim"], widths["num_heads"], widths["ffn_dim"]
+
+    def extract_config(self, choice: str = "ta", input_layout: base.InputLayout = None) -> dict[str, Any]:
+        """The config of the plain `TransformerBlock` that `extract(choice, input_layout)` returns."""
+        _, num_heads, ffn_dim = self._widths(choice, input_layout)
         return TransformerBlock(
             num_heads,
             self.head_dim,
@@ -224,19 +254,23 @@ class NestedTransformerBlock(keras.layers.Layer):
             name=self.name,
         ).get_config()
 
-    def extract(self, stream: str, name: str | None = None) -> TransformerBlock:
+    def extract(
+        self, choice: str = "ta", input_layout: base.InputLayout = None, name: str | None = None
+    ) -> TransformerBlock:
         """A standalone plain `TransformerBlock` with copies of one stream's weights.
 
         Args:
-            stream: `"student"` or `"ta"`.
+            choice: `"student"` or `"ta"`: the stream whose widths the plain block has.
+            input_layout: `None` or the stream's model width (the block reads its input in nested
+                order; a Mix'n'Match spec must feed it at that width).
             name: optional name of the extracted layer. Defaults to this layer's name.
 
         Returns:
             A built `matta_tf.layers.TransformerBlock` of that stream's widths, whose attention is a
             `keras.layers.MultiHeadAttention`.
         """
-        model_dim, num_heads, ffn_dim = self._stream_widths(stream)
-        config = self.extract_config(stream)
+        model_dim, num_heads, ffn_dim = self._widths(choice, input_layout)
+        config = self.extract_config(choice, input_layout)
         if name is not None:
             config["name"] = name
         block = TransformerBlock.from_config(config)
@@ -249,18 +283,24 @@ class NestedTransformerBlock(keras.layers.Layer):
             (block.attention.key_dense, self.key),
             (block.attention.value_dense, self.value),
         ):
-            kernel, bias = nested.extract(model_dim, heads_width).get_weights()
+            kernel, bias = nested.extract(heads_width, model_dim).get_weights()
             plain.set_weights(
                 [
                     kernel.reshape(model_dim, num_heads, self.head_dim),
                     bias.reshape(num_heads, self.head_dim),
                 ]
             )
-        kernel, bias = self.attention_output.extract(heads_width, model_dim).get_weights()
+        kernel, bias = self.attention_output.extract(model_dim, heads_width).get_weights()
         block.attention.output_dense.set_weights([kernel.reshape(num_heads, self.head_dim, model_dim), bias])
-        block.ffn_intermediate.set_weights(self.ffn_intermediate.extract(model_dim, ffn_dim).get_weights())
-        block.ffn_output.set_weights(self.ffn_output.extract(ffn_dim, model_dim).get_weights())
+        block.ffn_intermediate.set_weights(self.ffn_intermediate.extract(ffn_dim, model_dim).get_weights())
+        block.ffn_output.set_weights(self.ffn_output.extract(model_dim, ffn_dim).get_weights())
         return block
+
+    @classmethod
+    def plain_flops(cls, plain: TransformerBlock, input_shape: tuple) -> int:
+        n, d, f = int(input_shape[-2]), int(input_shape[-1]), plain.ffn_dim
+        heads = plain.num_heads * plain.head_dim
+        return 2 * n * d * 3 * heads + 2 * n * heads * d + 4 * n * d * f + 4 * n * n * heads
 
     def assign_subnet(self, block: TransformerBlock) -> None:
         """Writes a plain `TransformerBlock`'s weights into the leading blocks (the inverse of `extract`)."""

@@ -7,11 +7,11 @@ from typing import Any
 import keras
 from keras import ops
 
-from matta_tf.layers import _nesting
+from matta_tf.layers import _nesting, base
 
 
 @keras.saving.register_keras_serializable(package="matta_tf")
-class TAOnly(keras.layers.Wrapper):
+class TAOnly(base.NestedLayer, keras.layers.Wrapper):
     """Runs a plain layer on the TA stream only, so that the TA is deeper than the Student.
 
     `y_S = x_S`, and `y_TA = x_TA + layer(x_TA)` (`residual=True`) or `y_TA = layer(x_TA)`
@@ -79,21 +79,41 @@ class TAOnly(keras.layers.Wrapper):
         shape_student, shape_ta = _nesting.split_shapes(input_shape)
         return shape_student, tuple(self.layer.compute_output_shape(shape_ta))
 
-    def extract(self, name: str | None = None) -> keras.layers.Layer:
+    def stream_widths(self) -> base.StreamWidths:
+        """A depth choice: the Student skips the layer (`0`), the TA runs it (`1`)."""
+        return base.StreamWidths({"depth": 0}, {"depth": 1}, kind="depth")
+
+    def extract(
+        self, choice: str = "ta", input_layout: base.InputLayout = None, name: str | None = None
+    ) -> keras.layers.Layer | None:
         """A standalone copy of the TA-only computation, in ordinary Keras layers.
 
         The Student stream skips this layer, so a Student (or a Mix'n'Match model that drops the
-        layer) simply leaves it out.
+        layer) simply leaves it out: `extract("student")` is `None`.
 
         Args:
+            choice: `"ta"` (keep the layer) or `"student"` (drop it).
+            input_layout: `None` or the TA's width: a kept TA-only layer reads the TA's whole input,
+                in nested order.
             name: optional name. Defaults to this layer's name.
 
         Returns:
-            A copy of the wrapped layer with its own variables (`residual=False`), or a functional
-            `keras.Model` computing `x + layer(x)` (`residual=True`).
+            `None` for `"student"`; else a copy of the wrapped layer with its own variables
+            (`residual=False`), or a functional `keras.Model` computing `x + layer(x)` (`residual=True`).
         """
+        base.check_choice(choice)
         if not self.built:
             raise ValueError(f"Layer '{self.name}' must be built before extraction.")
+        if choice == "student":
+            return None
+        width = self.ta_input_shape[-1]
+        if input_layout is not None:
+            positions = base.input_positions(input_layout, width, layer_name=self.name)
+            if not base.is_prefix(positions) or len(positions) != width:
+                raise ValueError(
+                    f"TA-only layer '{self.name}' is kept but its input has width {len(positions)}, not the "
+                    f"TA's {width}: keep it only where the layers before it are at TA width"
+                )
         name = name or self.name
         config = copy.deepcopy(self.layer.get_config())
         config["name"] = f"{name}_layer" if self.residual else name

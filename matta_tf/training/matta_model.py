@@ -12,6 +12,7 @@ import keras
 import tensorflow as tf
 from keras import ops
 
+from matta_tf import _keras_compat
 from matta_tf.data.schema import Label
 from matta_tf.training import losses
 from matta_tf.training._checks import check_choice
@@ -27,7 +28,7 @@ _ACTIVE_TERMS = {"matta": TERMS, "student_only": ("student",), "ta_only": ("ta",
 
 
 @keras.saving.register_keras_serializable(package="matta_tf")
-class MatTAModel(keras.Model):
+class MatTAModel(_keras_compat.PerReplicaSymbolicBuild, keras.Model):
     """Trains the Student and the TA of a nested network together (MatTA, Algorithm 1).
 
     `network` maps the inputs to a pair `(student_logits, ta_logits)`. Each training step minimizes
@@ -284,30 +285,9 @@ class MatTAModel(keras.Model):
         # Keras 3.15 averages per-step logs over MultiWorkerMirroredStrategy workers with
         # `strategy.reduce("MEAN", value, axis=0)`, which rejects the scalar metric results (for any
         # model): give each a batch axis of 1. Epoch logs are read from the synchronized metrics.
-        strategy = self.distribute_strategy
-        multi_worker = isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
-        if multi_worker and strategy.extended._in_multi_worker_mode():
+        if _keras_compat.in_multi_worker_mode(self.distribute_strategy):
             return {name: ops.reshape(value, (1,)) for name, value in logs.items()}
         return logs
-
-    def _maybe_symbolic_build(self, iterator: Any = None, data_batch: Any = None) -> None:
-        # Keras 3.15's TensorFlow trainer reads the first (x, y, sample_weight) batch for the
-        # symbolic build with one `strategy.reduce` call on the whole tuple; `reduce` takes a single
-        # value and fails under MultiWorkerMirroredStrategy (for any model). The shapes of one
-        # replica's batch are all the build needs.
-        strategy = self._distribute_strategy
-        if strategy is None or iterator is None:
-            return super()._maybe_symbolic_build(iterator=iterator, data_batch=data_batch)
-        for _, _, batches in iterator:
-            data_batch = tf.nest.map_structure(
-                lambda value: strategy.experimental_local_results(value)[0]
-                if isinstance(value, tf.distribute.DistributedValues)
-                else value,
-                next(batches),
-            )
-            break
-        with strategy.scope():
-            self._symbolic_build(data_batch=data_batch)
 
     # ---- compile and serialization --------------------------------------------------------------------
     def compile(
