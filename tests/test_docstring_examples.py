@@ -23,6 +23,7 @@ How an example runs (the convention every example is written to):
   | `schema` | `Schema.load(data_dir)` |
   | `records` | a list of 32 serialized tf.Example events from `data_dir`'s test split |
   | `nested` | a tiny nested relevance network for `schema` (`build_relevance_network`), untrained |
+  | `dataset` | `data_dir`'s validation split as `(features, labels)` batches that `nested` reads (preprocessed) |
   | `teacher_path` | a tiny, untrained Teacher SavedModel for `schema` (`export_teacher`) |
   | `serving_config` | a TF Serving `models.config` of model `relevance`: `nested`'s Student (version 1, label `control`) and TA (version 2, label `treatment`) |
   | `client` | a `PredictionClient` (gRPC) of model `relevance` on a `LocalModelServer` serving `serving_config` |
@@ -31,6 +32,7 @@ How an example runs (the convention every example is written to):
   as skipped with its reason, and `SKIPPED` below lists every one (the test checks the list is exact).
 """
 
+import ast
 import dataclasses
 import functools
 import importlib
@@ -175,7 +177,8 @@ def test_skipped_examples_are_the_listed_ones():
 
 @pytest.fixture(scope="session")
 def data_dir(tmp_path_factory) -> str:
-    from matta_tf.data import MovieLensConfig, load_ratings, prepare_movielens
+    from matta_tf.data import MovieLensConfig, prepare_movielens
+    from matta_tf.data.movielens import load_ratings
 
     ratings = load_ratings()
     users = sorted(ratings["userId"].unique())[:6]
@@ -211,6 +214,16 @@ def nested(schema):
 
 
 @pytest.fixture(scope="session")
+def dataset(data_dir, schema):
+    from matta_tf.data import make_dataset
+    from matta_tf.models.relevance import relevance_preprocessor
+
+    preprocessor = relevance_preprocessor(schema)
+    batches = make_dataset(os.path.join(data_dir, "validation"), schema, 64, labels="label")
+    return batches.map(lambda x, y: (preprocessor(x), y)).cache()
+
+
+@pytest.fixture(scope="session")
 def teacher_path(schema, tmp_path_factory) -> str:
     from matta_tf.models.teacher import TeacherConfig, build_teacher, export_teacher
 
@@ -242,7 +255,16 @@ def client(serving_config):
             yield connected
 
 
-INJECTED = ("data_dir", "schema", "records", "nested", "teacher_path", "serving_config", "client")
+def _free_names(code: str) -> set[str]:
+    """Names the code reads but never assigns (the ones it expects to be given)."""
+    nodes = list(ast.walk(ast.parse(code)))
+    stored = {node.id for node in nodes if isinstance(node, ast.Name) and not isinstance(node.ctx, ast.Load)}
+    stored |= {alias.asname or alias.name for node in nodes if isinstance(node, (ast.Import, ast.ImportFrom))
+               for alias in node.names}
+    return {node.id for node in nodes if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)} - stored
+
+
+INJECTED = ("data_dir", "schema", "records", "nested", "dataset", "teacher_path", "serving_config", "client")
 
 
 # --- the examples -----------------------------------------------------------------------------------
@@ -255,8 +277,7 @@ def test_docstring_example_runs(example: Example, request, tmp_path, monkeypatch
     monkeypatch.chdir(tmp_path)
     namespace = dict(vars(importlib.import_module(example.module)))
     namespace.update(np=np, tf=tf, keras=keras, matta_tf=matta_tf, tmp_dir=tmp_path, __name__="__docstring_example__")
-    names = set(re.findall(r"\b\w+\b", example.code))
-    namespace.update({name: request.getfixturevalue(name) for name in INJECTED if name in names})
+    namespace.update({name: request.getfixturevalue(name) for name in INJECTED if name in _free_names(example.code)})
     try:
         exec(compile(example.code, f"<{example.id} {example.location}>", "exec"), namespace)
     except BaseException as error:  # noqa: BLE001 - any failure of the example is the test's failure

@@ -42,8 +42,9 @@ class NestedFeatureCross(keras.layers.Layer):
     x0 = (np.random.rand(4, 8).astype("float32"), np.random.rand(4, 32).astype("float32"))
     x0 = (x0[1][:, :8], x0[1])
     cross = NestedFeatureCross()
-    y_student, y_ta = cross(x0)
+    y_student, y_ta = cross(x0)    # (4, 8), (4, 32)
     plain = cross.extract(dim=8)   # a keras_rs.layers.FeatureCross
+    np.testing.assert_allclose(plain(x0[0]), y_student, rtol=1e-5)
     ```
 
     References:
@@ -99,6 +100,7 @@ class NestedFeatureCross(keras.layers.Layer):
             dtype=self.dtype_policy, name=name or self.name,
         )
         cross.build((None, dim))
+        cross.dense.build((None, dim))  # keras-rs creates its Dense in `build` but builds it on first call
         plain = self.dense.extract(dim, dim)
         cross.dense.kernel.assign(plain.kernel)
         cross.dense.bias.assign(plain.bias)
