@@ -267,7 +267,8 @@ def train_teacher(
     ```python
     config = TeacherConfig(epochs=1, embedding_dim=8, tower_units=(16,), head_units=(16,), num_cross_layers=1)
     run = train_teacher(data_dir, "runs/movielens/teacher", config, verbose=0)   # data_dir: runs/movielens/data
-    print(run.summary["validation"])   # the Teacher's validation metrics
+    history = run.summary["history"]   # per epoch: loss and metrics, `val_*` on the validation split
+    assert len(history["val_loss"]) == 1
     ```
     """
     saved_model = os.path.join(out_dir, SAVED_MODEL_DIR)
@@ -365,8 +366,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m matta_tf.mode
     Example:
 
     ```python
-    with open("teacher.yaml", "w") as config:    # tiny; without --config the Teacher has its full size
-        config.write("embedding_dim: 8\ntower_units: [16]\nhead_units: [16]\nnum_cross_layers: 1\n")
+    with open("teacher.yaml", "w") as config:    # tiny (JSON is YAML); without --config: full size
+        json.dump({"embedding_dim": 8, "tower_units": [16], "head_units": [16], "num_cross_layers": 1}, config)
     assert main(["--data", data_dir, "--out", "runs/movielens/teacher", "--config", "teacher.yaml",
                  "--epochs", "1"]) == 0   # data_dir: runs/movielens/data
     ```

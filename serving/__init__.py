@@ -1,15 +1,20 @@
 """Serving matta-tf models with TF Serving: export every Mix'n'Match size, configure, call, A/B test.
 
 ```python
+from matta_tf.extraction import SubmodelSpec
 from matta_tf.serving import (ModelEntry, PredictionClient, ServableModel, export_for_serving, raw_features,
                               write_model_config)
+from matta_tf.serving.server import LocalModelServer
 
+specs = [SubmodelSpec.uniform(nested, "student"), SubmodelSpec.uniform(nested, "ta")]
 exported = export_for_serving([ServableModel.extract(nested, spec, schema) for spec in specs], "runs/serving")
 write_model_config("runs/serving/models.config",
                    [ModelEntry("relevance", "runs/serving/relevance", labels={"control": 1, "treatment": 2})])
-# tensorflow_model_server --model_config_file=runs/serving/models.config   (or: matta serve ...)
-client = PredictionClient("127.0.0.1:8500", "relevance")
-client.predict(raw_features(records, schema), label="treatment")["probabilities"]
+# tensorflow_model_server --model_config_file=runs/serving/models.config   (or: matta serve ...), or in-process:
+with LocalModelServer("runs/serving/models.config", grpc_port=0, rest_port=0) as server:
+    client = PredictionClient(f"127.0.0.1:{server.grpc_port}", "relevance")   # TF Serving: 127.0.0.1:8500
+    probabilities = client.predict(raw_features(records, schema), label="treatment")["probabilities"]
+assert probabilities.shape == (len(records), 1)
 ```
 
 Names are imported on first use, so `matta_tf.serving.ab` (assignment and analysis) loads without TensorFlow.

@@ -9,8 +9,8 @@ labelled version is listed in a `specific` version policy.
 Example:
 
 ```python
-write_model_config("runs/serving/models.config", [
-    ModelEntry("relevance", "runs/serving/relevance", labels={"control": 1, "treatment": 2}),
+write_model_config("runs/serving/models.config", [   # serving_dir: e.g. runs/serving, with versions 1 and 2
+    ModelEntry("relevance", f"{serving_dir}/relevance", labels={"control": 1, "treatment": 2}),
 ])
 ```
 
@@ -161,11 +161,16 @@ def write_model_config(
     Example:
 
     ```python
-    exported = export_for_serving([student, middle, ta], "runs/serving")
-    versions = {e.name: e.version for e in exported}
+    from matta_tf.extraction import SubmodelSpec
+    from matta_tf.serving import ServableModel, export_for_serving
+
+    student, ta = (ServableModel.extract(nested, SubmodelSpec.uniform(nested, choice), schema)
+                   for choice in ("student", "ta"))
+    exported = export_for_serving([student, ta], "runs/serving")
+    versions = {e.name: e.version for e in exported}       # {"student": 1, "ta": 2}
     write_model_config("runs/serving/models.config", [ModelEntry(
         "relevance", "runs/serving/relevance", versions=list(versions.values()),
-        labels={"control": versions["student"], "treatment": versions[middle.name]})])
+        labels={"control": versions["student"], "treatment": versions[ta.name]})])
     ```
     """
     config = model_server_config(models)

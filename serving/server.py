@@ -27,9 +27,12 @@ queue).
 Example:
 
 ```python
-with LocalModelServer("runs/serving/models.config", grpc_port=0, rest_port=0) as server:
+from matta_tf.serving import PredictionClient, raw_features
+
+inputs = raw_features(records, schema)
+with LocalModelServer(f"{serving_dir}/models.config", grpc_port=0, rest_port=0) as server:   # runs/serving/...
     client = PredictionClient(f"127.0.0.1:{server.grpc_port}", model_name="relevance")
-    client.predict(inputs, label="treatment")
+    assert client.predict(inputs, label="treatment").version == 2
 ```
 """
 
@@ -635,8 +638,10 @@ class LocalModelServer:
     Example:
 
     ```python
-    server = LocalModelServer("runs/serving/models.config").start()
-    ...
+    from matta_tf.serving import PredictionClient, raw_features
+
+    server = LocalModelServer(f"{serving_dir}/models.config", grpc_port=0, rest_port=0).start()  # 0: a free port
+    PredictionClient(f"127.0.0.1:{server.grpc_port}", "relevance").predict(raw_features(records, schema))
     server.stop()
     ```
     """

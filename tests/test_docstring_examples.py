@@ -25,8 +25,9 @@ How an example runs (the convention every example is written to):
   | `nested` | a tiny nested relevance network for `schema` (`build_relevance_network`), untrained |
   | `dataset` | `data_dir`'s validation split as `(features, labels)` batches that `nested` reads (preprocessed) |
   | `teacher_path` | a tiny, untrained Teacher SavedModel for `schema` (`export_teacher`) |
-  | `serving_config` | a TF Serving `models.config` of model `relevance`: `nested`'s Student (version 1, label `control`) and TA (version 2, label `treatment`) |
-  | `client` | a `PredictionClient` (gRPC) of model `relevance` on a `LocalModelServer` serving `serving_config` |
+  | `serving_dir` | an `export_for_serving` folder (e.g. `runs/serving`): model `relevance`, `nested`'s Student as version 1 and TA as version 2, and `models.config` with labels `control` (1) and `treatment` (2) |
+  | `server` | a running `LocalModelServer` of `serving_dir/models.config` on free ports (`server.grpc_port`, `server.rest_port`) |
+  | `client` | a gRPC `PredictionClient` of model `relevance` on `server` |
 
 - A block that cannot run here is fenced ```` ```python notest: REASON ````; it is collected, reported
   as skipped with its reason, and `SKIPPED` below lists every one (the test checks the list is exact).
@@ -199,7 +200,7 @@ def schema(data_dir):
 def records(data_dir) -> list[bytes]:
     from matta_tf.data import read_records
 
-    return list(read_records(sorted(pathlib.Path(data_dir, "test").glob("*.tfrecord"))))[:32]
+    return list(read_records(os.path.join(data_dir, "test", "*.tfrecord")))[:32]
 
 
 TINY_RELEVANCE = {"embedding_dim": 4, "tower_units": (8,), "head_units": (8,), "num_cross_layers": 1}
@@ -233,26 +234,32 @@ def teacher_path(schema, tmp_path_factory) -> str:
 
 
 @pytest.fixture(scope="session")
-def serving_config(nested, schema, records, tmp_path_factory) -> str:
+def serving_dir(nested, schema, records, tmp_path_factory) -> str:
     from matta_tf.extraction import SubmodelSpec
     from matta_tf.serving import ModelEntry, ServableModel, export_for_serving, write_model_config
 
     base = tmp_path_factory.mktemp("docstring_serving")
     sizes = [ServableModel.extract(nested, SubmodelSpec.uniform(nested, choice), schema) for choice in ("student", "ta")]
     export_for_serving(sizes, str(base), "relevance", warmup_examples=records, num_warmup_records=4)
-    path = str(base / "models.config")
-    write_model_config(path, [ModelEntry("relevance", str(base / "relevance"), labels={"control": 1, "treatment": 2})])
-    return path
+    write_model_config(str(base / "models.config"),
+                       [ModelEntry("relevance", str(base / "relevance"), labels={"control": 1, "treatment": 2})])
+    return str(base)
 
 
 @pytest.fixture(scope="session")
-def client(serving_config):
-    from matta_tf.serving import PredictionClient
+def server(serving_dir):
     from matta_tf.serving.server import LocalModelServer
 
-    with LocalModelServer(serving_config, grpc_port=0, rest_port=0) as server:
-        with PredictionClient(f"127.0.0.1:{server.grpc_port}", "relevance") as connected:
-            yield connected
+    with LocalModelServer(os.path.join(serving_dir, "models.config"), grpc_port=0, rest_port=0) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def client(server):
+    from matta_tf.serving import PredictionClient
+
+    with PredictionClient(f"127.0.0.1:{server.grpc_port}", "relevance") as connected:
+        yield connected
 
 
 def _free_names(code: str) -> set[str]:
@@ -264,7 +271,7 @@ def _free_names(code: str) -> set[str]:
     return {node.id for node in nodes if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load)} - stored
 
 
-INJECTED = ("data_dir", "schema", "records", "nested", "dataset", "teacher_path", "serving_config", "client")
+INJECTED = ("data_dir", "schema", "records", "nested", "dataset", "teacher_path", "serving_dir", "server", "client")
 
 
 # --- the examples -----------------------------------------------------------------------------------
