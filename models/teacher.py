@@ -20,9 +20,8 @@ Lookups (vocabularies, buckets) are inside the SavedModel.
 Example:
 
 ```python
-config = TeacherConfig(epochs=1, embedding_dim=8, tower_units=(16,), head_units=(16,), num_cross_layers=1)   # tiny; TeacherConfig() is Teacher size
-run = train_teacher(data_dir, "runs/movielens/teacher", config, verbose=0)   # data_dir: runs/movielens/data
-teacher = tf.saved_model.load(run.saved_model)   # any TensorFlow program, or `Teacher(run.saved_model)`
+# teacher_path: train_teacher("runs/movielens/data", "runs/movielens/teacher").saved_model
+teacher = tf.saved_model.load(teacher_path)   # any TensorFlow program, or `Teacher(teacher_path)`
 outputs = teacher.signatures["serving_default"](examples=tf.constant(records))
 assert outputs["probabilities"].shape == (len(records), 1)
 ```

@@ -224,6 +224,8 @@ def raw_features(records: Sequence[bytes | Mapping[str, Any]], schema: Schema) -
     Example:
 
     ```python
+    from matta_tf.data import read_records
+
     inputs = raw_features(list(read_records(f"{data_dir}/test/*.tfrecord"))[:32], schema)   # e.g. data/test
     client.predict(inputs)["probabilities"]   # (32, 1)
     ```
@@ -429,10 +431,9 @@ def export_for_serving(
     Example:
 
     ```python
-    student, ta = (ServableModel.extract(nested, SubmodelSpec.uniform(nested, choice), schema)
-                   for choice in ("student", "ta"))
-    exported = export_for_serving([student, ta], "runs/serving", warmup_examples=records[:100])
-    assert [(e.name, e.version) for e in exported] == [("student", 1), ("ta", 2)]   # runs/serving/relevance/1, 2
+    student = ServableModel.extract(nested, SubmodelSpec.uniform(nested, "student"), schema)
+    exported = export_for_serving([student], "runs/serving", warmup_examples=records[:100])   # also: [s, m, ta]
+    assert [(e.name, e.version) for e in exported] == [("student", 1)]   # in runs/serving/relevance/1/
     ```
     """
     models = list(models)

@@ -161,16 +161,13 @@ def write_model_config(
     Example:
 
     ```python
-    from matta_tf.extraction import SubmodelSpec
-    from matta_tf.serving import ServableModel, export_for_serving
-
-    student, ta = (ServableModel.extract(nested, SubmodelSpec.uniform(nested, choice), schema)
-                   for choice in ("student", "ta"))
-    exported = export_for_serving([student, ta], "runs/serving")
-    versions = {e.name: e.version for e in exported}       # {"student": 1, "ta": 2}
-    write_model_config("runs/serving/models.config", [ModelEntry(
-        "relevance", "runs/serving/relevance", versions=list(versions.values()),
-        labels={"control": versions["student"], "treatment": versions[ta.name]})])
+    # `export_for_serving([student, ta], "runs/serving")` wrote versions 1 and 2 (here: in serving_dir).
+    versions = {"student": 1, "ta": 2}      # {e.name: e.version for e in exported}
+    write_model_config("models.config", [ModelEntry(
+        "relevance", f"{serving_dir}/relevance", versions=list(versions.values()),
+        labels={"control": versions["student"], "treatment": versions["ta"]})])
+    config = read_model_config("models.config")    # the ModelServerConfig protocol buffer
+    assert config.model_config_list.config[0].version_labels["treatment"] == 2
     ```
     """
     config = model_server_config(models)

@@ -16,21 +16,25 @@ How an example runs (the convention every example is written to):
 - A few names of tiny, real objects are injected, each only when the example's code mentions it, and
   each built once per test session (they are read-only inputs; an example writes to its own directory):
 
-  | name | what it is |
-  |---|---|
-  | `tmp_dir` | the example's current directory, a `pathlib.Path` |
-  | `data_dir` | a prepared MovieLens data folder (`matta prepare movielens`) of 6 users: `schema.yaml`, `train/`, `validation/`, `test/` |
-  | `schema` | `Schema.load(data_dir)` |
-  | `records` | a list of 32 serialized tf.Example events from `data_dir`'s test split |
-  | `nested` | a tiny nested relevance network for `schema` (`build_relevance_network`), untrained |
-  | `dataset` | `data_dir`'s validation split as `(features, labels)` batches that `nested` reads (preprocessed) |
-  | `teacher_path` | a tiny, untrained Teacher SavedModel for `schema` (`export_teacher`) |
-  | `serving_dir` | an `export_for_serving` folder (e.g. `runs/serving`): model `relevance`, `nested`'s Student as version 1 and TA as version 2, and `models.config` with labels `control` (1) and `treatment` (2) |
-  | `server` | a running `LocalModelServer` of `serving_dir/models.config` on free ports (`server.grpc_port`, `server.rest_port`) |
-  | `client` | a gRPC `PredictionClient` of model `relevance` on `server` |
+  - `tmp_dir`: the example's current directory, a `pathlib.Path`;
+  - `data_dir`: a prepared MovieLens data folder (`matta prepare movielens`) of 6 users: `schema.yaml`,
+    `train/`, `validation/`, `test/` (in the examples' words, e.g. `runs/movielens/data`);
+  - `schema`: `Schema.load(data_dir)`;
+  - `records`: a list of 32 serialized tf.Example events from `data_dir`'s test split;
+  - `nested`: a tiny nested relevance network for `schema` (`build_relevance_network`), untrained;
+  - `dataset`: `data_dir`'s validation split as preprocessed `(features, labels)` batches `nested` reads;
+  - `teacher_path`: a tiny, untrained Teacher SavedModel for `schema` (`export_teacher`);
+  - `serving_dir`: an `export_for_serving` folder (e.g. `runs/serving`): model `relevance` with
+    `nested`'s Student as version 1 and TA as version 2, and `models.config` with the labels
+    `control` (1) and `treatment` (2);
+  - `server`: a running `LocalModelServer` of `serving_dir/models.config` on free ports
+    (`server.grpc_port`, `server.rest_port`);
+  - `client`: a gRPC `PredictionClient` of model `relevance` on `server`.
 
 - A block that cannot run here is fenced ```` ```python notest: REASON ````; it is collected, reported
   as skipped with its reason, and `SKIPPED` below lists every one (the test checks the list is exact).
+  A block that runs but takes long is fenced ```` ```python slow ````: marked `slow`, it runs with
+  `make test-all` (`-m slow`) only; `SLOW` lists each with why.
 """
 
 import ast
@@ -57,10 +61,13 @@ ROOT = pathlib.Path(__file__).resolve().parents[1]
 TREES = {"matta_tf": "matta_tf", "models": "matta_tf.models", "pipelines": "matta_tf.pipelines",
          "serving": "matta_tf.serving"}
 FENCE = re.compile(r"^\s*```python(?P<marker>[^\n`]*)$")
-NOTEST = re.compile(r"^\s*notest:\s*(?P<reason>\S.*)$")
+NOTEST = re.compile(r"^notest:\s*(?P<reason>\S.*)$")
 
-# Every example that is fenced ```python notest: REASON, by id (a new one must be added here, on purpose).
+# Every example fenced ```python notest: REASON, by id (a new one must be added here, on purpose).
 SKIPPED = {}
+# Every example fenced ```python slow (runs under `-m slow`, i.e. `make test-all`), by id, with why.
+SLOW = {"matta_tf.models.sequential[#0]": "trains a Transformer: its train step alone traces for minutes on a loaded "
+        "2-core machine; tests/test_sequential.py trains the same way in the default suite"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,6 +80,7 @@ class Example:
     code: str
     location: str  # file:line of the fence, best effort
     skip_reason: str | None
+    slow: bool = False
 
     @property
     def id(self) -> str:
@@ -149,8 +157,9 @@ def collect() -> tuple[Example, ...]:
             docstring = obj.__doc__ if isinstance(obj.__doc__, str) else ""
             for index, (marker, code, offset) in enumerate(_blocks(inspect.cleandoc(docstring))):
                 skip = NOTEST.match(marker)
-                examples.append(Example(module_name, qualname, index, code, _fence_line(obj, offset),
-                                        skip["reason"] if skip else ("bad marker: " + marker) if marker else None))
+                reason = skip["reason"] if skip else None if marker in ("", "slow") else f"unknown marker {marker!r}"
+                examples.append(Example(module_name, qualname, index, code, _fence_line(obj, offset), reason,
+                                        slow=marker == "slow"))
     return tuple(examples)
 
 
@@ -168,9 +177,10 @@ def test_no_example_escapes_collection():
     assert len(ids) == len(set(ids)), "two examples share an id"
 
 
-def test_skipped_examples_are_the_listed_ones():
+def test_skipped_and_slow_examples_are_the_listed_ones():
     skipped = {example.id: example.skip_reason for example in collect() if example.skip_reason}
     assert skipped == SKIPPED
+    assert {example.id for example in collect() if example.slow} == set(SLOW)
 
 
 # --- the injected names -----------------------------------------------------------------------------
@@ -216,8 +226,9 @@ def nested(schema):
 
 @pytest.fixture(scope="session")
 def dataset(data_dir, schema):
-    from matta_tf.data import make_dataset
     from matta_tf.models.relevance import relevance_preprocessor
+
+    from matta_tf.data import make_dataset
 
     preprocessor = relevance_preprocessor(schema)
     batches = make_dataset(os.path.join(data_dir, "validation"), schema, 64, labels="label")
@@ -235,11 +246,13 @@ def teacher_path(schema, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def serving_dir(nested, schema, records, tmp_path_factory) -> str:
-    from matta_tf.extraction import SubmodelSpec
     from matta_tf.serving import ModelEntry, ServableModel, export_for_serving, write_model_config
 
+    from matta_tf.extraction import SubmodelSpec
+
     base = tmp_path_factory.mktemp("docstring_serving")
-    sizes = [ServableModel.extract(nested, SubmodelSpec.uniform(nested, choice), schema) for choice in ("student", "ta")]
+    sizes = [ServableModel.extract(nested, SubmodelSpec.uniform(nested, choice), schema)
+             for choice in ("student", "ta")]
     export_for_serving(sizes, str(base), "relevance", warmup_examples=records, num_warmup_records=4)
     write_model_config(str(base / "models.config"),
                        [ModelEntry("relevance", str(base / "relevance"), labels={"control": 1, "treatment": 2})])
@@ -277,7 +290,8 @@ INJECTED = ("data_dir", "schema", "records", "nested", "dataset", "teacher_path"
 # --- the examples -----------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("example", collect(), ids=lambda example: example.id)
+@pytest.mark.parametrize("example", [pytest.param(example, id=example.id, marks=[pytest.mark.slow] if example.slow
+                                                  else []) for example in collect()])
 def test_docstring_example_runs(example: Example, request, tmp_path, monkeypatch):
     if example.skip_reason:
         pytest.skip(f"{example.id} ({example.location}): {example.skip_reason}")
