@@ -34,7 +34,8 @@ from matta_tf.serving import raw_features
 test = ABTest.from_shares("size-test-1", {"control": 0.5, "treatment": 0.5})
 with ExposureLog("runs/ab/exposures.jsonl") as log:
     for user_id in range(24):                      # one request of 4 events per user
-        inputs = raw_features(records[user_id % 8 * 4:][:4], schema)
+        events = records[(user_id % 8) * 4:][:4]   # this user's events (serialized tf.Example)
+        inputs = raw_features(events, schema)
         prediction = predict_for_user(client, test, user_id, inputs, log)
 exposures = read_exposures("runs/ab/exposures.jsonl")   # one row per scored event
 # The events' logged outcomes (clicks), keyed like the exposures; simulated here.

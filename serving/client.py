@@ -15,7 +15,8 @@ from matta_tf.serving import raw_features
 client = PredictionClient(f"127.0.0.1:{server.grpc_port}", model_name="relevance")                  # gRPC
 client = PredictionClient(f"http://127.0.0.1:{server.rest_port}", model_name="relevance", protocol="rest")
 prediction = client.predict(raw_features(records, schema), label="treatment")
-prediction["probabilities"], prediction.version    # a (32, 1) array, and None: REST does not say the version
+prediction["probabilities"]                        # a (32, 1) array
+assert prediction.version is None                  # REST responses do not say the version (gRPC ones do)
 ```
 """
 
