@@ -183,6 +183,26 @@ def test_skipped_and_slow_examples_are_the_listed_ones():
     assert {example.id for example in collect() if example.slow} == set(SLOW)
 
 
+def test_fences_markers_and_free_names_are_parsed():
+    docstring = inspect.cleandoc("""Summary.
+
+        ```python
+        x = 1
+        ```
+
+        ```python notest: needs a Flink cluster
+            y = x
+        ```
+
+        ```text
+        not python
+        ```
+        """)
+    assert _blocks(docstring) == [("", "x = 1", 2), ("notest: needs a Flink cluster", "y = x", 6)]
+    assert _free_names("import os\nfrom math import pi as p\nz = schema + os.sep + p\nfor w in z: print(w, q)") == {
+        "schema", "print", "q"}
+
+
 # --- the injected names -----------------------------------------------------------------------------
 
 
