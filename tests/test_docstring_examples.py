@@ -13,7 +13,7 @@ How an example runs (the convention every example is written to):
   `matta_tf`, so an example may use its module's own names without importing them.
 - Its current directory is a fresh, empty temporary directory, so relative paths such as
   `runs/serving` are written there and never into the repository.
-- A few names of tiny, real objects are injected, each only when the example's code mentions it, and
+- A few names of tiny, real objects are injected, each only when the example reads it without assigning it, and
   each built once per test session (they are read-only inputs; an example writes to its own directory):
 
   - `tmp_dir`: the example's current directory, a `pathlib.Path`;
@@ -66,8 +66,8 @@ NOTEST = re.compile(r"^notest:\s*(?P<reason>\S.*)$")
 # Every example fenced ```python notest: REASON, by id (a new one must be added here, on purpose).
 SKIPPED = {}
 # Every example fenced ```python slow (runs under `-m slow`, i.e. `make test-all`), by id, with why.
-SLOW = {"matta_tf.models.sequential[#0]": "trains a Transformer: its train step alone traces for minutes on a loaded "
-        "2-core machine; tests/test_sequential.py trains the same way in the default suite"}
+SLOW = {"matta_tf.models.sequential[#0]": "trains a Transformer: about a minute on a loaded 2-core machine (3.5 "
+        "minutes with XLA); tests/test_sequential.py trains the same way in the default suite"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -230,7 +230,9 @@ def schema(data_dir):
 def records(data_dir) -> list[bytes]:
     from matta_tf.data import read_records
 
-    return list(read_records(os.path.join(data_dir, "test", "*.tfrecord")))[:32]
+    records = list(read_records(os.path.join(data_dir, "test", "*.tfrecord")))[:32]
+    assert len(records) == 32, f"the 6-user test split has only {len(records)} records"
+    return records
 
 
 TINY_RELEVANCE = {"embedding_dim": 4, "tower_units": (8,), "head_units": (8,), "num_cross_layers": 1}
