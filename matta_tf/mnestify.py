@@ -158,7 +158,9 @@ def mnestify(
         ]
     )
     nested = matta_tf.mnestify(student, width_multiplier=4.0, ta_only_after={"hidden": 1})
-    student_logit, ta_logit = nested(np.random.rand(8, 16))  # student_logit == student(x)
+    x = np.random.rand(8, 16)
+    student_logit, ta_logit = nested(x)                      # (8, 1) each
+    np.testing.assert_allclose(student_logit, student(x), rtol=1e-5)   # the Student is unchanged
     ```
 
     References:

@@ -13,10 +13,14 @@ compiles with `jit_compile=True`. `relevance_preprocessor(schema)` gives the pre
 Example:
 
 ```python
-schema = Schema.load("runs/movielens/data")
+from matta_tf.data import parse_examples
+
+schema = Schema.load(data_dir)                  # e.g. runs/movielens/data
 config = RelevanceConfig(embedding_dim=16, tower_units=(64, 32), ta_width_multiplier=4)
 network = build_relevance_network(schema, config)         # features -> (student_logit, ta_logit)
 student_only = build_relevance_network(schema, config.student_config())
+features = relevance_preprocessor(schema)(parse_examples(tf.constant(records), schema, labels=False))
+student_logit, ta_logit = network(features)               # (32, 1) each
 ```
 """
 

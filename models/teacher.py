@@ -20,10 +20,10 @@ Lookups (vocabularies, buckets) are inside the SavedModel.
 Example:
 
 ```python
-run = train_teacher("runs/movielens/data", "runs/movielens/teacher", TeacherConfig(epochs=2))
-teacher = tf.saved_model.load(run.saved_model)   # any TensorFlow program, or `Teacher(run.saved_model)`
+# teacher_path: train_teacher("runs/movielens/data", "runs/movielens/teacher").saved_model
+teacher = tf.saved_model.load(teacher_path)   # any TensorFlow program, or `Teacher(teacher_path)`
 outputs = teacher.signatures["serving_default"](examples=tf.constant(records))
-outputs["probabilities"]  # [batch, 1]
+assert outputs["probabilities"].shape == (len(records), 1)
 ```
 """
 
@@ -137,7 +137,8 @@ def build_teacher(schema: Schema, config: TeacherConfig = TeacherConfig()) -> ke
 
     ```python
     network = build_teacher(schema, TeacherConfig(embedding_dim=8, tower_units=(16,), head_units=(16,)))
-    logits = network(relevance_preprocessor(schema)(raw_features))
+    raw_features = parse_examples(tf.constant(records), schema, labels=False)
+    logits = network(relevance_preprocessor(schema)(raw_features))   # (len(records), 1)
     ```
     """
     label = schema.label(config.label)
@@ -166,9 +167,10 @@ def export_teacher(network: keras.Model, schema: Schema, path: str, label: str =
     Example:
 
     ```python
-    export_teacher(network, schema, "/tmp/teacher/saved_model")
-    teacher = tf.saved_model.load("/tmp/teacher/saved_model")
-    teacher.signatures["serving_default"](examples=tf.constant(records))["probabilities"]
+    network = build_teacher(schema, TeacherConfig(embedding_dim=8, tower_units=(16,), head_units=(16,)))
+    export_teacher(network, schema, "teacher/saved_model")
+    teacher = tf.saved_model.load("teacher/saved_model")
+    teacher.signatures["serving_default"](examples=tf.constant(records))["probabilities"]   # (n, 1)
     ```
     """
     task = schema.label(label).task
@@ -188,7 +190,7 @@ def teacher_output_width(path: str) -> int:
     Example:
 
     ```python
-    width = teacher_output_width("runs/movielens/teacher/saved_model")
+    assert teacher_output_width(teacher_path) == 1   # e.g. runs/movielens/teacher/saved_model: binary
     ```
     """
     from tensorflow.core.protobuf import saved_model_pb2
@@ -247,8 +249,10 @@ def train_teacher(
     Example:
 
     ```python
-    run = train_teacher("runs/movielens/data", "runs/movielens/teacher", TeacherConfig(epochs=1))
-    print(run.summary["validation"])
+    config = TeacherConfig(epochs=1, embedding_dim=8, tower_units=(16,), head_units=(16,), num_cross_layers=1)
+    run = train_teacher(data_dir, "runs/movielens/teacher", config, verbose=0)   # data_dir: runs/movielens/data
+    history = run.summary["history"]   # per epoch: loss and metrics, `val_*` on the validation split
+    assert len(history["val_loss"]) == 1
     ```
     """
     saved_model = os.path.join(out_dir, SAVED_MODEL_DIR)
@@ -315,8 +319,9 @@ class Teacher:
     Example:
 
     ```python
-    teacher = Teacher("runs/movielens/teacher/saved_model")
+    teacher = Teacher(teacher_path)    # e.g. runs/movielens/teacher/saved_model
     scores = teacher(records)          # {"logits": [n, w], "probabilities": [n, w]}
+    assert scores["probabilities"].shape == (len(records), teacher.width)
     ```
     """
 
@@ -345,7 +350,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m matta_tf.mode
     Example:
 
     ```python
-    main(["--data", "runs/movielens/data", "--out", "runs/movielens/teacher", "--epochs", "2"])
+    with open("teacher.yaml", "w") as config:    # tiny (JSON is YAML); without --config: full size
+        json.dump({"embedding_dim": 8, "tower_units": [16], "head_units": [16], "num_cross_layers": 1}, config)
+    assert main(["--data", data_dir, "--out", "runs/movielens/teacher", "--config", "teacher.yaml",
+                 "--epochs", "1"]) == 0   # data_dir: runs/movielens/data
     ```
     """
     parser = argparse.ArgumentParser(

@@ -15,12 +15,13 @@ paths and `gs://` work on every worker (TensorFlow registers GCS; S3 and HDFS ne
 Example:
 
 ```python
-with beam.Pipeline(runner="FnApiRunner") as pipeline:
-    files = pipeline | beam.Create(input_files(["data/train"], ["train"]))
+with beam.Pipeline(runner="FnApiRunner") as pipeline:         # copies data/train to out/train
+    files = pipeline | beam.Create(input_files([f"{data_dir}/train"], ["train"]))   # data_dir: e.g. data
     read = files | beam.ParDo(ReadRecordChunks(chunk_size=1024)).with_outputs(DEAD_LETTER, main="chunks")
     _ = read.chunks | beam.Map(lambda chunk: (shard_key(chunk[0]), (chunk[0].indices, chunk[1]))) \
         | WriteShards("out", files, counter_name="copied")
     _ = read[DEAD_LETTER] | WriteDeadLetters("out/dead_letter.jsonl")
+assert sorted(os.listdir("out/train")) == sorted(os.listdir(f"{data_dir}/train"))   # same shard names
 ```
 """
 
@@ -106,7 +107,9 @@ def input_files(directories: Sequence[str], splits: Sequence[str]) -> list[tuple
     Example:
 
     ```python
-    files = input_files(["data/train"], ["train"])  # [("train", "data/train/part-00000-of-00002.tfrecord"), ...]
+    files = input_files([f"{data_dir}/train"], ["train"])  # data_dir: e.g. data
+    files  # [("train", "data/train/part-00000-of-00002.tfrecord"), ("train", "data/train/part-00001-...")]
+    assert [split for split, _ in files] == ["train", "train"]
     ```
     """
     files = []

@@ -96,7 +96,7 @@ class Batching:
     Example:
 
     ```python
-    label_with_teacher(data, teacher, out, batching=Batching(batch_size=4096, large_model=True))
+    label_with_teacher(data_dir, teacher_path, "labelled", batching=Batching(batch_size=4096, large_model=True))
     ```
     """
 
@@ -136,8 +136,10 @@ class TeacherModelHandler(ModelHandler[Sequence[bytes], PredictionResult, Teache
     Example:
 
     ```python
-    handler = KeyedModelHandler(TeacherModelHandler("runs/movielens/teacher/saved_model"))
-    scored = keyed_chunks | RunInference(handler)      # (key, PredictionResult(chunk, TeacherScores))
+    handler = KeyedModelHandler(TeacherModelHandler(teacher_path))   # e.g. runs/movielens/teacher/saved_model
+    with beam.Pipeline(runner="FnApiRunner") as pipeline:
+        keyed_chunks = pipeline | beam.Create([("chunk-0", records[:16]), ("chunk-1", records[16:])])
+        scored = keyed_chunks | RunInference(handler)      # (key, PredictionResult(chunk, TeacherScores))
     ```
     """
 
@@ -201,7 +203,8 @@ def valid_label_rows(values: np.ndarray, label: Label) -> np.ndarray:
     Example:
 
     ```python
-    valid_label_rows(np.array([[0.2], [1.5]]), Label("p", source="teacher"))  # [True, False]
+    valid = valid_label_rows(np.array([[0.2], [1.5]]), Label("p", source="teacher"))
+    assert valid.tolist() == [True, False]   # 1.5 is no probability
     ```
     """
     values = np.asarray(values).reshape(len(values), -1)
@@ -279,7 +282,11 @@ class TeacherLabelEncoder:
     ```python
     encoder = TeacherLabelEncoder(Label("teacher_probability", source="teacher"),
                                   Label("teacher_logit", source="teacher", representation="logits"))
+    scores = Teacher(teacher_path)(records)         # {"logits": [n, 1], "probabilities": [n, 1]}
+    probabilities, logits = scores["probabilities"], scores["logits"]
     labelled = [record + suffix for record, suffix in zip(records, encoder(probabilities, logits))]
+    example = tf.train.Example.FromString(labelled[0])
+    assert example.features.feature["teacher_logit"].float_list.value[0] == logits[0, 0]
     ```
     """
 
@@ -394,9 +401,10 @@ class LabelWithTeacher(beam.PTransform):
     Example:
 
     ```python
+    probability, logit = teacher_labels(teacher_path)   # teacher_path: e.g. teacher/saved_model
     with beam.Pipeline(runner="FnApiRunner") as pipeline:
-        _ = (pipeline | beam.Create(input_files(["data/train"], ["train"]))
-             | LabelWithTeacher(schema, "teacher/saved_model", "out", probability, logit))
+        _ = (pipeline | beam.Create(input_files([f"{data_dir}/train"], ["train"]))   # data_dir: e.g. data
+             | LabelWithTeacher(schema, teacher_path, "out", probability, logit))
     ```
     """
 
@@ -454,7 +462,8 @@ def teacher_labels(saved_model: str, probability: str = "teacher_probability",
     Example:
 
     ```python
-    probability, logit = teacher_labels("runs/movielens/teacher/saved_model")
+    probability, logit = teacher_labels(teacher_path)   # e.g. runs/movielens/teacher/saved_model
+    assert (probability.name, logit.name, probability.task) == ("teacher_probability", "teacher_logit", "binary")
     ```
     """
     if probability == logit:
@@ -502,6 +511,7 @@ def pipeline_options(beam_args: Sequence[str] | PipelineOptions | None = None) -
 
     ```python
     options = pipeline_options(["--runner=FlinkRunner", "--flink_master=localhost:8081"])
+    assert pipeline_options([]).view_as(StandardOptions).runner == "FnApiRunner"   # the local default
     ```
 
     Raises:
@@ -624,9 +634,10 @@ def label_with_teacher(
     Example:
 
     ```python
-    result = label_with_teacher("runs/movielens/data", "runs/movielens/teacher/saved_model",
+    result = label_with_teacher(data_dir, teacher_path,   # e.g. runs/movielens/data, .../teacher/saved_model
                                 "runs/movielens/labelled", splits=["train"])
     result.counts  # {"read": ..., "labelled": ..., "dead_lettered": ..., ...}
+    assert result.counts["read"] == result.counts["labelled"] + result.counts["dead_lettered"]
     ```
     """
     if tf.io.gfile.exists(out_dir) and tf.io.gfile.listdir(out_dir):
@@ -733,8 +744,9 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m matta_tf.pipe
     Example:
 
     ```python
-    main(["--input", "runs/movielens/data", "--teacher", "runs/movielens/teacher/saved_model",
-          "--out", "runs/movielens/labelled", "--runner=FnApiRunner"])
+    status = main(["--input", data_dir, "--teacher", teacher_path,   # e.g. runs/movielens/data, .../saved_model
+                   "--out", "runs/movielens/labelled", "--runner=FnApiRunner"])
+    assert status == 0
     ```
     """
     parser = build_parser(prog)

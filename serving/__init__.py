@@ -1,18 +1,24 @@
 """Serving matta-tf models with TF Serving: export every Mix'n'Match size, configure, call, A/B test.
 
 ```python
+from matta_tf.extraction import SubmodelSpec
 from matta_tf.serving import (ModelEntry, PredictionClient, ServableModel, export_for_serving, raw_features,
-                              write_model_config)
+                              serving_command, write_model_config)
+from matta_tf.serving.server import LocalModelServer
 
+specs = [SubmodelSpec.uniform(nested, "student"), SubmodelSpec.uniform(nested, "ta")]
 exported = export_for_serving([ServableModel.extract(nested, spec, schema) for spec in specs], "runs/serving")
 write_model_config("runs/serving/models.config",       # also writes runs/serving/batching_parameters.txt
                    [ModelEntry("relevance", "runs/serving/relevance", labels={"control": 1, "treatment": 2})])
-print(" ".join(serving_command("runs/serving/models.config", "runs/serving/batching_parameters.txt")))
+command = serving_command("runs/serving/models.config", "runs/serving/batching_parameters.txt")
 # tensorflow_model_server --port=8500 --rest_api_port=8501 --model_config_file=... \
 #     --allow_version_labels_for_unavailable_models=true --enable_batching=true --batching_parameters_file=...
-# (the same flags work with `matta serve`; serving/README.md has the conformance table)
-client = PredictionClient("127.0.0.1:8500", "relevance")
-client.predict(raw_features(records, schema), label="treatment")["probabilities"]
+# (the same flags work with `matta serve`; serving/README.md has the conformance table), or in-process:
+with LocalModelServer("runs/serving/models.config", grpc_port=0, rest_port=0,
+                      allow_version_labels_for_unavailable_models=True) as server:
+    client = PredictionClient(f"127.0.0.1:{server.grpc_port}", "relevance")   # TF Serving: 127.0.0.1:8500
+    probabilities = client.predict(raw_features(records, schema), label="treatment")["probabilities"]
+assert probabilities.shape == (len(records), 1)
 ```
 
 Names are imported on first use, so `matta_tf.serving.ab` (assignment and analysis) loads without TensorFlow.

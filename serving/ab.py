@@ -29,10 +29,19 @@
 Example:
 
 ```python
+from matta_tf.serving import raw_features
+
 test = ABTest.from_shares("size-test-1", {"control": 0.5, "treatment": 0.5})
 with ExposureLog("runs/ab/exposures.jsonl") as log:
-    prediction = predict_for_user(client, test, user_id, inputs, log)
-frame = read_exposures("runs/ab/exposures.jsonl").merge(outcomes, on=["request_id", "example_index"])
+    for user_id in range(24):                      # one request of 4 events per user
+        events = records[(user_id % 8) * 4:][:4]   # this user's events (serialized tf.Example)
+        inputs = raw_features(events, schema)
+        prediction = predict_for_user(client, test, user_id, inputs, log)
+exposures = read_exposures("runs/ab/exposures.jsonl")   # one row per scored event
+# The events' logged outcomes (clicks), keyed like the exposures; simulated here.
+outcomes = exposures[["request_id", "example_index"]].assign(
+    outcome=np.random.default_rng(0).integers(0, 2, len(exposures)))
+frame = exposures.merge(outcomes, on=["request_id", "example_index"])
 analysis = analyze_ab_test(frame, test)
 write_ab_report(analysis, "runs/ab")
 ```
@@ -102,7 +111,8 @@ class ABTest:
 
     ```python
     test = ABTest.from_shares("size-test-1", {"control": 0.9, "treatment": 0.1})
-    test.assign("user-42")          # "control" or "treatment", the same on every machine
+    arm = test.assign("user-42")    # "control" or "treatment", the same on every machine
+    assert arm == test.assign("user-42") and arm in ("control", "treatment")
     ```
     """
 
@@ -474,8 +484,11 @@ def analyze_ab_test(
     Example:
 
     ```python
+    rng = np.random.default_rng(0)
+    exposures = pd.DataFrame({"arm": rng.choice(["control", "treatment"], 400), "user_id": np.arange(400),
+                              "prediction": rng.uniform(size=400), "outcome": rng.integers(0, 2, 400)})
     analysis = analyze_ab_test(exposures, ABTest.from_shares("t", {"control": 0.5, "treatment": 0.5}))
-    analysis.comparisons[["arm", "metric", "relative_difference", "p_value"]]
+    analysis.comparisons[["arm", "metric", "relative_difference", "p_value"]]   # one row per metric
     ```
     """
     shares = test.shares if isinstance(test, ABTest) else dict(test)

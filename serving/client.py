@@ -9,10 +9,14 @@ exponential back-off. Errors are raised as `PredictionError` with TF Serving's s
 Example:
 
 ```python
-client = PredictionClient("127.0.0.1:8500", model_name="relevance")                  # gRPC
-client = PredictionClient("http://127.0.0.1:8501", model_name="relevance", protocol="rest")
+from matta_tf.serving import raw_features
+
+# TF Serving's default ports are 8500 (gRPC) and 8501 (REST); `server` is running on free ones.
+client = PredictionClient(f"127.0.0.1:{server.grpc_port}", model_name="relevance")                  # gRPC
+client = PredictionClient(f"http://127.0.0.1:{server.rest_port}", model_name="relevance", protocol="rest")
 prediction = client.predict(raw_features(records, schema), label="treatment")
-prediction["probabilities"], prediction.version
+prediction["probabilities"]                        # a (32, 1) array
+assert prediction.version is None                  # REST responses do not say the version (gRPC ones do)
 ```
 """
 
@@ -93,8 +97,12 @@ class PredictionClient:
     Example:
 
     ```python
-    with PredictionClient("127.0.0.1:8500", "relevance") as client:
-        scores = client.predict(inputs, label="control")["probabilities"]
+    from matta_tf.serving import raw_features
+
+    inputs = raw_features(records, schema)
+    with PredictionClient(f"127.0.0.1:{server.grpc_port}", "relevance") as client:   # TF Serving: 127.0.0.1:8500
+        prediction = client.predict(inputs, label="control")
+    assert prediction["probabilities"].shape == (len(records), 1) and prediction.version == 1
     ```
     """
 

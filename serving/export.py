@@ -38,11 +38,19 @@ The vocabulary lookups, OOV buckets and bucketization of `FeaturePreprocessor` r
 Example:
 
 ```python
+from matta_tf.data import read_records
+from matta_tf.extraction import SubmodelSpec
+
+student_spec, ta_spec = SubmodelSpec.uniform(nested, "student"), SubmodelSpec.uniform(nested, "ta")
+middle_spec = student_spec.replace(name="head-ta", head_0="ta")      # any Mix'n'Match spec
+offline = {"student": {"auc": 0.61}, "head-ta": {"auc": 0.62}, "ta": {"auc": 0.64}}   # from evaluation
 sizes = [ServableModel.extract(nested, spec, schema, metrics=offline[spec.name])
          for spec in (student_spec, middle_spec, ta_spec)]
+validation_files = f"{data_dir}/validation/*.tfrecord"   # data_dir: e.g. runs/movielens/data
 exported = export_for_serving(sizes, "runs/serving", model_name="relevance",
                               warmup_examples=list(read_records(validation_files))[:100])
-versions = {e.name: e.version for e in exported}     # {"student": 1, "wnw-2": 2, "ta": 3}
+versions = {e.name: e.version for e in exported}
+assert versions == {"student": 1, "head-ta": 2, "ta": 3}
 ```
 """
 
@@ -108,7 +116,8 @@ class ServableModel:
     Example:
 
     ```python
-    student = ServableModel("student", extract_submodel(nested, spec), schema)
+    spec = SubmodelSpec.uniform(nested, "student")
+    student = ServableModel("student", extract_submodel(nested, spec), schema, spec=spec)
     ```
     """
 
@@ -207,8 +216,10 @@ def raw_features(records: Sequence[bytes | Mapping[str, Any]], schema: Schema) -
     Example:
 
     ```python
-    inputs = raw_features(list(read_records("data/test/*.tfrecord"))[:32], schema)
-    client.predict(inputs)
+    from matta_tf.data import read_records
+
+    inputs = raw_features(list(read_records(f"{data_dir}/test/*.tfrecord"))[:32], schema)   # e.g. data/test
+    client.predict(inputs)["probabilities"]   # (32, 1)
     ```
     """
     serving_schema = _serving_schema(schema)
@@ -414,7 +425,9 @@ def export_for_serving(
     Example:
 
     ```python
-    exported = export_for_serving([student, middle, ta], "runs/serving", warmup_examples=records[:100])
+    student = ServableModel.extract(nested, SubmodelSpec.uniform(nested, "student"), schema)
+    exported = export_for_serving([student], "runs/serving", warmup_examples=records[:100])   # also: [s, m, ta]
+    assert [(e.name, e.version) for e in exported] == [("student", 1)]   # in runs/serving/relevance/1/
     ```
     """
     models = list(models)

@@ -27,8 +27,8 @@ counts, so the batcher's padding (each tensor's own first element) cannot change
 Example:
 
 ```python
-write_model_config("runs/serving/models.config", [
-    ModelEntry("relevance", "runs/serving/relevance", labels={"control": 1, "treatment": 2}),
+write_model_config("runs/serving/models.config", [   # serving_dir: e.g. runs/serving, with versions 1 and 2
+    ModelEntry("relevance", f"{serving_dir}/relevance", labels={"control": 1, "treatment": 2}),
 ])
 write_batching_parameters("runs/serving/batching_parameters.txt", BatchingParameters())
 print(" ".join(serving_command("runs/serving/models.config", "runs/serving/batching_parameters.txt")))
@@ -207,11 +207,13 @@ def write_model_config(
     Example:
 
     ```python
-    exported = export_for_serving([student, middle, ta], "runs/serving")
-    versions = {e.name: e.version for e in exported}
-    write_model_config("runs/serving/models.config", [ModelEntry(
-        "relevance", "runs/serving/relevance", versions=list(versions.values()),
-        labels={"control": versions["student"], "treatment": versions[middle.name]})])
+    # `export_for_serving([student, ta], "runs/serving")` wrote versions 1 and 2 (here: in serving_dir).
+    versions = {"student": 1, "ta": 2}      # {e.name: e.version for e in exported}
+    write_model_config("models.config", [ModelEntry(
+        "relevance", f"{serving_dir}/relevance", versions=list(versions.values()),
+        labels={"control": versions["student"], "treatment": versions["ta"]})])
+    config = read_model_config("models.config")    # the ModelServerConfig protocol buffer
+    assert config.model_config_list.config[0].version_labels["treatment"] == 2
     ```
     """
     config = model_server_config(models)

@@ -34,10 +34,13 @@ other clients.
 Example:
 
 ```python
-with LocalModelServer("runs/serving/models.config", grpc_port=0, rest_port=0,
+from matta_tf.serving import PredictionClient, raw_features
+
+inputs = raw_features(records, schema)
+with LocalModelServer(f"{serving_dir}/models.config", grpc_port=0, rest_port=0,   # runs/serving/...
                       allow_version_labels_for_unavailable_models=True) as server:
     client = PredictionClient(f"127.0.0.1:{server.grpc_port}", model_name="relevance")
-    client.predict(inputs, label="treatment")
+    assert client.predict(inputs, label="treatment").version == 2
 ```
 """
 
@@ -1076,8 +1079,11 @@ class LocalModelServer:
     Example:
 
     ```python
-    server = LocalModelServer("runs/serving/models.config", rest_port=8501).start()
-    ...
+    from matta_tf.serving import PredictionClient, raw_features
+
+    server = LocalModelServer(f"{serving_dir}/models.config", grpc_port=0, rest_port=0,  # 0: a free port
+                              allow_version_labels_for_unavailable_models=True).start()
+    PredictionClient(f"127.0.0.1:{server.grpc_port}", "relevance").predict(raw_features(records, schema))
     server.stop()
     ```
     """

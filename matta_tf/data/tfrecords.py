@@ -34,9 +34,10 @@ class ShardedTFRecordWriter:
     Example:
 
     ```python
-    with ShardedTFRecordWriter("/tmp/events/train/part", num_shards=4) as writer:
-        for record in records:
+    with ShardedTFRecordWriter("events/train/part", num_shards=4) as writer:
+        for record in records:                     # serialized tf.Example bytes
             writer.write(record)
+    assert len(list_files("events/train")) == 4    # events/train/part-0000{0..3}-of-00004.tfrecord
     ```
     """
 

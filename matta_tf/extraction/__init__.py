@@ -1,12 +1,18 @@
 """Mix'n'Match: describe, enumerate, cost, extract and evaluate standalone sub-models of a nested model.
 
 ```python
-specs = wide_narrow_wide_specs(nested, stack=["block_0", "block_1", "block_2", "block_3"])
-table = evaluate_submodels(nested, specs, validation_dataset)
-plot_quality_vs_size(table, "quality_vs_size.png", baseline=baseline_auc_loss)
-best = select_submodel(table, max_parameters=2e6)
+from matta_tf.extraction import evaluate_submodels, extract_submodel, plot_quality_vs_size, random_specs
+from matta_tf.extraction import select_submodel
+
+specs = random_specs(nested, 2, seed=0)           # the Student, the TA and 2 random mixes
+table = evaluate_submodels(nested, specs, dataset, progress=False)   # one row per spec
+plot_quality_vs_size(table, "quality_vs_size.png", baseline=0.3)    # e.g. the baseline's AucLoss
+best = select_submodel(table, max_parameters=table["parameters"].median())
 servable = extract_submodel(nested, best)       # ordinary Keras layers, no nesting code
 ```
+
+Over a stack of identical blocks (a Transformer), `wide_narrow_wide_specs(nested, stack=["block_0",
+"block_1", "block_2", "block_3"])` gives the paper's wide-narrow-wide family instead.
 """
 
 from matta_tf.extraction.cost import SubmodelCost, layer_flops, measure_latency, model_cost, spec_cost

@@ -102,7 +102,7 @@ class SubmodelSpec:
     spec = SubmodelSpec.uniform(nested, "student")
     spec = spec.replace(head_0="ta")
     spec.validate(nested)
-    SubmodelSpec.from_json(spec.to_json()) == spec
+    assert SubmodelSpec.from_json(spec.to_json()) == spec
     ```
     """
 

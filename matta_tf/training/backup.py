@@ -36,8 +36,11 @@ class MidEpochBackupAndRestore(keras.callbacks.BackupAndRestore):
     Example:
 
     ```python
-    backup = MidEpochBackupAndRestore("/tmp/run/backup", save_freq=100)
-    model.fit(dataset, epochs=3, callbacks=[backup])   # kill it, run it again: it resumes
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer="adam", loss="mse")
+    backup = MidEpochBackupAndRestore("run/backup", save_freq=2)
+    model.fit(np.ones((64, 4)), np.ones((64, 1)), batch_size=8, epochs=3, callbacks=[backup], verbose=0)
+    # Killed, then run again: the same `fit` call resumes from the last backup.
     ```
     """
 

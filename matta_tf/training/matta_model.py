@@ -90,6 +90,9 @@ class MatTAModel(_keras_compat.PerReplicaSymbolicBuild, keras.Model):
     Example:
 
     ```python
+    from matta_tf.layers import NestedDense
+    from matta_tf.training import DistillationSchedule, MatTAModel
+
     x = np.random.rand(256, 8).astype("float32")
     y = (x.sum(axis=1) > 4).astype("int64")
     inputs = keras.Input((8,))
@@ -97,8 +100,8 @@ class MatTAModel(_keras_compat.PerReplicaSymbolicBuild, keras.Model):
     network = keras.Model(inputs, NestedDense(1, 1)(hidden))   # (student_logit, ta_logit)
     model = MatTAModel(network, distillation_schedule=DistillationSchedule(0, 100))
     model.compile(optimizer=keras.optimizers.Adam(1e-3))
-    model.fit(x, y, batch_size=32, epochs=2)
-    model.predict(x)["student"]   # (256, 1) Student probabilities
+    model.fit(x, y, batch_size=32, epochs=2, verbose=0)
+    assert model.predict(x, verbose=0)["student"].shape == (256, 1)   # Student probabilities
     ```
 
     References:

@@ -27,9 +27,12 @@ class IndependentStudentTA(keras.Model):
     Example:
 
     ```python
+    from matta_tf.training import MatTAModel
+
     student = keras.Sequential([keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)])
     ta = keras.Sequential([keras.layers.Dense(64, activation="relu"), keras.layers.Dense(1)])
     model = MatTAModel(IndependentStudentTA(student, ta))
+    student_logit, ta_logit = model.network(np.random.rand(4, 8))   # (4, 1) each, no shared weights
     ```
 
     References:

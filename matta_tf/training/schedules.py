@@ -37,8 +37,12 @@ class DistillationSchedule:
     Example:
 
     ```python
+    from matta_tf.training import MatTAModel
+
     schedule = DistillationSchedule(start_step=1000, ramp_steps=4000, curve="cosine")
-    float(schedule(3000))   # 0.5
+    assert abs(float(schedule(3000)) - 0.5) < 1e-6
+    student = keras.Sequential([keras.Input((8,)), keras.layers.Dense(16, activation="relu"), keras.layers.Dense(1)])
+    network = matta_tf.mnestify(student)      # (student_logit, ta_logit)
     model = MatTAModel(network, distillation_schedule=schedule)
     ```
 
