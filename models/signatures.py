@@ -27,8 +27,14 @@ which would otherwise be read as real values. Within the length, `""` and negati
 Example:
 
 ```python
-write_scoring_saved_model("/tmp/model", network, FeaturePreprocessor(schema), "binary",
-                          {"serving_default": "raw_features", "examples": "examples"})
+from matta_tf.data.preprocessing import FeaturePreprocessor
+from matta_tf.models.teacher import TeacherConfig, build_teacher
+
+network = build_teacher(schema, TeacherConfig(embedding_dim=4, tower_units=(8,), head_units=(8,)))
+path = write_scoring_saved_model(f"{tmp_dir}/model", network, FeaturePreprocessor(schema), "binary",
+                                 {"serving_default": "raw_features", "examples": "examples"})
+scores = tf.saved_model.load(path).signatures["examples"](examples=tf.constant(records))
+assert scores["probabilities"].shape == (len(records), 1)
 ```
 """
 

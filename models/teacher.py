@@ -136,6 +136,8 @@ def build_teacher(schema: Schema, config: TeacherConfig = TeacherConfig()) -> ke
     Example:
 
     ```python
+    from matta_tf.data.examples import parse_examples
+
     network = build_teacher(schema, TeacherConfig(embedding_dim=8, tower_units=(16,), head_units=(16,)))
     raw_features = parse_examples(tf.constant(records), schema, labels=False)
     logits = network(relevance_preprocessor(schema)(raw_features))   # (len(records), 1)

@@ -285,7 +285,8 @@ def serving_dir(nested, schema, records, tmp_path_factory) -> str:
 def server(serving_dir):
     from matta_tf.serving.server import LocalModelServer
 
-    with LocalModelServer(os.path.join(serving_dir, "models.config"), grpc_port=0, rest_port=0) as running:
+    with LocalModelServer(os.path.join(serving_dir, "models.config"), grpc_port=0, rest_port=0,
+                          allow_version_labels_for_unavailable_models=True) as running:
         yield running
 
 

@@ -50,9 +50,28 @@ def functional_view(model: keras.Model, inputs: Any) -> keras.Model:
     Example:
 
     ```python
-    inputs = {"user": keras.Input((), dtype="int32"), "item": keras.Input((), dtype="int32")}
+    from matta_tf.extraction import SubmodelSpec, extract_submodel
+    from matta_tf.layers import NestedConcatenate, NestedDense, NestedEmbedding
+
+    class MyRanker(keras.Model):  # a subclassed nested network built from matta-tf layers
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.user = NestedEmbedding(30, 4, 8, name="user_embedding")
+            self.item = NestedEmbedding(20, 4, 8, name="item_embedding")
+            self.concat = NestedConcatenate(name="concat")
+            self.hidden = NestedDense(8, 32, activation="relu", name="hidden")
+            self.logit = NestedDense(1, 1, name="logit")
+
+        def call(self, inputs):
+            x = self.concat([self.user(inputs["user"]), self.item(inputs["item"])])
+            return list(self.logit(self.hidden(x)))
+
+    my_ranker = MyRanker()
+    inputs = {"user": keras.Input((), dtype="int32", name="user"), "item": keras.Input((), dtype="int32", name="item")}
     view = functional_view(my_ranker, inputs)
-    student = extract_submodel(view, SubmodelSpec.uniform(view, "student"))
+    student = extract_submodel(view, SubmodelSpec.uniform(view, "student"))   # a plain Keras model
+    data = {"user": np.array([1, 2], "int32"), "item": np.array([3, 4], "int32")}
+    np.testing.assert_allclose(student(data), my_ranker(data)[0], atol=1e-5)
     ```
     """
     if _keras_graph.is_functional(model):

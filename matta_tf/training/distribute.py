@@ -17,13 +17,20 @@ folder that it deletes afterwards (`worker_output_dir`).
 Example:
 
 ```python
-strategy = strategy_from_environment()
+from matta_tf.layers import NestedDense
+from matta_tf.optimizers import Shampoo
+from matta_tf.training import MatTAModel
+
+strategy = strategy_from_environment()   # first, before any TensorFlow op
 with strategy.scope():
-    model = MatTAModel(build_network())
+    inputs = keras.Input((4,))
+    network = keras.Model(inputs, list(NestedDense(1, 1)(NestedDense(4, 16, activation="relu")(inputs))))
+    model = MatTAModel(network)
     model.compile(optimizer=Shampoo())
-model.fit(dataset)
-if is_chief():
-    model.save("out/model.keras")
+model.fit(np.ones((32, 4)), np.ones((32,), "int64"), batch_size=8, verbose=0)
+out = worker_output_dir("out")   # "out" on the chief, a private temporary folder elsewhere
+os.makedirs(out, exist_ok=True)
+model.save(os.path.join(out, "model.keras"))
 ```
 """
 
