@@ -61,12 +61,12 @@ import os
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import pandas as pd
-from scipy import stats
+from scipy import optimize, stats
 
 SHARE_TOLERANCE = 1e-9
 
@@ -293,16 +293,34 @@ def predict_for_user(
 
 
 # ---- statistics ---------------------------------------------------------------------------------------
-def _placements(scores: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray, np.ndarray]:
-    """AUROC and the placement values: the fraction of the other class each example beats (ties count half)."""
-    positives, negatives = scores[labels], scores[~labels]
-    m, n = len(positives), len(negatives)
-    overall = stats.rankdata(scores)
-    positive_ranks, negative_ranks = overall[labels], overall[~labels]
-    auc = (positive_ranks.sum() - m * (m + 1) / 2.0) / (m * n)
-    v10 = (positive_ranks - stats.rankdata(positives)) / n
-    v01 = 1.0 - (negative_ranks - stats.rankdata(negatives)) / m
-    return float(auc), v10, v01
+def _tie_groups(sorted_scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """For scores sorted ascending: each score's tie-group number and the last index of every group."""
+    new_group = np.r_[True, sorted_scores[1:] != sorted_scores[:-1]]
+    ends = np.r_[np.flatnonzero(new_group)[1:], len(sorted_scores)] - 1
+    return np.cumsum(new_group) - 1, ends
+
+
+def _placements(scores: np.ndarray, labels: np.ndarray) -> tuple[float, np.ndarray, np.ndarray, np.ndarray]:
+    """AUROC and the placement values: the fraction of the other class each example beats (ties count half).
+
+    Returns `(auroc, v10, v01, order)`: `v10` for the positives and `v01` for the negatives, each in
+    ascending order of score, and `order`, the sorting permutation of the examples.
+    """
+    order = np.argsort(scores)  # tie order is irrelevant: ties are handled by group
+    sorted_labels = labels[order]
+    group, ends = _tie_groups(scores[order])
+    m = int(sorted_labels.sum())
+    n = len(sorted_labels) - m
+    negatives_to = np.cumsum(~sorted_labels)[ends]  # negatives up to the end of each tie group
+    positives_to = np.cumsum(sorted_labels)[ends]
+    negatives_below = np.r_[0, negatives_to[:-1]]
+    positives_below = np.r_[0, positives_to[:-1]]
+    tied_negatives = negatives_to - negatives_below
+    tied_positives = positives_to - positives_below
+    g_pos, g_neg = group[sorted_labels], group[~sorted_labels]
+    v10 = (negatives_below[g_pos] + 0.5 * tied_negatives[g_pos]) / n
+    v01 = (m - positives_to[g_neg] + 0.5 * tied_positives[g_neg]) / m
+    return float(v10.mean()), v10, v01, order
 
 
 def auroc_delong(scores: np.ndarray, labels: np.ndarray, clusters: np.ndarray | None = None) -> tuple[float, float]:
@@ -328,18 +346,20 @@ def auroc_delong(scores: np.ndarray, labels: np.ndarray, clusters: np.ndarray | 
     m, n = int(labels.sum()), int((~labels).sum())
     if m == 0 or n == 0:
         return math.nan, math.nan
-    auc, v10, v01 = _placements(scores, labels)
+    if clusters is not None:
+        codes, uniques = pd.factorize(np.asarray(clusters).reshape(-1))
+        if len(codes) != len(scores):
+            raise ValueError(f"`clusters` has {len(codes)} entries for {len(scores)} scores")
+    auc, v10, v01, order = _placements(scores, labels)
     if clusters is None:
         variance = (np.var(v10, ddof=1) / m if m > 1 else 0.0) + (np.var(v01, ddof=1) / n if n > 1 else 0.0)
         return auc, float(variance)
-    codes, uniques = pd.factorize(np.asarray(clusters).reshape(-1))
-    if len(codes) != len(scores):
-        raise ValueError(f"`clusters` has {len(codes)} entries for {len(scores)} scores")
     k = len(uniques)
     if k < 2:
         return auc, math.nan
-    phi = (np.bincount(codes[labels], weights=v10 - auc, minlength=k) / m
-           + np.bincount(codes[~labels], weights=v01 - auc, minlength=k) / n)
+    codes, sorted_labels = codes[order], labels[order]
+    phi = (np.bincount(codes[sorted_labels], weights=v10 - auc, minlength=k) / m
+           + np.bincount(codes[~sorted_labels], weights=v01 - auc, minlength=k) / n)
     return auc, float(k / (k - 1) * np.sum(phi**2))
 
 
@@ -376,34 +396,46 @@ def auroc_cluster_bootstrap(
     if not len(scores) == len(labels) == len(codes):
         raise ValueError(f"`scores`, `labels` and `clusters` differ in length: {len(scores)}, {len(labels)}, "
                          f"{len(codes)}")
-    order = np.argsort(scores, kind="stable")
+    order = np.argsort(scores)  # tie order is irrelevant: ties are handled by group
     scores, labels, codes = scores[order], labels[order], codes[order]
-    # Tie groups of equal scores are contiguous after sorting; `group` numbers them.
-    starts = np.flatnonzero(np.r_[True, scores[1:] != scores[:-1]])
-    group = np.cumsum(np.r_[True, scores[1:] != scores[:-1]]) - 1
-    ends = np.r_[starts[1:], len(scores)] - 1
+    group, ends = _tie_groups(scores)
     rng = np.random.default_rng(seed)
     k = len(uniques)
     results = []
     for first in range(0, n_resamples, batch_size):
         count = min(batch_size, n_resamples - first)
-        weights = rng.multinomial(k, np.full(k, 1.0 / k), size=count).astype(np.float64)[:, codes]
-        negative = np.where(labels, 0.0, weights)
-        cumulative = np.cumsum(negative, axis=1)[:, ends]  # negative weight up to the end of each tie group
-        below = np.concatenate([np.zeros((count, 1)), cumulative[:, :-1]], axis=1)
-        beaten = below + 0.5 * (cumulative - below)  # strictly below, plus half of the ties
-        positive = np.where(labels, weights, 0.0)
-        pairs = positive.sum(axis=1) * negative.sum(axis=1)
-        with np.errstate(invalid="ignore", divide="ignore"):
-            results.append(np.sum(positive * beaten[:, group], axis=1) / pairs)
+        draws = rng.multinomial(k, np.full(k, 1.0 / k), size=count).astype(np.float64)
+        results.append(_weighted_aurocs(labels, group, ends, draws[:, codes]))
     return np.concatenate(results)
+
+
+def _weighted_aurocs(labels: np.ndarray, group: np.ndarray, ends: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """AUROC of examples sorted by score, under each row of `weights` (one weight per example; ties count half).
+
+    Args:
+        labels: Outcomes (bool), in ascending order of score.
+        group: Tie group of each example, from `_tie_groups`.
+        ends: Last index of each tie group, from `_tie_groups`.
+        weights: `(resamples, examples)` weights.
+
+    Returns:
+        One AUROC per row: `sum_{i pos, j neg} w_i w_j [s_i > s_j] (+ half for ties) / (W_pos W_neg)`.
+    """
+    negative = np.where(labels, 0.0, weights)
+    cumulative = np.cumsum(negative, axis=1)[:, ends]  # negative weight up to the end of each tie group
+    below = np.concatenate([np.zeros((len(weights), 1)), cumulative[:, :-1]], axis=1)
+    beaten = below + 0.5 * (cumulative - below)  # strictly below, plus half of the ties
+    positive = np.where(labels, weights, 0.0)
+    pairs = positive.sum(axis=1) * negative.sum(axis=1)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.sum(positive * beaten[:, group], axis=1) / pairs
 
 
 def log_losses(predictions: np.ndarray, outcomes: np.ndarray, epsilon: float = 1e-7) -> np.ndarray:
     """Per-example binary log loss of probabilities against 0/1 outcomes (clipped to [eps, 1 - eps])."""
     p = np.clip(np.asarray(predictions, np.float64).reshape(-1), epsilon, 1.0 - epsilon)
     y = np.asarray(outcomes, np.float64).reshape(-1)
-    return -(y * np.log(p) + (1.0 - y) * np.log1p(-p))
+    return -np.log(np.where(y > 0.5, p, 1.0 - p))  # one logarithm per example: this runs on every exposure
 
 
 def _relative(treatment: float, control: float, var_treatment: float, var_control: float,
@@ -460,14 +492,23 @@ def aggregate_by_user(
         A DataFrame with `user` (and `arm`), `exposures`, `positives` and `log_loss_sum` (the sum of
         the user's per-exposure log losses), in order of first appearance.
     """
+    return _aggregate(exposures, arm, prediction, outcome, user)[0]
+
+
+def _aggregate(exposures: pd.DataFrame, arm: str | None, prediction: str | None, outcome: str,
+               user: str) -> tuple[pd.DataFrame, np.ndarray]:
+    """`aggregate_by_user`'s table and the row of that table (the unit) of every exposure."""
     keys = [user] + ([arm] if arm is not None else [])
     _check_exposures(exposures, keys + ([prediction] if prediction else []) + [outcome], outcome, prediction)
     codes = np.zeros(len(exposures), np.int64)
     for key in keys:  # one integer code per (user, arm) pair
         key_codes, key_values = pd.factorize(exposures[key])
+        if (key_codes < 0).any():
+            raise ValueError(f"column {key!r} has {int((key_codes < 0).sum())} missing values")
         codes = codes * len(key_values) + key_codes
     unit_codes, _ = pd.factorize(codes)
-    first = np.unique(unit_codes, return_index=True)[1]
+    running_max = np.maximum.accumulate(unit_codes)  # codes count up in order of first appearance
+    first = np.flatnonzero(np.r_[True, running_max[1:] > running_max[:-1]]) if len(unit_codes) else unit_codes
     units = exposures.iloc[first][keys].reset_index(drop=True)
     count = len(units)
     units["exposures"] = np.bincount(unit_codes, minlength=count).astype(np.float64)
@@ -476,7 +517,7 @@ def aggregate_by_user(
     if prediction is not None:
         losses = log_losses(exposures[prediction].to_numpy(np.float64), y)
         units["log_loss_sum"] = np.bincount(unit_codes, weights=losses, minlength=count)
-    return units
+    return units, unit_codes
 
 
 _RATIO_METRICS = {"positive_rate": "positives", "log_loss": "log_loss_sum"}
@@ -488,16 +529,41 @@ def _ratio_metric(metric: str, alpha: float, cuped: bool, **power: Any) -> Any:
 
     numerator = _RATIO_METRICS[metric]
     return tt.RatioOfMeans(numerator, "exposures", f"pre_{numerator}" if cuped else None,
-                           "pre_exposures" if cuped else None, confidence_level=1.0 - alpha, equal_var=False,
-                           use_t=True, alternative="two-sided", **power)
+                           "pre_exposures" if cuped else None, confidence_level=1.0 - alpha, alpha=alpha,
+                           equal_var=False, use_t=True, alternative="two-sided", **power)
 
 
 def _read_aggregates(units: pd.DataFrame, group: str | None) -> Any:
-    from tea_tasting.aggr import read_aggregates
+    """tea-tasting `Aggregates` (count, means, variances, covariances with ddof 1) of the unit columns.
 
-    columns = tuple(c for c in units.columns if c in UNIT_COLUMNS or c.removeprefix("pre_") in UNIT_COLUMNS)
-    pairs = tuple((a, b) for i, a in enumerate(columns) for b in columns[i + 1:])
-    return read_aggregates(units, group, has_count=True, mean_cols=columns, var_cols=columns, cov_cols=pairs)
+    The same statistics as `tea_tasting.aggr.read_aggregates`, computed with numpy: its
+    dataframe-generic path costs tens of milliseconds per call, too slow for simulation tests.
+
+    Returns:
+        One `Aggregates`, or `{group value: Aggregates}` when `group` is given.
+    """
+    from tea_tasting.aggr import Aggregates
+
+    columns = [c for c in units.columns if c in UNIT_COLUMNS or c.removeprefix("pre_") in UNIT_COLUMNS]
+
+    def aggregate(values: np.ndarray) -> Aggregates:
+        count = len(values)
+        covariance = np.cov(values, rowvar=False, ddof=1).reshape(len(columns), len(columns)) if count > 1 else (
+            np.full((len(columns), len(columns)), math.nan))
+        return Aggregates(
+            count_=count,
+            mean_={c: float(v) for c, v in zip(columns, values.mean(axis=0), strict=True)} if count else {
+                c: math.nan for c in columns},
+            var_={c: float(covariance[i, i]) for i, c in enumerate(columns)},
+            cov_={(a, b): float(covariance[i, j]) for i, a in enumerate(columns) for j, b in enumerate(columns)
+                  if i < j},
+        )
+
+    values = units[columns].to_numpy(np.float64)
+    if group is None:
+        return aggregate(values)
+    codes, names = pd.factorize(units[group])
+    return {name: aggregate(values[codes == index]) for index, name in enumerate(names)}
 
 
 def _with_pre_period(units: pd.DataFrame, pre_period: pd.DataFrame | None, prediction: str, outcome: str,
@@ -510,8 +576,7 @@ def _with_pre_period(units: pd.DataFrame, pre_period: pd.DataFrame | None, predi
     pre = pre.rename(columns={c: f"pre_{c}" for c in UNIT_COLUMNS if c in pre})
     # Users are matched by their ids as text: a log read back from JSON holds strings, a table may hold ints.
     pre.index = pre.pop(user).astype(str)
-    merged = units.join(pre, on=units[user].astype(str).rename("_unit_key"))
-    merged = merged.drop(columns="_unit_key", errors="ignore")
+    merged = units.assign(_unit_key=units[user].astype(str)).join(pre, on="_unit_key").drop(columns="_unit_key")
     covariates = [c for c in merged.columns if c.startswith("pre_")]
     merged[covariates] = merged[covariates].fillna(0.0)
     if not has_prediction:  # log loss then has no covariate: a zero one leaves it unadjusted
@@ -748,13 +813,15 @@ def analyze_ab_test(
         raise ValueError(f"`control`={control!r} is not an arm of the test. Arms: {list(shares)}")
     if auroc_method not in ("delong", "bootstrap"):
         raise ValueError(f"`auroc_method` must be 'delong' or 'bootstrap'. Received: auroc_method={auroc_method!r}")
-    units = aggregate_by_user(exposures, arm, prediction, outcome, user)
+    units, unit_codes = _aggregate(exposures, arm, prediction, outcome, user)
     if pre_period is not None:
         _check_exposures(pre_period, [user, outcome], outcome, prediction if prediction in pre_period else None,
                          what="pre_period")
     units = _with_pre_period(units, pre_period, prediction, outcome, user)
     z = float(stats.norm.ppf(1.0 - alpha / 2.0))
-    arm_of_exposure = exposures[arm].to_numpy()
+    arm_of_unit = units[arm].to_numpy()
+    all_outcomes = exposures[outcome].to_numpy(np.int64)
+    all_predictions = exposures[prediction].to_numpy(np.float64)
     in_test = units[units[arm].isin(list(shares))]
     # CUPED needs pre-period exposures in every arm (the covariate is a ratio per arm).
     cuped = pre_period is not None and bool((in_test.groupby(arm)["pre_exposures"].sum() > 0).all())
@@ -765,23 +832,22 @@ def analyze_ab_test(
     per_arm: dict[str, dict[str, Any]] = {}
     rows = []
     for arm_name in shares:
-        part = exposures[arm_of_exposure == arm_name]
-        arm_units = units[units[arm] == arm_name]
-        y = part[outcome].to_numpy(np.int64)
-        p = part[prediction].to_numpy(np.float64)
+        in_arm = (arm_of_unit == arm_name)[unit_codes]
+        y, p, clusters = all_outcomes[in_arm], all_predictions[in_arm], unit_codes[in_arm]
+        arm_users = aggregates[arm_name].count() if arm_name in aggregates else 0
         if auroc_method == "delong":
-            auc, auc_var = auroc_delong(p, y, part[user].to_numpy())
+            auc, auc_var = auroc_delong(p, y, clusters)
         else:
             auc = auroc_delong(p, y)[0]
-            draws = auroc_cluster_bootstrap(p, y, part[user].to_numpy(), bootstrap_resamples, seed)
+            draws = auroc_cluster_bootstrap(p, y, clusters, bootstrap_resamples, seed) if len(y) else np.nan
             auc_var = float(np.nanvar(draws, ddof=1)) if np.isfinite(auc) else math.nan
         auc_se = math.sqrt(auc_var) if np.isfinite(auc_var) else math.nan
-        row = {"arm": arm_name, "exposures": len(part), "users": len(arm_units), "positives": int(y.sum()),
+        row = {"arm": arm_name, "exposures": len(y), "users": arm_users, "positives": int(y.sum()),
                "auroc": auc, "auroc_ci_low": max(0.0, auc - z * auc_se), "auroc_ci_high": min(1.0, auc + z * auc_se)}
         for metric, numerator in (("log_loss", "log_loss_sum"), ("positive_rate", "positives")):
             row[metric], row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = _ratio_interval(
                 aggregates.get(arm_name), numerator, alpha)
-        per_arm[arm_name] = {"auc": auc, "auc_var": auc_var, "users": len(arm_units)}
+        per_arm[arm_name] = {"auc": auc, "auc_var": auc_var, "users": arm_users}
         rows.append(row)
     arms_table = pd.DataFrame(rows)
 
@@ -876,9 +942,10 @@ def plan_ab_test(
     Give `relative_effect` to get the users needed for `power`; give `users` to get the minimum
     detectable relative effect at `power`; give both to get the power. The pilot's users (one
     population, e.g. last week's control traffic) give the per-user variance: for ratio metrics the
-    delta-method variance over users (tea-tasting's `RatioOfMeans.solve_power`, a t-test), for AUROC
-    the user-clustered DeLong variance times the pilot's users (a z-test; the variance of a pooled
-    AUROC shrinks as one over the users).
+    delta-method variance over users, with tea-tasting's `RatioOfMeans` power and detectable effect
+    (Welch t-test), for AUROC the user-clustered DeLong variance times the pilot's users (a z-test;
+    the variance of a pooled AUROC shrinks as one over the users). Users needed: the smallest whole
+    number whose power reaches `power` (the returned `power` is the power at that number).
 
     Args:
         pilot: Pilot exposures (columns `user`, `outcome`, and `prediction` for AUROC and log loss).
@@ -923,28 +990,25 @@ def plan_ab_test(
     units = aggregate_by_user(pilot, None, prediction if needs_prediction else None, outcome, user)
     if len(units) < 2:
         raise ValueError(f"`pilot` needs at least 2 users; it has {len(units)}")
-    ratio = treatment_share / (1.0 - treatment_share)
-    solve = "power" if relative_effect is not None and users is not None else (
-        "n_obs" if users is None else "rel_effect_size")
     if metric == "auroc":
         auc, auc_var = auroc_delong(pilot[prediction].to_numpy(np.float64), pilot[outcome].to_numpy(np.int64),
                                     pilot[user].to_numpy())
         if not np.isfinite(auc_var):
             raise ValueError("`pilot` needs positives and negatives from at least 2 users for an AUROC plan")
         baseline = auc
-        relative_effect, users, power = _normal_power(solve, auc_var * len(units), auc, relative_effect, users, power,
-                                                      alpha, treatment_share)
+        power_of, detectable = _auroc_power(auc_var * len(units), auc, alpha, treatment_share, power)
     else:
         aggregates = _read_aggregates(units, None)
         baseline = aggregates.mean(_RATIO_METRICS[metric]) / aggregates.mean("exposures")
-        options = {"alpha": alpha, "ratio": ratio, "power": power}
-        if relative_effect is not None:
-            options["rel_effect_size"] = float(relative_effect)
-        if users is not None:
-            options["n_obs"] = int(users)
-        result = _ratio_metric(metric, alpha, False, **options).solve_power_from_aggregates(aggregates, solve)[0]
-        relative_effect, users, power = float(result.rel_effect_size), int(result.n_obs), float(result.power)
-    users_treatment = int(math.ceil(users * treatment_share))
+        power_of, detectable = _ratio_power(metric, aggregates, alpha, treatment_share, power)
+    if users is None:  # the fewest users that reach `power`
+        users = _fewest_users(lambda total: power_of(relative_effect, total), power, treatment_share)
+        power = power_of(relative_effect, users)
+    elif relative_effect is None:
+        relative_effect = detectable(users)
+    else:
+        power = power_of(relative_effect, users)
+    users_treatment = int(round(users * treatment_share))
     return {
         "metric": metric, "baseline": float(baseline), "relative_effect": float(relative_effect),
         "effect": float(relative_effect * baseline), "power": float(power), "alpha": alpha, "users": int(users),
@@ -952,31 +1016,60 @@ def plan_ab_test(
     }
 
 
-def _normal_power(solve: str, unit_var: float, baseline: float, relative_effect: float | None, users: int | None,
-                  power: float, alpha: float, share: float) -> tuple[float, int, float]:
-    """Two-sided z-test power with `var = unit_var / users_in_arm` per arm; solves for `solve`."""
-    critical = stats.norm.isf(alpha / 2.0)
+def _ratio_power(metric: str, aggregates: Any, alpha: float, share: float,
+                 power: float) -> tuple[Callable[[float, int], float], Callable[[int], float]]:
+    """tea-tasting's power and detectable relative effect of a ratio metric, as functions of the users."""
+    ratio = share / (1.0 - share)
 
-    def power_of(effect: float, total: float) -> float:
-        se = math.sqrt(unit_var / (total * (1.0 - share)) + unit_var / (total * share))
+    def power_of(relative_effect: float, users: int) -> float:
+        metric_ = _ratio_metric(metric, alpha, False, ratio=ratio, rel_effect_size=float(relative_effect),
+                                n_obs=int(users))
+        return float(metric_.solve_power_from_aggregates(aggregates, "power")[0].power)
+
+    def detectable(users: int) -> float:
+        metric_ = _ratio_metric(metric, alpha, False, ratio=ratio, power=power, n_obs=int(users))
+        return float(metric_.solve_power_from_aggregates(aggregates, "rel_effect_size")[0].rel_effect_size)
+
+    return power_of, detectable
+
+
+def _auroc_power(unit_var: float, baseline: float, alpha: float, share: float,
+                 power: float) -> tuple[Callable[[float, int], float], Callable[[int], float]]:
+    """Power and detectable relative effect of the AUROC z-test, with variance `unit_var / users` per arm."""
+    critical = float(stats.norm.isf(alpha / 2.0))
+
+    def power_for_effect(effect: float, users: float) -> float:
+        se = math.sqrt(unit_var / (users * (1.0 - share)) + unit_var / (users * share))
         return float(stats.norm.sf(critical - abs(effect) / se) + stats.norm.cdf(-critical - abs(effect) / se))
 
-    if solve == "power":
-        return relative_effect, users, power_of(relative_effect * baseline, users)
-    if solve == "n_obs":
-        from scipy.optimize import brentq
+    def power_of(relative_effect: float, users: int) -> float:
+        return power_for_effect(relative_effect * baseline, users)
 
-        effect = relative_effect * baseline
-        upper = 4.0
-        while power_of(effect, upper) < power:
-            upper *= 2.0
-        total = brentq(lambda n: power_of(effect, n) - power, 2.0, upper)
-        return relative_effect, int(math.ceil(total)), power
-    from scipy.optimize import brentq
+    def detectable(users: int) -> float:
+        se = math.sqrt(unit_var / (users * (1.0 - share)) + unit_var / (users * share))
+        return float(optimize.brentq(lambda e: power_for_effect(e, users) - power, 0.0, 20.0 * se)) / baseline
 
-    se = math.sqrt(unit_var / (users * (1.0 - share)) + unit_var / (users * share))
-    effect = brentq(lambda e: power_of(e, users) - power, 0.0, 20.0 * se)
-    return effect / baseline, users, power
+    return power_of, detectable
+
+
+def _fewest_users(power_of: Callable[[int], float], power: float, share: float) -> int:
+    """The smallest total of users (both arms) whose power reaches `power`, by integer bisection.
+
+    Own search rather than tea-tasting's `solve_power(..., "n_obs")`: that brackets from 3 users in
+    total, which leaves an arm with under one user (and a NaN) for unequal splits.
+    """
+    low = max(4, math.ceil(2.0 / min(share, 1.0 - share)))  # two users in the smaller arm at least
+    if power_of(low) >= power:
+        return low
+    high = 2 * low
+    while power_of(high) < power:
+        low, high = high, 2 * high
+        if high > 10**12:
+            raise ValueError("the effect is too small to detect with any practical number of users")
+    while high - low > 1:  # power_of(low) < power <= power_of(high)
+        middle = (low + high) // 2
+        low, high = (middle, high) if power_of(middle) < power else (low, middle)
+    return high
 
 
 def write_ab_report(analysis: ABAnalysis, out_dir: str, name: str = "ab_report") -> dict[str, str]:
