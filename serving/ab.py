@@ -824,7 +824,7 @@ def analyze_ab_test(
     all_predictions = exposures[prediction].to_numpy(np.float64)
     in_test = units[units[arm].isin(list(shares))]
     # CUPED needs pre-period exposures in every arm (the covariate is a ratio per arm).
-    cuped = pre_period is not None and bool((in_test.groupby(arm)["pre_exposures"].sum() > 0).all())
+    cuped = pre_period is not None and bool((in_test.groupby(arm, observed=True)["pre_exposures"].sum() > 0).all())
     if not cuped:
         in_test = in_test.drop(columns=[c for c in in_test.columns if c.startswith("pre_")])
     aggregates = _read_aggregates(in_test, arm)
@@ -843,7 +843,8 @@ def analyze_ab_test(
             auc_var = float(np.nanvar(draws, ddof=1)) if np.isfinite(auc) else math.nan
         auc_se = math.sqrt(auc_var) if np.isfinite(auc_var) else math.nan
         row = {"arm": arm_name, "exposures": len(y), "users": arm_users, "positives": int(y.sum()),
-               "auroc": auc, "auroc_ci_low": max(0.0, auc - z * auc_se), "auroc_ci_high": min(1.0, auc + z * auc_se)}
+               "auroc": auc, "auroc_ci_low": float(np.clip(auc - z * auc_se, 0.0, 1.0)),
+               "auroc_ci_high": float(np.clip(auc + z * auc_se, 0.0, 1.0))}  # NaN stays NaN
         for metric, numerator in (("log_loss", "log_loss_sum"), ("positive_rate", "positives")):
             row[metric], row[f"{metric}_ci_low"], row[f"{metric}_ci_high"] = _ratio_interval(
                 aggregates.get(arm_name), numerator, alpha)
@@ -864,7 +865,7 @@ def analyze_ab_test(
     if not comparison_table.empty:
         comparison_table["significant"] = comparison_table["p_value"] < alpha
 
-    users_per_arm = units.groupby(arm).size().to_dict()
+    users_per_arm = units.groupby(arm, observed=True).size().to_dict()
     several = int((units[user].value_counts() > 1).sum())
     srm = sample_ratio_check(users_per_arm, shares, srm_threshold)
     srm["users_in_several_arms"] = several
