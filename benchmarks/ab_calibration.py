@@ -21,30 +21,18 @@ import sys
 import time
 
 import numpy as np
-import pandas as pd
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
 from matta_tf.serving.ab import (  # noqa: E402
-    aggregate_by_user,
     analyze_ab_test,
     auroc_cluster_bootstrap,
     auroc_delong,
     plan_ab_test,
 )
-from test_ab_units import _exposure_level_p_values, _simulate  # noqa: E402
+from test_ab_units import _exposure_level_p_values, _pre_period, _simulate  # noqa: E402
 
 METRICS = ("auroc", "log_loss", "positive_rate")
-
-
-def _pre_period(frame: pd.DataFrame, seed: int) -> pd.DataFrame:
-    """A pre-period of the same users: 5-60 new exposures each at the user's own observed rate."""
-    rng = np.random.default_rng(seed)
-    units = aggregate_by_user(frame)
-    rows = np.repeat(np.arange(len(units)), rng.integers(5, 61, len(units)))
-    rate = (units["positives"] / units["exposures"]).to_numpy()
-    return pd.DataFrame({"user_id": units["user_id"].to_numpy()[rows],
-                         "outcome": (rng.random(len(rows)) < rate[rows]).astype(int)})
 
 
 def main() -> None:

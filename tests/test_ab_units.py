@@ -59,6 +59,16 @@ def _simulate(seed, users=2000, exposures=(10, 200), effect=0.0, test=None, user
     }), test
 
 
+def _pre_period(frame, seed):
+    """A pre-period of the same users: 5-60 new exposures each at the user's own observed rate (ids as text)."""
+    rng = np.random.default_rng(seed)
+    units = aggregate_by_user(frame)
+    rows = np.repeat(np.arange(len(units)), rng.integers(5, 61, len(units)))
+    rate = (units["positives"] / units["exposures"]).to_numpy()
+    return pd.DataFrame({"user_id": units["user_id"].astype(str).to_numpy()[rows],
+                         "outcome": (rng.random(len(rows)) < rate[rows]).astype(int)})
+
+
 def _exposure_level_p_values(frame):
     """The analysis before issue 17: every exposure an independent sample. Kept only as a reference here."""
     treated = (frame["arm"] == "treatment").to_numpy()
@@ -89,6 +99,20 @@ def test_aa_simulation_rejects_at_alpha_for_every_metric_and_the_exposure_level_
     # Binomial(200, 0.05): sd 0.015; [0.02, 0.08] is two sd either side.
     assert all(0.02 <= rate <= 0.08 for rate in rates.values()), (rates, old_rates)
     assert all(rate >= 0.3 for rate in old_rates.values()), (rates, old_rates)
+
+
+@pytest.mark.slow
+def test_aa_simulation_with_cuped_and_the_user_bootstrap_rejects_at_alpha():
+    seeds = 200
+    rejections = {"auroc": 0, "log_loss": 0, "positive_rate": 0}
+    for seed in range(seeds):
+        frame, test = _simulate(seed)
+        comparisons = analyze_ab_test(frame, test, pre_period=_pre_period(frame, 10_000 + seed),
+                                      auroc_method="bootstrap", bootstrap_resamples=200, seed=seed).comparisons
+        assert comparisons["test"].str.contains("CUPED").sum() == 2
+        for metric, significant in zip(comparisons["metric"], comparisons["significant"], strict=True):
+            rejections[metric] += bool(significant)
+    assert all(0.02 <= count / seeds <= 0.08 for count in rejections.values()), rejections
 
 
 def _auroc_of_frame(part):
@@ -168,12 +192,8 @@ def test_ratio_metrics_are_the_delta_method_over_users():
 
 def test_cuped_with_a_pre_period_matches_the_textbook_adjustment_and_narrows_the_interval():
     frame, test = _simulate(11, users=1000)
-    rng = np.random.default_rng(12)  # a pre-period of the same users: their own base rates, new exposures
+    pre_period = _pre_period(frame, 12)  # user ids as text, the test's as integers: matched all the same
     units = aggregate_by_user(frame)
-    pre_rows = np.repeat(np.arange(len(units)), rng.integers(5, 60, len(units)))
-    rate = (units["positives"] / units["exposures"]).to_numpy()
-    pre_period = pd.DataFrame({"user_id": units["user_id"].astype(str).to_numpy()[pre_rows],  # ids as text
-                               "outcome": (rng.random(len(pre_rows)) < rate[pre_rows]).astype(int)})
     plain = analyze_ab_test(frame, test).comparisons.set_index("metric")
     analysis = analyze_ab_test(frame, test, pre_period=pre_period)
     adjusted = analysis.comparisons.set_index("metric")
