@@ -69,13 +69,13 @@ def main() -> None:
 
     shape = {"users": 1000, "exposures": (10, 100)}
     pilot, _ = _simulate(10_000, **shape)
-    plan = plan_ab_test(pilot, "positive_rate", relative_effect=0.07, users=shape["users"])
+    plan = plan_ab_test(pilot, "positive_rate", relative_effect=0.1, users=shape["users"])
     detected = 0
     for seed in range(args.seeds):
-        frame, test = _simulate(20_000 + seed, effect=0.07, **shape)
+        frame, test = _simulate(20_000 + seed, effect=0.1, **shape)
         row = analyze_ab_test(frame, test).comparisons.set_index("metric").loc["positive_rate"]
         detected += bool(row["significant"] and row["difference"] > 0)
-    print(f"\nPower, +7% per-user effect on the positive rate, 1,000 users: predicted {plan['power']:.3f}, "
+    print(f"\nPower, +10% per-user effect on the positive rate, 1,000 users: predicted {plan['power']:.3f}, "
           f"observed {detected / args.seeds:.3f} over {args.seeds} tests "
           f"(binomial sd {np.sqrt(plan['power'] * (1 - plan['power']) / args.seeds):.3f})")
     print(f"\nwall time {time.time() - start:.0f} s")

@@ -233,7 +233,7 @@ def test_cuped_with_a_pre_period_matches_the_textbook_adjustment_and_narrows_the
 def test_power_calculator_predicts_the_detection_rate_of_a_planted_per_user_effect():
     shape = {"users": 1000, "exposures": (10, 100)}
     pilot, _ = _simulate(10_000, **shape)  # one population, before the test
-    effect, sims = 0.07, 200
+    effect, sims = 0.1, 200
     plan = plan_ab_test(pilot, "positive_rate", relative_effect=effect, users=shape["users"])
     assert 0.3 < plan["power"] < 0.85  # informative: far from 0 and 1
     detected = 0
