@@ -600,7 +600,8 @@ class ABAnalysis:
         control: The control arm.
         name: The test's name.
         unit: The randomization unit (the user column) the analysis is at.
-        cuped: Whether the ratio metrics were CUPED-adjusted with a pre-period covariate.
+        cuped: Whether the ratio metrics were CUPED-adjusted with a pre-period covariate (log loss only
+            when the pre-period has predictions; the comparison's `test` says which).
         auroc_method: `"delong"` (user-clustered DeLong variance) or `"bootstrap"` (user-level bootstrap).
     """
 
@@ -860,7 +861,7 @@ def analyze_ab_test(
         comparisons.append(_compare_auroc(arm_name, current, reference, z))
         for metric in ("log_loss", "positive_rate"):
             comparisons.append(_compare_ratio(arm_name, metric, aggregates.get(arm_name), aggregates.get(control),
-                                              alpha, cuped))
+                                              alpha, cuped and (metric == "positive_rate" or prediction in pre_period)))
     comparison_table = pd.DataFrame(comparisons)
     if not comparison_table.empty:
         comparison_table["significant"] = comparison_table["p_value"] < alpha

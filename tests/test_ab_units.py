@@ -109,7 +109,7 @@ def test_aa_simulation_with_cuped_and_the_user_bootstrap_rejects_at_alpha():
         frame, test = _simulate(seed)
         comparisons = analyze_ab_test(frame, test, pre_period=_pre_period(frame, 10_000 + seed),
                                       auroc_method="bootstrap", bootstrap_resamples=200, seed=seed).comparisons
-        assert comparisons["test"].str.contains("CUPED").sum() == 2
+        assert comparisons["test"].str.contains("CUPED").tolist() == [False, False, True]  # no pre-period predictions
         for metric, significant in zip(comparisons["metric"], comparisons["significant"], strict=True):
             rejections[metric] += bool(significant)
     assert all(0.02 <= count / seeds <= 0.08 for count in rejections.values()), rejections
@@ -228,6 +228,11 @@ def test_cuped_with_a_pre_period_matches_the_textbook_adjustment_and_narrows_the
     assert width < 0.8 * plain_width  # the users' own pre-period rate explains much of the between-user variance
     # No prediction in the pre-period: log loss has no covariate and is left as it was.
     assert adjusted.loc["log_loss", "p_value"] == pytest.approx(plain.loc["log_loss", "p_value"], rel=1e-9)
+    assert "CUPED" not in adjusted.loc["log_loss", "test"]
+    with_predictions = pre_period.assign(prediction=0.3 + 0.4 * pre_period["outcome"])
+    both = analyze_ab_test(frame, test, pre_period=with_predictions).comparisons.set_index("metric")
+    assert "CUPED" in both.loc["log_loss", "test"]
+    assert both.loc["positive_rate", "p_value"] == pytest.approx(row["p_value"], rel=1e-9)
 
 
 def test_power_calculator_predicts_the_detection_rate_of_a_planted_per_user_effect():
