@@ -858,7 +858,7 @@ def analyze_ab_test(
     for arm_name, current in per_arm.items():
         if arm_name == control:
             continue
-        comparisons.append(_compare_auroc(arm_name, current, reference, z))
+        comparisons.append(_compare_auroc(arm_name, current, reference, z, auroc_method))
         for metric in ("log_loss", "positive_rate"):
             comparisons.append(_compare_ratio(arm_name, metric, aggregates.get(arm_name), aggregates.get(control),
                                               alpha, cuped and (metric == "positive_rate" or prediction in pre_period)))
@@ -899,7 +899,7 @@ def _comparison(arm: str, metric: str, control: float, treatment: float, differe
     }
 
 
-def _compare_auroc(arm: str, current: dict, reference: dict, z: float) -> dict[str, Any]:
+def _compare_auroc(arm: str, current: dict, reference: dict, z: float, method: str) -> dict[str, Any]:
     difference = current["auc"] - reference["auc"]
     se = math.sqrt(current["auc_var"] + reference["auc_var"])
     if not np.isfinite(se):
@@ -908,7 +908,8 @@ def _compare_auroc(arm: str, current: dict, reference: dict, z: float) -> dict[s
         p_value = 2.0 * stats.norm.sf(abs(difference) / se) if se > 0 else (0.0 if difference else 1.0)
     relative = _relative(current["auc"], reference["auc"], current["auc_var"], reference["auc_var"], z)
     return _comparison(arm, "auroc", reference["auc"], current["auc"], (difference - z * se, difference + z * se),
-                       relative, p_value, "z-test, user-clustered AUROC variance")
+                       relative, p_value, "z-test, AUROC variance " + (
+                           "user-clustered DeLong" if method == "delong" else "by a bootstrap of users"))
 
 
 def _compare_ratio(arm: str, metric: str, current: Any, reference: Any, alpha: float, cuped: bool) -> dict[str, Any]:
