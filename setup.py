@@ -53,6 +53,7 @@ setup(
         "matplotlib>=3.8,<4",
         "tqdm>=4.66,<5",
         "scipy>=1.11,<2",
+        "tea-tasting>=1.14,<2",
         "grpcio>=1.60,<2",
     ],
     extras_require={

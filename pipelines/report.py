@@ -112,6 +112,10 @@ def write_report(run: Any) -> str:
         with open(ab_report, encoding="utf-8") as handle:
             body = handle.read()
         lines += ["## A/B test (held-out events replayed through the local server)", "",
+                  "A replay: the outcomes are logged events, which the arm cannot change, so a positive-rate "
+                  "difference between the arms is between-user noise by construction, and AUROC and log loss "
+                  "compare the two models on different users. Every interval and p-value is over users, the "
+                  "unit of randomization (the method is below).", "",
                   body.replace("](ab_report.png)", "](ab/ab_report.png)"), ""]
     path = os.path.join(root, "report.md")
     with open(path, "w", encoding="utf-8") as handle:

@@ -195,16 +195,19 @@ def step_replay(run: RunContext) -> str:
     out = run.path("ab")
     shutil.rmtree(out, ignore_errors=True)
     os.makedirs(out)
-    log = ExposureLog(os.path.join(out, "exposures.jsonl"))
     outcomes = []
-    with LocalModelServer(run.path("serving", "models.config"), grpc_port=0, rest_port=0,
-                          allow_version_labels_for_unavailable_models=True) as server:  # as TF Serving needs
+    with (LocalModelServer(run.path("serving", "models.config"), grpc_port=0, rest_port=0,
+                           allow_version_labels_for_unavailable_models=True) as server,  # as TF Serving needs
+          ExposureLog(os.path.join(out, "exposures.jsonl")) as log):
         client = PredictionClient(f"127.0.0.1:{server.grpc_port}", run.config.serving.model_name, timeout=30)
         for user, user_records in tqdm(sorted(by_user.items()), desc="replaying users"):
-            predict_for_user(client, test, user, raw_features(user_records, schema), log)
-            outcomes.extend(decode_example(r, schema)["label"] for r in user_records)
-    exposures = read_exposures(os.path.join(out, "exposures.jsonl"))
-    exposures["outcome"] = outcomes
+            served = predict_for_user(client, test, user, raw_features(user_records, schema), log)
+            outcomes += [{"request_id": served.request_id, "example_index": index,
+                          "outcome": decode_example(record, schema)["label"]}
+                         for index, record in zip(served.example_indices, user_records, strict=True)]
+    # Outcomes join the exposures on the ids predict_for_user logged them under; the analysis is per user.
+    exposures = read_exposures(os.path.join(out, "exposures.jsonl")).merge(
+        pd.DataFrame(outcomes), on=["request_id", "example_index"], validate="one_to_one")
     analysis = analyze_ab_test(exposures, test)
     write_ab_report(analysis, out)
     return os.path.join(out, "ab_report.md")

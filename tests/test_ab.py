@@ -2,7 +2,9 @@
 
 References: `hashlib` for the documented assignment hash, a subprocess with another hash seed for
 determinism across processes, `scipy.stats.mannwhitneyu` for AUROC, `scipy.stats.bootstrap` for the
-DeLong standard error, `scipy.stats.chisquare` for the sample-ratio check.
+DeLong standard error, `scipy.stats.chisquare` for the sample-ratio check, `scipy.stats.ttest_ind`
+(Welch) for log loss with one exposure per user. Analysis with many exposures per user (the unit of
+randomization): tests/test_ab_units.py.
 """
 
 import hashlib
@@ -153,8 +155,11 @@ def test_report_and_plot(tmp_path):
     analysis = analyze_ab_test(_simulate(test, np.arange(4_000), {"control": 0.3, "treatment": 1.0}, 0), test)
     paths = write_ab_report(analysis, str(tmp_path))
     text = open(paths["markdown"], encoding="utf-8").read()
-    for needle in ("Sample ratio", "| control |", "| treatment |", "auroc", "log_loss", "positive_rate", "report.png"):
-        assert needle in text.replace("ab_report.png", "report.png")
+    for needle in ("Sample ratio", "| control |", "| treatment |", "auroc", "log_loss", "positive_rate", "report.png",
+                   "Unit of analysis: **user** (`user_id`): 4,000 users with 4,000 exposures", "delta-method",
+                   "DeLong placement values summed per user", "not treated as independent"):
+        assert needle in text.replace("ab_report.png", "report.png"), needle
+    assert not [name for name in os.listdir(tmp_path) if "tmp" in name]  # written to temporary files, renamed
     image = matplotlib.image.imread(paths["plot"])
     assert image.ndim == 3 and image.shape[0] > 100
 
@@ -199,14 +204,29 @@ class _FakeClient:
 
 
 @pytest.mark.parametrize("reports_version", [True, False])
-def test_predict_for_user_routes_by_label_and_logs_exposures(tmp_path, reports_version):
+def test_predict_for_user_routes_by_label_logs_exposures_and_returns_the_ids_to_join_on(tmp_path, reports_version):
     test = ABTest.from_shares("route", {"control": 0.5, "treatment": 0.5})
     client = _FakeClient({"control": 1, "treatment": 3}, reports_version)
     path = str(tmp_path / "exposures.jsonl")
+    outcome_rows = []
     with ExposureLog(path) as log:
         for user in range(20):
-            predict_for_user(client, test, user, {"user_id": np.array([user, user])}, log)
+            served = predict_for_user(client, test, user, {"user_id": np.array([user, user])}, log)
+            assert served.arm == test.assign(user) and served.example_indices == (0, 1)
+            assert served.prediction["probabilities"].shape == (2, 1)
+            clicked = [user % 2, (user // 2) % 2]  # outcomes observed later, one per example
+            outcome_rows.append(pd.DataFrame({"request_id": served.request_id,
+                                              "example_index": served.example_indices, "outcome": clicked}))
     exposures = read_exposures(path)
+    # The module docstring's join, as written there:
+    outcomes = pd.concat(outcome_rows)
+    frame = read_exposures(path).merge(outcomes, on=["request_id", "example_index"])
+    assert len(frame) == 40 and frame["request_id"].nunique() == 20
+    for _, row in frame.iterrows():
+        user = int(row["user_id"])
+        assert row["outcome"] == [user % 2, (user // 2) % 2][row["example_index"]]
+    analysis = analyze_ab_test(frame, test)
+    assert analysis.arms["exposures"].sum() == 40 and analysis.arms["users"].sum() == 20
     assert len(exposures) == 40 and set(exposures["example_index"]) == {0, 1}
     for _, row in exposures.iterrows():
         arm = test.assign(int(row["user_id"]))
