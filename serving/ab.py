@@ -43,7 +43,6 @@ Example:
 from matta_tf.serving import raw_features
 
 test = ABTest.from_shares("size-test-1", {"control": 0.5, "treatment": 0.5})
-with ExposureLog("runs/ab/exposures.jsonl") as log:
 outcomes = []
 with ExposureLog("runs/ab/exposures.jsonl") as log:
     for user_id in range(24):                      # one request of 4 events per user
@@ -278,10 +277,16 @@ def predict_for_user(
     Example (joining exposures with outcomes observed later):
 
     ```python
-    served = predict_for_user(client, test, user_id, inputs, log)
+    from matta_tf.serving import raw_features
+
+    test = ABTest.from_shares("size-test-1", {"control": 0.5, "treatment": 0.5})
+    with ExposureLog(f"{tmp_dir}/exposures.jsonl") as log:
+        served = predict_for_user(client, test, "user-7", raw_features(records[:4], schema), log)
+    clicked = [1, 0, 0, 1]                                 # one 0/1 outcome per example, in input order
     outcomes = pd.DataFrame({"request_id": served.request_id, "example_index": served.example_indices,
-                             "outcome": clicked})          # one 0/1 outcome per example, in input order
+                             "outcome": clicked})
     frame = read_exposures(log.path).merge(outcomes, on=["request_id", "example_index"])
+    assert len(frame) == 4 and set(frame["arm"]) == {served.arm}
     ```
     """
     arm = test.arm(user_id)
@@ -983,8 +988,12 @@ def plan_ab_test(
     Example:
 
     ```python
-    plan = plan_ab_test(last_week, "positive_rate", relative_effect=0.02)   # users needed for 80% power
-    plan["users_control"], plan["users_treatment"]
+    rng = np.random.default_rng(0)                         # last week's exposures: 500 users, 20 each
+    rates = rng.beta(2, 8, 500)
+    last_week = pd.DataFrame({"user_id": np.repeat(np.arange(500), 20),
+                              "outcome": rng.random(10_000) < np.repeat(rates, 20)})
+    plan = plan_ab_test(last_week, "positive_rate", relative_effect=0.05)   # users needed for 80% power
+    assert plan["power"] >= 0.8 and plan["users"] == plan["users_control"] + plan["users_treatment"]
     ```
     """
     if metric not in METRICS:
