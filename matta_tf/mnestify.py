@@ -18,6 +18,7 @@ from typing import Any
 import keras
 
 from matta_tf import _keras_graph
+from matta_tf._checks import check_at_least
 from matta_tf.layers import NestedConcatenate, TAOnly, _nesting, base
 
 # Weightless element-wise layers: they run on each stream, and a Dense still counts as an output
@@ -194,9 +195,9 @@ class _Mnestifier:
             ("d_model_multiplier", d_model_multiplier),
             ("num_heads_multiplier", num_heads_multiplier),
         ):
-            _check_multiplier(arg, value)
+            check_at_least(arg, value, 1)
         for layer_name, value in layer_width_multipliers.items():
-            _check_multiplier(f"layer_width_multipliers['{layer_name}']", value)
+            check_at_least(f"layer_width_multipliers['{layer_name}']", value, 1)
         _nesting.check_choice("student_init", student_init, _nesting.STUDENT_INITS)
         self.width_multiplier = width_multiplier
         self.layer_width_multipliers = layer_width_multipliers
@@ -411,10 +412,6 @@ class _Mnestifier:
         self.used_names.add(unique)
         return unique
 
-
-def _check_multiplier(name: str, value: Any) -> None:
-    if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 1:
-        raise ValueError(f"`{name}` must be a number >= 1. Received: {name}={value!r}")
 
 
 def _functional_graph(model: keras.Model, inputs: Any = None) -> keras.Model:

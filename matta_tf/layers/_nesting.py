@@ -13,6 +13,9 @@ import keras
 import numpy as np
 from keras import ops
 
+from matta_tf._checks import check_choice, check_positive_int  # noqa: F401  (re-exported)
+from matta_tf._checks import check_int_in_range as check_width  # noqa: F401
+
 STUDENT_INITS = ("standalone", "ta_slice")
 STREAMS = ("student", "ta")
 NORMALIZATIONS = ("layer_norm", "rms_norm")
@@ -62,10 +65,6 @@ def leading(x: Any, width: int) -> Any:
     return x[..., :width]
 
 
-def check_positive_int(name: str, value: Any) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"`{name}` must be a positive integer. Received: {name}={value!r}")
-
 
 def check_not_wider(student_name: str, student_value: int, ta_name: str, ta_value: int) -> None:
     if student_value > ta_value:
@@ -74,14 +73,6 @@ def check_not_wider(student_name: str, student_value: int, ta_name: str, ta_valu
         )
 
 
-def check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise ValueError(f"`{name}` must be one of {tuple(choices)}. Received: {name}={value!r}")
-
-
-def check_width(name: str, value: Any, low: int, high: int) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
-        raise ValueError(f"`{name}` must be an integer in [{low}, {high}]. Received: {name}={value!r}")
 
 
 def input_widths(input_shape: Any, layer_name: str) -> tuple[int, int]:

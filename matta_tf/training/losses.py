@@ -30,7 +30,7 @@ from typing import Any
 
 from keras import ops
 
-from matta_tf.training._checks import check_choice
+from matta_tf._checks import check_choice
 
 TASKS = ("binary", "multiclass")
 REPRESENTATIONS = ("class_index", "probabilities", "logits")

@@ -13,9 +13,9 @@ import tensorflow as tf
 from keras import ops
 
 from matta_tf import _keras_compat
+from matta_tf._checks import check_choice
 from matta_tf.data.schema import Label
 from matta_tf.training import losses
-from matta_tf.training._checks import check_choice
 from matta_tf.training.metrics import AUCLoss, LatestValue
 from matta_tf.training.schedules import DistillationSchedule
 

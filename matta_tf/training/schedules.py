@@ -8,7 +8,7 @@ from typing import Any
 import keras
 from keras import ops
 
-from matta_tf.training._checks import check_choice, check_non_negative_int
+from matta_tf._checks import check_choice, check_non_negative_int
 
 CURVES = ("linear", "cosine")
 
