@@ -550,7 +550,7 @@ def test_all_zero_gradients(grafting):
     assert_all_finite(variables)
 
 
-@pytest.mark.parametrize("scale", [1e25, 1e15, 1e-30, 1e-40])
+@pytest.mark.parametrize("scale", [1e38, 1e25, 1e15, 1e3, 1e-30, 1e-40])
 @pytest.mark.parametrize("grafting", ["none", "sgd", "adam"])
 def test_huge_and_tiny_gradient_scales(scale, grafting):
     variables = make_variables()
@@ -558,12 +558,47 @@ def test_huge_and_tiny_gradient_scales(scale, grafting):
         grafting=grafting, learning_rate=1e-3, start_preconditioning_step=1, preconditioning_compute_steps=1
     )
     rng = np.random.default_rng(2)
-    for step in range(4):
+    for step in range(6):
         # Alternate the extreme scale with ordinary gradients, so that both meet the same state.
-        optimizer.apply(random_gradients(rng, scale if step % 2 == 0 else 1.0), variables)
+        optimizer.apply(random_gradients(rng, scale if step % 2 == 1 else 1.0), variables)
         assert_all_finite(variables)
-    if scale >= 1e25:  # G G^T overflows float32: those statistics updates are discarded and counted
-        assert int(optimizer.preconditioner_failures) > 0
+    assert_all_finite(optimizer.variables)
+    # Above the gradient-norm bound (100x the running norm) every parameter's update is skipped:
+    # 3 steps x 3 parameters. Squares that overflow float32 (1e25, 1e38) are non-finite, not outliers.
+    expected_skips = 9 if scale >= 1e3 else 0
+    assert int(optimizer.skipped_updates) == expected_skips
+    assert int(optimizer.outlier_updates) == (9 if scale in (1e3, 1e15) else 0)
+    assert int(optimizer.preconditioner_failures) == 0
+
+
+def test_huge_gradient_without_the_bound_still_keeps_state_finite():
+    """`gradient_norm_bound=None`: only non-finite norms are skipped; statistics overflow is discarded."""
+    variables = make_variables()
+    optimizer = Shampoo(gradient_norm_bound=None, start_preconditioning_step=1, preconditioning_compute_steps=1)
+    rng = np.random.default_rng(2)
+    for step in range(4):
+        optimizer.apply(random_gradients(rng, 1e17 if step % 2 else 1.0), variables)
+    assert int(optimizer.skipped_updates) == 0 and int(optimizer.outlier_updates) == 0
+    assert_all_finite(variables)
+    assert_all_finite(optimizer.variables)
+
+
+def test_gradient_guard_adapts_to_a_lasting_change_of_scale():
+    """A spike is skipped; a scale that stays 1,000x larger is accepted again after a few steps."""
+    variables = make_variables()
+    optimizer = Shampoo(start_preconditioning_step=1, preconditioning_compute_steps=1)
+    rng = np.random.default_rng(5)
+    for _ in range(20):
+        optimizer.apply(random_gradients(rng), variables)
+    skipped = []
+    for _ in range(12):
+        before = int(optimizer.skipped_updates)
+        optimizer.apply(random_gradients(rng, 1e3), variables)
+        skipped.append(int(optimizer.skipped_updates) - before)
+    # The running norm r grows by at most 0.99 + 0.01 * 100 = 1.99x per skipped step: log(10) / log(1.99)
+    # ~ 3.3, so the 1,000x scale (10x above the bound) is skipped 3-4 times, then accepted.
+    assert skipped[0] == 3 and 3 <= sum(s > 0 for s in skipped) <= 5 and skipped[-1] == 0
+    assert_all_finite(optimizer.variables)
 
 
 def test_failed_roots_are_counted_and_previous_roots_kept():

@@ -11,6 +11,9 @@ from matta_tf.optimizers import matrix_functions
 from matta_tf.optimizers.partition import PreconditionerLayout, merge_blocks, plan_layout, split_blocks
 
 ROOT_METHODS = ("eigh", "newton")
+EMBEDDING_TABLES = ("grafted", "diagonal", "shampoo")
+# `eigenbasis_compute_steps="auto"`: a full eigendecomposition every this many root periods.
+AUTO_EIGENBASIS_PERIODS = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -238,10 +241,13 @@ class Shampoo(keras.optimizers.Optimizer):
         diagonal_threshold=4096,
         diagonal_rank1=False,
         exponent_override=None,
+        embedding_tables="shampoo",
         root_method="eigh",
         eigenbasis_compute_steps=None,
         retry_float64=True,
         root_error_threshold=0.1,
+        gradient_norm_bound=100.0,
+        gradient_norm_decay=0.99,
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -275,6 +281,17 @@ class Shampoo(keras.optimizers.Optimizer):
         _check_range("grafting_beta2", grafting_beta2, 0.0, 1.0, high_open=True)
         _check_range("grafting_epsilon", grafting_epsilon, 0.0, float("inf"))
         _check_range("root_error_threshold", root_error_threshold, 0.0, float("inf"), low_open=True)
+        if gradient_norm_bound is not None:
+            _check_range("gradient_norm_bound", gradient_norm_bound, 1.0, float("inf"), high_open=True)
+        _check_range("gradient_norm_decay", gradient_norm_decay, 0.0, 1.0, high_open=True)
+        if embedding_tables not in EMBEDDING_TABLES:
+            raise ValueError(
+                f"`embedding_tables` should be one of {EMBEDDING_TABLES}. Received: `embedding_tables={embedding_tables!r}`"
+            )
+        if eigenbasis_compute_steps == "auto":
+            eigenbasis_compute_steps = (
+                AUTO_EIGENBASIS_PERIODS * preconditioning_compute_steps if root_method == "eigh" else None
+            )
         grafting_lib.grafting_slot_names(grafting)  # validates `grafting`
         if root_method not in ROOT_METHODS:
             raise ValueError(f"`root_method` should be one of {ROOT_METHODS}. Received: `root_method={root_method!r}`")
@@ -321,6 +338,9 @@ class Shampoo(keras.optimizers.Optimizer):
         self.eigenbasis_compute_steps = eigenbasis_compute_steps
         self.retry_float64 = retry_float64
         self.root_error_threshold = root_error_threshold
+        self.embedding_tables = embedding_tables
+        self.gradient_norm_bound = None if gradient_norm_bound is None else float(gradient_norm_bound)
+        self.gradient_norm_decay = float(gradient_norm_decay)
 
     def build(self, var_list):
         """Creates the factor statistics, their inverse roots, grafting and momentum state.
@@ -341,17 +361,22 @@ class Shampoo(keras.optimizers.Optimizer):
         self._roots = []
         self._eigenvectors = []
         self._counters = []
+        self._gradient_norms = []
         stores = (
             self._layouts, self._factor_groups, self._root_orders, self._statistics, self._roots, self._eigenvectors,
-            self._counters,
+            self._counters, self._gradient_norms,
         )
         for variable in var_list:
             if self._overwrite_variable_with_gradient(variable):
                 for store in stores:
                     store.append(None)
                 continue
-            layout = plan_layout(variable.shape, self.block_size, self.diagonal_threshold, self.diagonal_rank1)
-            order = self._root_order(variable, layout)
+            table = self.embedding_tables != "shampoo" and _is_embedding_table(variable)
+            layout = plan_layout(
+                variable.shape, self.block_size, self.diagonal_threshold, self.diagonal_rank1,
+                diagonal_first=table and self.embedding_tables == "diagonal",
+            )
+            order = self._root_order(variable, layout, table)
             groups = _factor_groups(layout) if order else []  # order 0: grafted method alone
             dtype = _state_dtype(variable)
             prefix = _variable_name(variable)
@@ -382,9 +407,13 @@ class Shampoo(keras.optimizers.Optimizer):
             self._statistics.append(statistics)
             self._roots.append(roots)
             self._eigenvectors.append(eigenvectors)
-            # [preconditioner failures, skipped updates] of this parameter.
+            # [preconditioner failures, skipped updates, outliers among them] of this parameter.
             self._counters.append(
-                self.add_variable((2,), initializer="zeros", dtype="int64", name=f"{prefix}_failures")
+                self.add_variable((3,), initializer="zeros", dtype="int64", name=f"{prefix}_failures")
+            )
+            # The running gradient norm of the gradient guard (0 until the first non-zero gradient).
+            self._gradient_norms.append(
+                self.add_variable((), initializer="zeros", dtype="float32", name=f"{prefix}_gradient_norm")
             )
 
         slot_names = grafting_lib.grafting_slot_names(self.grafting)
@@ -405,17 +434,36 @@ class Shampoo(keras.optimizers.Optimizer):
 
     @property
     def skipped_updates(self) -> tf.Tensor:
-        """How many parameter updates were skipped because their gradient had a NaN or inf."""
+        """How many parameter updates the gradient guard skipped (non-finite or outlier gradients)."""
         return self._count(1)
+
+    @property
+    def outlier_updates(self) -> tf.Tensor:
+        """How many of the skipped updates had a finite gradient above `gradient_norm_bound`."""
+        return self._count(2)
+
+    def fault_counts(self) -> dict[str, int]:
+        """The failure counters as Python ints (eager), e.g. for logging.
+
+        Returns:
+            `{"preconditioner_failures": ..., "skipped_updates": ..., "outlier_updates": ...}`.
+        """
+        return {
+            "preconditioner_failures": int(self.preconditioner_failures),
+            "skipped_updates": int(self.skipped_updates),
+            "outlier_updates": int(self.outlier_updates),
+        }
 
     def _count(self, position: int) -> tf.Tensor:
         counters = [counter[position] for counter in self._counters if counter is not None]
         return tf.add_n(counters) if counters else tf.constant(0, tf.int64)
 
-    def _add_failures(self, index, failures=1, skipped=0):
-        self._counters[index].assign_add(tf.stack([tf.cast(failures, tf.int64), tf.cast(skipped, tf.int64)]))
+    def _add_failures(self, index, failures=1, skipped=0, outliers=0):
+        self._counters[index].assign_add(
+            tf.stack([tf.cast(failures, tf.int64), tf.cast(skipped, tf.int64), tf.cast(outliers, tf.int64)])
+        )
 
-    def _root_order(self, variable, layout: PreconditionerLayout) -> int:
+    def _root_order(self, variable, layout: PreconditionerLayout, table: bool = False) -> int:
         if isinstance(self.exponent_override, int):
             return self.exponent_override
         if isinstance(self.exponent_override, dict):
@@ -423,6 +471,8 @@ class Shampoo(keras.optimizers.Optimizer):
             for pattern, order in self.exponent_override.items():
                 if re.search(pattern, path):
                     return order
+        if table and self.embedding_tables == "grafted":
+            return 0
         return 2 * layout.rank
 
     def update_step(self, gradient, variable, learning_rate):
@@ -431,25 +481,46 @@ class Shampoo(keras.optimizers.Optimizer):
         dtype = _state_dtype(variable)
         touched = None
         if isinstance(gradient, tf.IndexedSlices):
-            values = tf.cast(gradient.values, dtype)
-            # The dense gradient sums the slices, so the few slices tell whether it is finite.
-            finite = tf.math.is_finite(tf.reduce_sum(values))
-            gradient = tf.IndexedSlices(values, gradient.indices, gradient.dense_shape)
+            gradient = tf.IndexedSlices(tf.cast(gradient.values, dtype), gradient.indices, gradient.dense_shape)
             if self._layouts[index].diagonal[0]:
                 touched = gradient.indices
             gradient = tf.convert_to_tensor(gradient)
         else:
             gradient = tf.cast(gradient, dtype)
-            # One reduction catches NaN and inf (and sums that overflow, which would overflow G G^T).
-            finite = tf.math.is_finite(tf.reduce_sum(gradient))
+        accept, outlier = self._guard_gradient(index, gradient)
 
         def update():
             self._shampoo_update(index, gradient, touched, variable, learning_rate)
 
         def skip():
-            self._add_failures(index, failures=0, skipped=1)
+            self._add_failures(index, failures=0, skipped=1, outliers=tf.cast(outlier, tf.int64))
 
-        tf.cond(finite, update, skip)
+        tf.cond(accept, update, skip)
+
+    def _guard_gradient(self, index, gradient):
+        """The gradient guard: whether this parameter's update is taken, and whether it is an outlier.
+
+        One reduction, `||G||^2`, catches NaN and inf entries and gradients whose squares overflow
+        (which would make the grafted method's second moments and the statistics infinite). The norm
+        is then compared with the running norm `r` (updated here on every finite gradient, with the
+        norm clipped at `gradient_norm_bound * r`, so that a lasting change of scale is accepted
+        after a few steps while an isolated spike moves `r` only by a bounded factor).
+        """
+        squared = tf.reduce_sum(tf.square(gradient))
+        finite = tf.math.is_finite(squared)
+        if self.gradient_norm_bound is None:
+            return finite, tf.constant(False)
+        norm = tf.sqrt(tf.where(finite, squared, tf.zeros_like(squared)))
+        running_variable = self._gradient_norms[index]
+        running = tf.cast(running_variable, norm.dtype)
+        bound = self.gradient_norm_bound * running
+        outlier = finite & (running > 0.0) & (norm > bound)
+        decay = self.gradient_norm_decay
+        updated = tf.where(running > 0.0, decay * running + (1.0 - decay) * tf.minimum(norm, bound), norm)
+        # An overflowing bound (a running norm near float32's maximum) leaves the running norm as it is.
+        updated = tf.where(finite & tf.math.is_finite(updated), updated, running)
+        self.assign(running_variable, tf.cast(updated, running_variable.dtype))
+        return finite & tf.logical_not(outlier), outlier
 
     def _shampoo_update(self, index, gradient, touched, variable, learning_rate):
         step = self.iterations + 1
@@ -642,6 +713,9 @@ class Shampoo(keras.optimizers.Optimizer):
                 "eigenbasis_compute_steps": self.eigenbasis_compute_steps,
                 "retry_float64": self.retry_float64,
                 "root_error_threshold": self.root_error_threshold,
+                "embedding_tables": self.embedding_tables,
+                "gradient_norm_bound": self.gradient_norm_bound,
+                "gradient_norm_decay": self.gradient_norm_decay,
             }
         )
         return config
@@ -675,6 +749,12 @@ def _touched_row_blocks(gradient, layout, indices):
 
 def _expand_like(mask: tf.Tensor, target: tf.Tensor) -> tf.Tensor:
     return tf.reshape(mask, mask.shape + (1,) * (len(target.shape) - len(mask.shape)))
+
+
+def _is_embedding_table(variable) -> bool:
+    """A rank-2 variable whose path names an embedding (Keras's and the nested layers' `embeddings`)."""
+    path = getattr(variable, "path", None) or variable.name
+    return len(variable.shape) == 2 and "embedding" in path.lower()
 
 
 def _state_dtype(variable) -> str:
