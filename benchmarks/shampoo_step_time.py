@@ -195,7 +195,9 @@ CANDIDATES = {
 }
 
 
-def make_configs(jit: bool, tuned: bool, names: str = "") -> dict[str, tuple[Callable[[], keras.optimizers.Optimizer], int]]:
+def make_configs(
+    jit: bool, tuned: bool, names: str = "", previous: bool = True
+) -> dict[str, tuple[Callable[[], keras.optimizers.Optimizer], int]]:
     """name -> (optimizer factory, root period: timed steps must be a multiple of it)."""
     shampoo = dict(start_preconditioning_step=1)
     configs = {"adam": (keras.optimizers.Adam, 1)}
@@ -209,7 +211,8 @@ def make_configs(jit: bool, tuned: bool, names: str = "") -> dict[str, tuple[Cal
 
     for period in (10, 100):
         add(f"Shampoo() k={period}", period)
-    add("previous defaults k=10", 10, **PREVIOUS_DEFAULTS, **({"root_method": "newton"} if jit else {}))
+    if previous:
+        add("previous defaults k=10", 10, **PREVIOUS_DEFAULTS, **({"root_method": "newton"} if jit else {}))
     if tuned:
         for period in (1, 100):
             add(f"previous defaults k={period}", period, **PREVIOUS_DEFAULTS,
@@ -221,7 +224,7 @@ def make_configs(jit: bool, tuned: bool, names: str = "") -> dict[str, tuple[Cal
 
 def run(args: argparse.Namespace, jit: bool, batch_size: int) -> list[dict[str, Any]]:
     factory = load_hook(args.model)
-    configs = make_configs(jit, args.tuned, args.configs)
+    configs = make_configs(jit, args.tuned, args.configs, not args.no_previous)
     trained = {}
     for name, (make_optimizer, period) in configs.items():
         model, dataset, loss = factory(batch_size)
@@ -277,6 +280,7 @@ def main() -> None:
     parser.add_argument("--warmup-steps", type=int, default=10)
     parser.add_argument("--jit", choices=("off", "on", "both"), default="both")
     parser.add_argument("--tuned", action="store_true", help="add the previous defaults at k=1 and k=100")
+    parser.add_argument("--no-previous", action="store_true", help="leave out the previous defaults")
     parser.add_argument("--configs", default="", help="comma-separated names from CANDIDATES to add")
     args = parser.parse_args()
 

@@ -53,6 +53,10 @@ def diagonal_inverse_root(diagonal, root, epsilon, relative):
     return (diagonal + epsilon) ** (-1.0 / root)
 
 
+# Shampoo's default statistics period (the reference mirrors every default).
+DEFAULT_STATISTICS_STEPS = 10
+
+
 class ReferenceShampoo:
     """Shampoo on a list of numpy parameters; `step(params, grads)` returns the new parameters."""
 
@@ -71,14 +75,17 @@ class ReferenceShampoo:
         grafting_epsilon=1e-7,
         start_preconditioning_step=100,
         preconditioning_compute_steps=10,
-        statistics_compute_steps=1,
-        block_size=1024,
+        statistics_compute_steps=DEFAULT_STATISTICS_STEPS,
+        block_size=128,
         diagonal_threshold=4096,
-        diagonal_rank1=False,
+        diagonal_rank1=True,
         roots=None,
         weight_decay=0.0,
-        eigenbasis_compute_steps=None,
+        eigenbasis_compute_steps="auto",
     ):
+        if eigenbasis_compute_steps == "auto":  # the docstring's rule
+            exact = preconditioning_compute_steps == 1
+            eigenbasis_compute_steps = None if exact else 10 * preconditioning_compute_steps
         self.__dict__.update(locals())
         del self.__dict__["self"]
         self.t = 0
@@ -277,6 +284,7 @@ CONTRACT = dict(
     relative_epsilon=False,
     start_preconditioning_step=1,
     preconditioning_compute_steps=1,
+    statistics_compute_steps=1,
 )
 CONFIGURATIONS = {
     "contract": CONTRACT,
@@ -304,6 +312,7 @@ CONFIGURATIONS = {
         relative_epsilon=False,
         start_preconditioning_step=3,
         preconditioning_compute_steps=2,
+        eigenbasis_compute_steps=None,
         diagonal_rank1=True,
     ),
     "adagrad": dict(
@@ -312,6 +321,8 @@ CONFIGURATIONS = {
         epsilon=1e-3,
         start_preconditioning_step=1,
         preconditioning_compute_steps=2,
+        # A stored basis from a rank-deficient first factor is not unique: exact roots here.
+        eigenbasis_compute_steps=None,
     ),
     "sgd_blocks": dict(
         learning_rate=0.125, grafting="sgd", block_size=3, start_preconditioning_step=2, preconditioning_compute_steps=1
@@ -327,6 +338,14 @@ CONFIGURATIONS = {
         eigenbasis_compute_steps=3,
     ),
 }
+# The defaults before issue #20: rank-1 parameters with full factors, 1024-blocks, exact roots.
+CONFIGURATIONS["previous_defaults_rank1_full"] = dict(
+    learning_rate=0.0625, start_preconditioning_step=2, preconditioning_compute_steps=2, block_size=1024,
+    diagonal_rank1=False, statistics_compute_steps=1, eigenbasis_compute_steps=None,
+)
+# Shampoo's own defaults but for the start step and root period (a stored basis every 20 steps by "auto").
+# (From step 3 the factors have full rank, so the stored basis is unique up to signs.)
+CONFIGURATIONS["defaults"] = dict(learning_rate=0.0625, start_preconditioning_step=3, preconditioning_compute_steps=2)
 # exponent_override is per variable path in Shampoo and per parameter index in the reference.
 OVERRIDES = {"rmsprop_momentum_rank1_diagonal": ({"^T$": 2, "W": 3}, {2: 2, 0: 3})}
 
@@ -608,6 +627,7 @@ def test_failed_roots_are_counted_and_previous_roots_kept():
     optimizer = Shampoo(
         root_method="newton",
         root_error_threshold=1e-30,
+        diagonal_rank1=False,
         start_preconditioning_step=1,
         preconditioning_compute_steps=1,
     )
@@ -654,6 +674,9 @@ DISTRIBUTED = dict(
     preconditioning_compute_steps=2,
     diagonal_threshold=10,
     momentum=0.5,
+    # Exact roots: a basis stored from rank-deficient early factors is not unique, and rounding
+    # differences between one device and two replicas would pick different ones.
+    eigenbasis_compute_steps=None,
 )
 
 
@@ -863,3 +886,51 @@ def test_root_in_basis_is_exact_in_the_eigenbasis_and_checked():
     assert bool(result.ok) and result.eigenvectors is not None
     with pytest.raises(ValueError, match="eigenvectors"):
         matrix_functions.matrix_inverse_root(tf.constant(matrix), 4, method="basis")
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding tables: the grafted method by default, or a diagonal vocabulary factor.
+# ---------------------------------------------------------------------------------------------
+def embedding_problem(embedding_tables):
+    keras.utils.set_random_seed(7)
+    model = keras.Sequential([keras.Input((), dtype="int32"), keras.layers.Embedding(50, 4, name="embedding"),
+                              keras.layers.Dense(1, name="dense")])
+    optimizer = keras.optimizers.Adam(0.01) if embedding_tables is None else Shampoo(
+        0.01, embedding_tables=embedding_tables, start_preconditioning_step=1, preconditioning_compute_steps=1
+    )
+    model.compile(optimizer=optimizer, loss="mse")
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 50, 256), rng.normal(size=(256, 1)).astype("float32")
+    model.fit(x, y, batch_size=32, epochs=1, verbose=0, shuffle=False)
+    return model, optimizer
+
+
+@pytest.mark.parametrize("embedding_tables", ["grafted", "diagonal", "shampoo"])
+def test_embedding_tables_setting_decides_the_tables_factors(embedding_tables):
+    model, optimizer = embedding_problem(embedding_tables)
+    table = [i for i, v in enumerate(model.trainable_variables) if "embedding" in v.path][0]
+    index = optimizer._get_variable_index(model.trainable_variables[table])
+    layout, statistics = optimizer._layouts[index], optimizer._statistics[index]
+    if embedding_tables == "grafted":
+        assert statistics == [] and optimizer._root_orders[index] == 0
+    elif embedding_tables == "diagonal":  # 50 rows < diagonal_threshold, diagonal anyway
+        assert layout.diagonal == (True, False) and [tuple(s.shape) for s in statistics] == [(1, 50), (1, 4, 4)]
+    else:
+        assert layout.diagonal == (False, False) and [tuple(s.shape) for s in statistics] == [(1, 50, 50), (1, 4, 4)]
+    assert_all_finite(optimizer.variables)
+
+
+def test_grafted_tables_take_adams_dense_step():
+    """With tables on the grafted method, a table whose every row is touched moves as under Keras Adam
+    applied to the dense gradient (the Dense layer is preconditioned, so only the first step can agree)."""
+    rng = np.random.default_rng(1)
+    table = keras.Variable(rng.normal(size=(6, 3)).astype("float32"), name="embeddings")
+    reference = keras.Variable(table.numpy(), name="reference")
+    shampoo = Shampoo(0.01, start_preconditioning_step=1, preconditioning_compute_steps=1)
+    adam = keras.optimizers.Adam(0.01)
+    for _ in range(4):
+        gradient = tf.constant(rng.normal(size=(6, 3)).astype("float32"))
+        shampoo.apply([gradient], [table])
+        adam.apply([gradient], [reference])
+    assert "embedding" in table.path.lower()
+    np.testing.assert_allclose(table.numpy(), reference.numpy(), rtol=2e-5, atol=1e-6)

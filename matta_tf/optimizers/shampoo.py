@@ -79,21 +79,27 @@ class Shampoo(keras.optimizers.Optimizer):
     with `L = sum G G^T` and `R = sum G^T G` (Gupta et al., 2018; Anil et al., 2020).
 
     **Exact contract.** With `grafting="none"`, `beta2=1`, `momentum=0`, no weight decay,
-    `start_preconditioning_step=1`, `preconditioning_compute_steps=1`, `relative_epsilon=False` and
-    `epsilon=eps`, one step on a matrix `W` with gradient `G` is exactly
+    `start_preconditioning_step=1`, `preconditioning_compute_steps=1`, `statistics_compute_steps=1`,
+    `eigenbasis_compute_steps=None` (the default `"auto"` is that when roots are computed every
+    step), `relative_epsilon=False` and `epsilon=eps`, one step on a matrix `W` with gradient `G`
+    (whose norm passes the gradient guard below) is exactly
 
         W <- W - learning_rate * (L + eps I)^(-1/4) G (R + eps I)^(-1/4)
 
     with `L` and `R` the sums of `G G^T` and `G^T G` over all steps so far, the current one
-    included. A rank-1 parameter takes the full-matrix form with exponent 1/2,
-    `w <- w - learning_rate * (sum g g^T + eps I)^(-1/2) g`, unless the diagonal fallback applies
-    (`diagonal_rank1=True`, or its size exceeds `diagonal_threshold`). A scalar is a vector of one.
+    included, for dimensions up to `block_size` (longer ones are cut into blocks, below). A rank-1
+    parameter takes the full-matrix form with exponent 1/2,
+    `w <- w - learning_rate * (sum g g^T + eps I)^(-1/2) g`, when `diagonal_rank1=False` and its size
+    does not exceed `diagonal_threshold`; with the default `diagonal_rank1=True` it takes the
+    diagonal form `(sum g^2 + eps)^(-1/2) * g`. A scalar is a vector of one.
 
-    **Structure.** Dimensions longer than `diagonal_threshold` (embedding vocabularies) keep only the
-    diagonal of their factor, an AdaGrad-style accumulator; the other dimensions longer than
-    `block_size` are cut into blocks, each preconditioned as a tensor of its own, which bounds a
-    factor at `block_size ** 2` entries. Factors of a parameter that share a size are stored
-    stacked and rooted in one batched call.
+    **Structure.** Dimensions longer than `diagonal_threshold` keep only the diagonal of their
+    factor, an AdaGrad-style accumulator; the other dimensions longer than `block_size` are cut into
+    blocks, each preconditioned as a tensor of its own, which bounds a factor at `block_size ** 2`
+    entries. Embedding tables (rank-2 variables whose path contains "embedding", as Keras's and the
+    nested layers' `embeddings` do) follow `embedding_tables`: by default they take the grafted
+    method's step and keep no factors. Factors of a parameter that share a size are stored stacked
+    and rooted in one batched call.
 
     **Grafting.** `grafting` runs a diagonal method alongside (SGD, AdaGrad, RMSprop or Adam, with
     Keras's formulas and epsilon placement) and gives Shampoo's direction that method's norm, per
@@ -112,14 +118,30 @@ class Shampoo(keras.optimizers.Optimizer):
     `start, start + k, start + 2k, ...` (`k = preconditioning_compute_steps`) and reused in between;
     skipped steps don't pay for them (`tf.cond`).
 
-    **Robustness.** A gradient with a NaN or inf (or whose sum overflows) skips that parameter's
-    update, state included (counted in `skipped_updates`). A statistics update that would overflow
-    (its factors' traces are checked), an inverse root that is not finite (after a float64 retry for
-    `root_method="eigh"`) or whose Newton error exceeds `root_error_threshold`, and a preconditioned
-    step that is not finite are discarded: the previous statistics or root are kept, or the grafted
-    step is taken, and `preconditioner_failures` counts them. Eigenvalues that rounding made negative
-    are clamped to zero before damping. Both counts are sums of per-parameter counters, optimizer
-    variables checkpointed with the rest of the state.
+    **Robustness (the gradient guard).** Before anything else, each parameter's gradient norm
+    `||G||` is computed (one reduction). The parameter's whole update, its statistics, grafting
+    moments and momentum included, is skipped (and counted in `skipped_updates`) when `||G||^2` is
+    not finite (a NaN or inf entry, or a gradient above ~1.8e19 whose squares would overflow
+    float32 and make Adam's second moments infinite for good), or when `||G||` exceeds
+    `gradient_norm_bound` times the parameter's running gradient norm `r` (also counted in
+    `outlier_updates`): e.g. one batch with a sample weight of 1e8, which would otherwise inflate
+    Adam's second moments a trillion-fold and stall training. `r` is an exponential moving average
+    (decay `gradient_norm_decay`) of the finite norms, each clipped at `gradient_norm_bound * r`, and
+    starts at the first non-zero norm: an isolated spike is skipped and raises `r` by at most
+    `0.99 + 0.01 * 100 = 1.99x` (defaults), while a lasting change of scale by a factor `c` above the
+    bound is accepted after about `log(c) / log(1.99)` steps (e.g. 4 for 10x above the bound). The
+    decision is per parameter (the gradients are already all-reduced, so every replica decides
+    alike); a fault that hits the whole batch (a NaN loss, a huge sample weight) skips every
+    parameter, so the step is skipped as a whole. Limitation: a huge gradient on a parameter's very
+    first non-zero step sets `r` and is not detected (only its overflow is). Then a statistics
+    update that would overflow (its factors' traces are checked), an inverse root that is not
+    finite (after a float64 retry for `root_method="eigh"`) or whose Newton error exceeds
+    `root_error_threshold`, and a preconditioned step that is not finite are discarded: the previous
+    statistics or root are kept, or the grafted step is taken, and `preconditioner_failures` counts
+    them. Eigenvalues that rounding made negative are clamped to zero before damping. Every
+    optimizer variable stays finite under any mix of such faults. The counts are sums of
+    per-parameter counters, optimizer variables checkpointed with the rest of the state;
+    `fault_counts()` reads them and the `ShampooFaultCounters` callback logs them each epoch.
 
     **Distribution.** `update_step` receives gradients that Keras has already all-reduced, so every
     replica computes identical statistics and roots; there is no Python-side state per step, and
@@ -236,14 +258,14 @@ class Shampoo(keras.optimizers.Optimizer):
         grafting_epsilon=1e-7,
         start_preconditioning_step=100,
         preconditioning_compute_steps=10,
-        statistics_compute_steps=1,
-        block_size=1024,
+        statistics_compute_steps=10,
+        block_size=128,
         diagonal_threshold=4096,
-        diagonal_rank1=False,
+        diagonal_rank1=True,
         exponent_override=None,
-        embedding_tables="shampoo",
+        embedding_tables="grafted",
         root_method="eigh",
-        eigenbasis_compute_steps=None,
+        eigenbasis_compute_steps="auto",
         retry_float64=True,
         root_error_threshold=0.1,
         gradient_norm_bound=100.0,
@@ -288,10 +310,11 @@ class Shampoo(keras.optimizers.Optimizer):
             raise ValueError(
                 f"`embedding_tables` should be one of {EMBEDDING_TABLES}. Received: `embedding_tables={embedding_tables!r}`"
             )
+        _check_positive_int("preconditioning_compute_steps", preconditioning_compute_steps)
         if eigenbasis_compute_steps == "auto":
-            eigenbasis_compute_steps = (
-                AUTO_EIGENBASIS_PERIODS * preconditioning_compute_steps if root_method == "eigh" else None
-            )
+            # Roots on every step ask for exact roots; the stored basis is an `eigh` option.
+            exact = root_method != "eigh" or preconditioning_compute_steps == 1
+            eigenbasis_compute_steps = None if exact else AUTO_EIGENBASIS_PERIODS * preconditioning_compute_steps
         grafting_lib.grafting_slot_names(grafting)  # validates `grafting`
         if root_method not in ROOT_METHODS:
             raise ValueError(f"`root_method` should be one of {ROOT_METHODS}. Received: `root_method={root_method!r}`")
