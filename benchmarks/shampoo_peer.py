@@ -133,7 +133,8 @@ def main() -> None:
             cpu[name].append((time.process_time() - start_cpu) / steps * 1e3)
     print(f"load average at end {os.getloadavg()[0]:.1f}")
     adam_memory = state_bytes(entries["adamw"]["optimizer"])
-    print("| optimizer | step (ms, wall) | vs AdamW (wall) | vs AdamW (CPU time) | optimizer state (MB) | state vs AdamW |")
+    print("| optimizer | step (ms, wall) | vs AdamW (wall) | vs AdamW (CPU time) | optimizer state (MB) "
+          "| state vs AdamW |")
     print("|---|---|---|---|---|---|")
     for name in names:
         memory = state_bytes(entries[name]["optimizer"])

@@ -51,6 +51,7 @@ import tensorflow as tf  # noqa: E402
 
 from matta_tf.optimizers import Shampoo  # noqa: E402
 
+
 def relevance_shaped_model(batch_size: int) -> tuple[keras.Model, tf.data.Dataset, keras.losses.Loss]:
     """The MovieLens relevance model's shape on random data (the default `--model`)."""
     keras.utils.set_random_seed(0)
