@@ -477,7 +477,7 @@ class Shampoo(keras.optimizers.Optimizer):
             )
             # The running gradient norm of the gradient guard (0 until the first non-zero gradient).
             self._gradient_norms.append(
-                self.add_variable((), initializer="zeros", dtype="float32", name=f"{prefix}_gradient_norm")
+                self.add_variable((), initializer="zeros", dtype=dtype, name=f"{prefix}_gradient_norm")
             )
 
         slot_names = grafting_lib.grafting_slot_names(self.grafting)
