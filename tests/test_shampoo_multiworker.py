@@ -43,7 +43,7 @@ WORKER = textwrap.dedent(
         rng = np.random.default_rng(0)
         model.set_weights([rng.normal(size=w.shape) * 0.5 for w in model.get_weights()])
         optimizer = Shampoo(learning_rate=0.01, epsilon=1e-3, start_preconditioning_step=2,
-                            preconditioning_compute_steps=2, momentum=0.5)
+                            preconditioning_compute_steps=2, momentum=0.5, eigenbasis_compute_steps=None)
         optimizer.build(model.trainable_variables)
     x = rng.normal(size=(64, 6))
     y = rng.normal(size=(64, 1))

@@ -59,6 +59,7 @@ def plan_layout(
     block_size: int,
     diagonal_threshold: int,
     diagonal_rank1: bool = False,
+    diagonal_first: bool = False,
 ) -> PreconditionerLayout:
     """Decides the factors and blocks of a parameter of the given shape.
 
@@ -69,9 +70,14 @@ def plan_layout(
         diagonal_threshold: dimensions longer than this keep only the diagonal of their factor
             (and are not cut: a diagonal factor is cheap at any size).
         diagonal_rank1: keep the diagonal factor of rank-1 parameters (AdaGrad on biases).
+        diagonal_first: keep the diagonal factor of the first dimension whatever its size (the
+            vocabulary of an embedding table).
     """
     shape = tuple(int(d) for d in shape) or (1,)
-    diagonal = tuple(d > diagonal_threshold or (diagonal_rank1 and len(shape) == 1) for d in shape)
+    diagonal = tuple(
+        d > diagonal_threshold or (diagonal_rank1 and len(shape) == 1) or (diagonal_first and axis == 0)
+        for axis, d in enumerate(shape)
+    )
     splits = tuple(
         (d,) if is_diagonal else _split_sizes(d, block_size) for d, is_diagonal in zip(shape, diagonal, strict=True)
     )

@@ -11,6 +11,9 @@ from matta_tf.optimizers import matrix_functions
 from matta_tf.optimizers.partition import PreconditionerLayout, merge_blocks, plan_layout, split_blocks
 
 ROOT_METHODS = ("eigh", "newton")
+EMBEDDING_TABLES = ("grafted", "diagonal", "shampoo")
+# `eigenbasis_compute_steps="auto"`: a full eigendecomposition every this many root periods.
+AUTO_EIGENBASIS_PERIODS = 10
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,21 +79,27 @@ class Shampoo(keras.optimizers.Optimizer):
     with `L = sum G G^T` and `R = sum G^T G` (Gupta et al., 2018; Anil et al., 2020).
 
     **Exact contract.** With `grafting="none"`, `beta2=1`, `momentum=0`, no weight decay,
-    `start_preconditioning_step=1`, `preconditioning_compute_steps=1`, `relative_epsilon=False` and
-    `epsilon=eps`, one step on a matrix `W` with gradient `G` is exactly
+    `start_preconditioning_step=1`, `preconditioning_compute_steps=1`, `statistics_compute_steps=1`,
+    `eigenbasis_compute_steps=None` (the default `"auto"` is that when roots are computed every
+    step), `relative_epsilon=False` and `epsilon=eps`, one step on a matrix `W` with gradient `G`
+    (whose norm passes the gradient guard below) is exactly
 
         W <- W - learning_rate * (L + eps I)^(-1/4) G (R + eps I)^(-1/4)
 
     with `L` and `R` the sums of `G G^T` and `G^T G` over all steps so far, the current one
-    included. A rank-1 parameter takes the full-matrix form with exponent 1/2,
-    `w <- w - learning_rate * (sum g g^T + eps I)^(-1/2) g`, unless the diagonal fallback applies
-    (`diagonal_rank1=True`, or its size exceeds `diagonal_threshold`). A scalar is a vector of one.
+    included, for dimensions up to `block_size` (longer ones are cut into blocks, below). A rank-1
+    parameter takes the full-matrix form with exponent 1/2,
+    `w <- w - learning_rate * (sum g g^T + eps I)^(-1/2) g`, when `diagonal_rank1=False` and its size
+    does not exceed `diagonal_threshold`; with the default `diagonal_rank1=True` it takes the
+    diagonal form `(sum g^2 + eps)^(-1/2) * g`. A scalar is a vector of one.
 
-    **Structure.** Dimensions longer than `diagonal_threshold` (embedding vocabularies) keep only the
-    diagonal of their factor, an AdaGrad-style accumulator; the other dimensions longer than
-    `block_size` are cut into blocks, each preconditioned as a tensor of its own, which bounds a
-    factor at `block_size ** 2` entries. Factors of a parameter that share a size are stored
-    stacked and rooted in one batched call.
+    **Structure.** Dimensions longer than `diagonal_threshold` keep only the diagonal of their
+    factor, an AdaGrad-style accumulator; the other dimensions longer than `block_size` are cut into
+    blocks, each preconditioned as a tensor of its own, which bounds a factor at `block_size ** 2`
+    entries. Embedding tables (rank-2 variables whose path contains "embedding", as Keras's and the
+    nested layers' `embeddings` do) follow `embedding_tables`: by default they take the grafted
+    method's step and keep no factors. Factors of a parameter that share a size are stored stacked
+    and rooted in one batched call.
 
     **Grafting.** `grafting` runs a diagonal method alongside (SGD, AdaGrad, RMSprop or Adam, with
     Keras's formulas and epsilon placement) and gives Shampoo's direction that method's norm, per
@@ -109,14 +118,30 @@ class Shampoo(keras.optimizers.Optimizer):
     `start, start + k, start + 2k, ...` (`k = preconditioning_compute_steps`) and reused in between;
     skipped steps don't pay for them (`tf.cond`).
 
-    **Robustness.** A gradient with a NaN or inf (or whose sum overflows) skips that parameter's
-    update, state included (counted in `skipped_updates`). A statistics update that would overflow
-    (its factors' traces are checked), an inverse root that is not finite (after a float64 retry for
-    `root_method="eigh"`) or whose Newton error exceeds `root_error_threshold`, and a preconditioned
-    step that is not finite are discarded: the previous statistics or root are kept, or the grafted
-    step is taken, and `preconditioner_failures` counts them. Eigenvalues that rounding made negative
-    are clamped to zero before damping. Both counts are sums of per-parameter counters, optimizer
-    variables checkpointed with the rest of the state.
+    **Robustness (the gradient guard).** Before anything else, each parameter's gradient norm
+    `||G||` is computed (one reduction). The parameter's whole update, its statistics, grafting
+    moments and momentum included, is skipped (and counted in `skipped_updates`) when `||G||^2` is
+    not finite (a NaN or inf entry, or a gradient above ~1.8e19 whose squares would overflow
+    float32 and make Adam's second moments infinite for good), or when `||G||` exceeds
+    `gradient_norm_bound` times the parameter's running gradient norm `r` (also counted in
+    `outlier_updates`): e.g. one batch with a sample weight of 1e8, which would otherwise inflate
+    Adam's second moments a trillion-fold and stall training. `r` is an exponential moving average
+    (decay `gradient_norm_decay`) of the finite norms, each clipped at `gradient_norm_bound * r`, and
+    starts at the first non-zero norm: an isolated spike is skipped and raises `r` by at most
+    `0.99 + 0.01 * 100 = 1.99x` (defaults), while a lasting change of scale by a factor `c` above the
+    bound is accepted after about `log(c) / log(1.99)` steps (e.g. 4 for 10x above the bound). The
+    decision is per parameter (the gradients are already all-reduced, so every replica decides
+    alike); a fault that hits the whole batch (a NaN loss, a huge sample weight) skips every
+    parameter, so the step is skipped as a whole. Limitation: a huge gradient on a parameter's very
+    first non-zero step sets `r` and is not detected (only its overflow is). Then a statistics
+    update that would overflow (its factors' traces are checked), an inverse root that is not
+    finite (after a float64 retry for `root_method="eigh"`) or whose Newton error exceeds
+    `root_error_threshold`, and a preconditioned step that is not finite are discarded: the previous
+    statistics or root are kept, or the grafted step is taken, and `preconditioner_failures` counts
+    them. Eigenvalues that rounding made negative are clamped to zero before damping. Every
+    optimizer variable stays finite under any mix of such faults. The counts are sums of
+    per-parameter counters, optimizer variables checkpointed with the rest of the state;
+    `fault_counts()` reads them and the `ShampooFaultCounters` callback logs them each epoch.
 
     **Distribution.** `update_step` receives gradients that Keras has already all-reduced, so every
     replica computes identical statistics and roots; there is no Python-side state per step, and
@@ -133,10 +158,40 @@ class Shampoo(keras.optimizers.Optimizer):
     grafted method's slots. With blocks of size `B` the per-step work is about `4 B` multiply-adds per
     weight while the network's forward and backward pass costs about `6 x batch` per weight, so the
     relative overhead shrinks as the batch grows (roughly `0.7 B / batch` to precondition, the same
-    again for statistics unless `statistics_compute_steps > 1`). For recommendation models, embedding
-    tables are usually best left to the grafted method (`exponent_override={"embedding": 0}`) or given
-    diagonal factors (`diagonal_threshold`), and biases diagonal factors (`diagonal_rank1=True`);
-    BENCHMARKS.md has measured step times.
+    again for statistics unless `statistics_compute_steps > 1`). BENCHMARKS.md ("Shampoo step time")
+    has measured step times.
+
+    **Defaults, chosen for recommendation models** (measured on the main job's MovieLens MatTA
+    model, 1.6 M weights, batch 512, 2-core CPU; BENCHMARKS.md):
+
+    - Embedding tables take the grafted method (`embedding_tables="grafted"`), whatever their
+      vocabulary size: a table of `V x d` with full factors costs a `V x V` factor (the reason the
+      previous defaults cost 12x Adam's step on a model with a 2,000-row table) and its
+      preconditioning touches every row every step, while the batch touches few rows. A diagonal
+      vocabulary factor (`"diagonal"`) keeps the cost linear in `V` but still preconditions the
+      whole table every step (1.3-1.7x Adam's step in our measurement, against 1.2-1.5x grafted).
+      On one MovieLens seed, exact Shampoo's test AucLoss was 0.2010, 0.2045 with grafted tables
+      and 0.1997 with diagonal ones: within the seed-to-seed spread (about 0.007-0.010).
+    - Biases (rank-1 parameters) take a diagonal factor (`diagonal_rank1=True`): a full `n x n`
+      factor of a bias of 384 costs an eigendecomposition for 384 weights.
+    - Blocks of 128 (`block_size=128`): the per-step work is about `4 B` multiply-adds per weight
+      (`B` the block size) against `6 x batch` for the network itself, so 128 keeps it well below
+      the network's at batch 512 (1024-blocks are about as costly as the network); a 128 x 128
+      eigendecomposition costs ~1.4 ms against ~60 ms at 671. Dimensions above 4096 (not tables)
+      keep diagonal factors (`diagonal_threshold=4096`).
+    - Statistics every 10 steps (`statistics_compute_steps=10`) and roots every 10 steps
+      (`preconditioning_compute_steps=10`) in the eigenbasis of the last full eigendecomposition,
+      refreshed every 100 steps (`eigenbasis_compute_steps="auto"`): together about 1.1x Adam's
+      step where full decompositions every 10 steps cost 1.26x. Quality cost, measured on one
+      MovieLens seed only (test AucLoss; exact Shampoo 0.2010): statistics every 10 steps 0.2086,
+      the stored eigenbasis 0.2089, each alone worse by about one seed-to-seed standard deviation
+      (0.007-0.010), so not shown to be real. **All defaults together are worse than exact
+      Shampoo**: test AucLoss 0.2071 against 0.1957 over two seeds (paired difference 0.0113 +-
+      0.0098, about 5% relative), which approximation costs it not resolved. Where quality matters
+      more than the step time, set `statistics_compute_steps=1` and
+      `eigenbasis_compute_steps=None` (and compare `embedding_tables="diagonal"`).
+    - Preconditioning starts at step 100 (`start_preconditioning_step=100`), so the first roots
+      are taken from 100 steps of statistics; before it the optimizer is Adam.
 
     Args:
         learning_rate: A float, a `keras.optimizers.schedules.LearningRateSchedule` instance, or a
@@ -163,18 +218,24 @@ class Shampoo(keras.optimizers.Optimizer):
         preconditioning_compute_steps: Inverse roots are recomputed every this many steps and
             reused in between. Defaults to `10`.
         statistics_compute_steps: Factor statistics are updated every this many steps.
-            Defaults to `1`.
+            Defaults to `10`.
         block_size: Full dimensions longer than this are cut into blocks of this size.
-            Defaults to `1024`.
+            Defaults to `128`.
         diagonal_threshold: Dimensions longer than this keep only the diagonal of their factor.
             Defaults to `4096`.
         diagonal_rank1: Keep only the diagonal factor of rank-1 parameters (biases): AdaGrad-style
-            rather than a full `n x n` factor. Defaults to `False`.
+            rather than a full `n x n` factor. Defaults to `True`.
         exponent_override: `None` (each factor of a rank-`k` parameter uses the root `2k`), an integer
             root `p` used for every factor (`F^(-1/p)`), or a dict mapping regular expressions
             searched in a variable's `path` to its root (first match wins). A root of `0` means
             "not preconditioned": the parameter takes the grafted method's step and keeps no factors
-            (e.g. `{"embedding": 0}` runs the grafted Adam on embedding tables). Defaults to `None`.
+            (e.g. `{"embedding": 0}` runs the grafted Adam on embedding tables). A matching pattern
+            takes precedence over `embedding_tables`. Defaults to `None`.
+        embedding_tables: What embedding tables (rank-2 variables whose `path` contains
+            "embedding", case-insensitive) get: `"grafted"` (the grafted method's step, no factors),
+            `"diagonal"` (a diagonal factor for the vocabulary dimension whatever its size, a full one
+            for the embedding dimension) or `"shampoo"` (factors as for any matrix). Defaults to
+            `"grafted"`.
         root_method: `"eigh"` (symmetric eigendecomposition) or `"newton"` (coupled Newton iteration
             in float32, for XLA/TPU). Defaults to `"eigh"`.
         eigenbasis_compute_steps: With `root_method="eigh"`, the full eigendecomposition runs only on
@@ -183,12 +244,19 @@ class Shampoo(keras.optimizers.Optimizer):
             and refresh only the eigenvalues, `Q diag(diag(Q^T F Q) + eps)^(-1/p) Q^T` (two matrix
             products, exact while `Q` still diagonalizes `F`; the "eigenvalue correction" of EKFAC
             and SOAP). Costs one more `n x n` matrix of state per full factor. `None`: every root
-            step decomposes (exact). Defaults to `None`.
+            step decomposes (exact). `"auto"`: `10 * preconditioning_compute_steps` with
+            `root_method="eigh"` and `preconditioning_compute_steps > 1`, else `None`.
+            Defaults to `"auto"`.
         retry_float64: With `root_method="eigh"` and float32 factors, recompute a batch of roots in
             float64 when a float32 root is not finite. Turn off on devices without float64.
             Defaults to `True`.
         root_error_threshold: A Newton root whose final error `max|M - I|` exceeds this is a
             failure. Defaults to `0.1`.
+        gradient_norm_bound: The gradient guard's bound: a parameter's update is skipped when its
+            gradient norm exceeds this many times its running norm (see Robustness). `None` turns
+            the relative bound off (non-finite norms are still skipped). Defaults to `100.0`.
+        gradient_norm_decay: Decay of the running gradient norm's moving average.
+            Defaults to `0.99`.
         weight_decay: Decoupled weight decay: before each step, `w <- w - learning_rate *
             weight_decay * w` (Keras's base-optimizer behaviour; exclude variables with
             `exclude_from_weight_decay`). Defaults to `None`.
@@ -233,15 +301,18 @@ class Shampoo(keras.optimizers.Optimizer):
         grafting_epsilon=1e-7,
         start_preconditioning_step=100,
         preconditioning_compute_steps=10,
-        statistics_compute_steps=1,
-        block_size=1024,
+        statistics_compute_steps=10,
+        block_size=128,
         diagonal_threshold=4096,
-        diagonal_rank1=False,
+        diagonal_rank1=True,
         exponent_override=None,
+        embedding_tables="grafted",
         root_method="eigh",
-        eigenbasis_compute_steps=None,
+        eigenbasis_compute_steps="auto",
         retry_float64=True,
         root_error_threshold=0.1,
+        gradient_norm_bound=100.0,
+        gradient_norm_decay=0.99,
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -275,6 +346,19 @@ class Shampoo(keras.optimizers.Optimizer):
         _check_range("grafting_beta2", grafting_beta2, 0.0, 1.0, high_open=True)
         _check_range("grafting_epsilon", grafting_epsilon, 0.0, float("inf"))
         _check_range("root_error_threshold", root_error_threshold, 0.0, float("inf"), low_open=True)
+        if gradient_norm_bound is not None:
+            _check_range("gradient_norm_bound", gradient_norm_bound, 1.0, float("inf"), high_open=True)
+        _check_range("gradient_norm_decay", gradient_norm_decay, 0.0, 1.0, high_open=True)
+        if embedding_tables not in EMBEDDING_TABLES:
+            raise ValueError(
+                f"`embedding_tables` should be one of {EMBEDDING_TABLES}. "
+                f"Received: `embedding_tables={embedding_tables!r}`"
+            )
+        _check_positive_int("preconditioning_compute_steps", preconditioning_compute_steps)
+        if eigenbasis_compute_steps == "auto":
+            # Roots on every step ask for exact roots; the stored basis is an `eigh` option.
+            exact = root_method != "eigh" or preconditioning_compute_steps == 1
+            eigenbasis_compute_steps = None if exact else AUTO_EIGENBASIS_PERIODS * preconditioning_compute_steps
         grafting_lib.grafting_slot_names(grafting)  # validates `grafting`
         if root_method not in ROOT_METHODS:
             raise ValueError(f"`root_method` should be one of {ROOT_METHODS}. Received: `root_method={root_method!r}`")
@@ -321,6 +405,9 @@ class Shampoo(keras.optimizers.Optimizer):
         self.eigenbasis_compute_steps = eigenbasis_compute_steps
         self.retry_float64 = retry_float64
         self.root_error_threshold = root_error_threshold
+        self.embedding_tables = embedding_tables
+        self.gradient_norm_bound = None if gradient_norm_bound is None else float(gradient_norm_bound)
+        self.gradient_norm_decay = float(gradient_norm_decay)
 
     def build(self, var_list):
         """Creates the factor statistics, their inverse roots, grafting and momentum state.
@@ -341,17 +428,22 @@ class Shampoo(keras.optimizers.Optimizer):
         self._roots = []
         self._eigenvectors = []
         self._counters = []
+        self._gradient_norms = []
         stores = (
             self._layouts, self._factor_groups, self._root_orders, self._statistics, self._roots, self._eigenvectors,
-            self._counters,
+            self._counters, self._gradient_norms,
         )
         for variable in var_list:
             if self._overwrite_variable_with_gradient(variable):
                 for store in stores:
                     store.append(None)
                 continue
-            layout = plan_layout(variable.shape, self.block_size, self.diagonal_threshold, self.diagonal_rank1)
-            order = self._root_order(variable, layout)
+            table = self.embedding_tables != "shampoo" and _is_embedding_table(variable)
+            layout = plan_layout(
+                variable.shape, self.block_size, self.diagonal_threshold, self.diagonal_rank1,
+                diagonal_first=table and self.embedding_tables == "diagonal",
+            )
+            order = self._root_order(variable, layout, table)
             groups = _factor_groups(layout) if order else []  # order 0: grafted method alone
             dtype = _state_dtype(variable)
             prefix = _variable_name(variable)
@@ -382,9 +474,13 @@ class Shampoo(keras.optimizers.Optimizer):
             self._statistics.append(statistics)
             self._roots.append(roots)
             self._eigenvectors.append(eigenvectors)
-            # [preconditioner failures, skipped updates] of this parameter.
+            # [preconditioner failures, skipped updates, outliers among them] of this parameter.
             self._counters.append(
-                self.add_variable((2,), initializer="zeros", dtype="int64", name=f"{prefix}_failures")
+                self.add_variable((3,), initializer="zeros", dtype="int64", name=f"{prefix}_failures")
+            )
+            # The running gradient norm of the gradient guard (0 until the first non-zero gradient).
+            self._gradient_norms.append(
+                self.add_variable((), initializer="zeros", dtype=dtype, name=f"{prefix}_gradient_norm")
             )
 
         slot_names = grafting_lib.grafting_slot_names(self.grafting)
@@ -405,17 +501,36 @@ class Shampoo(keras.optimizers.Optimizer):
 
     @property
     def skipped_updates(self) -> tf.Tensor:
-        """How many parameter updates were skipped because their gradient had a NaN or inf."""
+        """How many parameter updates the gradient guard skipped (non-finite or outlier gradients)."""
         return self._count(1)
+
+    @property
+    def outlier_updates(self) -> tf.Tensor:
+        """How many of the skipped updates had a finite gradient above `gradient_norm_bound`."""
+        return self._count(2)
+
+    def fault_counts(self) -> dict[str, int]:
+        """The failure counters as Python ints (eager), e.g. for logging.
+
+        Returns:
+            `{"preconditioner_failures": ..., "skipped_updates": ..., "outlier_updates": ...}`.
+        """
+        return {
+            "preconditioner_failures": int(self.preconditioner_failures),
+            "skipped_updates": int(self.skipped_updates),
+            "outlier_updates": int(self.outlier_updates),
+        }
 
     def _count(self, position: int) -> tf.Tensor:
         counters = [counter[position] for counter in self._counters if counter is not None]
         return tf.add_n(counters) if counters else tf.constant(0, tf.int64)
 
-    def _add_failures(self, index, failures=1, skipped=0):
-        self._counters[index].assign_add(tf.stack([tf.cast(failures, tf.int64), tf.cast(skipped, tf.int64)]))
+    def _add_failures(self, index, failures=1, skipped=0, outliers=0):
+        self._counters[index].assign_add(
+            tf.stack([tf.cast(failures, tf.int64), tf.cast(skipped, tf.int64), tf.cast(outliers, tf.int64)])
+        )
 
-    def _root_order(self, variable, layout: PreconditionerLayout) -> int:
+    def _root_order(self, variable, layout: PreconditionerLayout, table: bool = False) -> int:
         if isinstance(self.exponent_override, int):
             return self.exponent_override
         if isinstance(self.exponent_override, dict):
@@ -423,6 +538,8 @@ class Shampoo(keras.optimizers.Optimizer):
             for pattern, order in self.exponent_override.items():
                 if re.search(pattern, path):
                     return order
+        if table and self.embedding_tables == "grafted":
+            return 0
         return 2 * layout.rank
 
     def update_step(self, gradient, variable, learning_rate):
@@ -431,25 +548,46 @@ class Shampoo(keras.optimizers.Optimizer):
         dtype = _state_dtype(variable)
         touched = None
         if isinstance(gradient, tf.IndexedSlices):
-            values = tf.cast(gradient.values, dtype)
-            # The dense gradient sums the slices, so the few slices tell whether it is finite.
-            finite = tf.math.is_finite(tf.reduce_sum(values))
-            gradient = tf.IndexedSlices(values, gradient.indices, gradient.dense_shape)
+            gradient = tf.IndexedSlices(tf.cast(gradient.values, dtype), gradient.indices, gradient.dense_shape)
             if self._layouts[index].diagonal[0]:
                 touched = gradient.indices
             gradient = tf.convert_to_tensor(gradient)
         else:
             gradient = tf.cast(gradient, dtype)
-            # One reduction catches NaN and inf (and sums that overflow, which would overflow G G^T).
-            finite = tf.math.is_finite(tf.reduce_sum(gradient))
+        accept, outlier = self._guard_gradient(index, gradient)
 
         def update():
             self._shampoo_update(index, gradient, touched, variable, learning_rate)
 
         def skip():
-            self._add_failures(index, failures=0, skipped=1)
+            self._add_failures(index, failures=0, skipped=1, outliers=tf.cast(outlier, tf.int64))
 
-        tf.cond(finite, update, skip)
+        tf.cond(accept, update, skip)
+
+    def _guard_gradient(self, index, gradient):
+        """The gradient guard: whether this parameter's update is taken, and whether it is an outlier.
+
+        One reduction, `||G||^2`, catches NaN and inf entries and gradients whose squares overflow
+        (which would make the grafted method's second moments and the statistics infinite). The norm
+        is then compared with the running norm `r` (updated here on every finite gradient, with the
+        norm clipped at `gradient_norm_bound * r`, so that a lasting change of scale is accepted
+        after a few steps while an isolated spike moves `r` only by a bounded factor).
+        """
+        squared = tf.reduce_sum(tf.square(gradient))
+        finite = tf.math.is_finite(squared)
+        if self.gradient_norm_bound is None:
+            return finite, tf.constant(False)
+        norm = tf.sqrt(tf.where(finite, squared, tf.zeros_like(squared)))
+        running_variable = self._gradient_norms[index]
+        running = tf.cast(running_variable, norm.dtype)
+        bound = self.gradient_norm_bound * running
+        outlier = finite & (running > 0.0) & (norm > bound)
+        decay = self.gradient_norm_decay
+        updated = tf.where(running > 0.0, decay * running + (1.0 - decay) * tf.minimum(norm, bound), norm)
+        # An overflowing bound (a running norm near float32's maximum) leaves the running norm as it is.
+        updated = tf.where(finite & tf.math.is_finite(updated), updated, running)
+        self.assign(running_variable, tf.cast(updated, running_variable.dtype))
+        return finite & tf.logical_not(outlier), outlier
 
     def _shampoo_update(self, index, gradient, touched, variable, learning_rate):
         step = self.iterations + 1
@@ -642,6 +780,9 @@ class Shampoo(keras.optimizers.Optimizer):
                 "eigenbasis_compute_steps": self.eigenbasis_compute_steps,
                 "retry_float64": self.retry_float64,
                 "root_error_threshold": self.root_error_threshold,
+                "embedding_tables": self.embedding_tables,
+                "gradient_norm_bound": self.gradient_norm_bound,
+                "gradient_norm_decay": self.gradient_norm_decay,
             }
         )
         return config
@@ -675,6 +816,12 @@ def _touched_row_blocks(gradient, layout, indices):
 
 def _expand_like(mask: tf.Tensor, target: tf.Tensor) -> tf.Tensor:
     return tf.reshape(mask, mask.shape + (1,) * (len(target.shape) - len(mask.shape)))
+
+
+def _is_embedding_table(variable) -> bool:
+    """A rank-2 variable whose path names an embedding (Keras's and the nested layers' `embeddings`)."""
+    path = getattr(variable, "path", None) or variable.name
+    return len(variable.shape) == 2 and "embedding" in path.lower()
 
 
 def _state_dtype(variable) -> str:
