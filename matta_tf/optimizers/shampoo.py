@@ -6,6 +6,7 @@ import re
 import keras
 import tensorflow as tf
 
+from matta_tf._checks import check_in_interval, check_non_negative_int, check_positive_int
 from matta_tf.optimizers import grafting as grafting_lib
 from matta_tf.optimizers import matrix_functions
 from matta_tf.optimizers.partition import PreconditionerLayout, merge_blocks, plan_layout, split_blocks
@@ -339,22 +340,22 @@ class Shampoo(keras.optimizers.Optimizer):
             gradient_accumulation_steps=gradient_accumulation_steps,
             **kwargs,
         )
-        _check_range("beta2", beta2, 0.0, 1.0, low_open=True)
-        _check_range("momentum", momentum, 0.0, 1.0, high_open=True)
-        _check_range("epsilon", epsilon, 0.0, float("inf"))
-        _check_range("grafting_beta1", grafting_beta1, 0.0, 1.0, high_open=True)
-        _check_range("grafting_beta2", grafting_beta2, 0.0, 1.0, high_open=True)
-        _check_range("grafting_epsilon", grafting_epsilon, 0.0, float("inf"))
-        _check_range("root_error_threshold", root_error_threshold, 0.0, float("inf"), low_open=True)
+        check_in_interval("beta2", beta2, 0.0, 1.0, low_open=True)
+        check_in_interval("momentum", momentum, 0.0, 1.0, high_open=True)
+        check_in_interval("epsilon", epsilon, 0.0, float("inf"))
+        check_in_interval("grafting_beta1", grafting_beta1, 0.0, 1.0, high_open=True)
+        check_in_interval("grafting_beta2", grafting_beta2, 0.0, 1.0, high_open=True)
+        check_in_interval("grafting_epsilon", grafting_epsilon, 0.0, float("inf"))
+        check_in_interval("root_error_threshold", root_error_threshold, 0.0, float("inf"), low_open=True)
         if gradient_norm_bound is not None:
-            _check_range("gradient_norm_bound", gradient_norm_bound, 1.0, float("inf"), high_open=True)
-        _check_range("gradient_norm_decay", gradient_norm_decay, 0.0, 1.0, high_open=True)
+            check_in_interval("gradient_norm_bound", gradient_norm_bound, 1.0, float("inf"), high_open=True)
+        check_in_interval("gradient_norm_decay", gradient_norm_decay, 0.0, 1.0, high_open=True)
         if embedding_tables not in EMBEDDING_TABLES:
             raise ValueError(
                 f"`embedding_tables` should be one of {EMBEDDING_TABLES}. "
                 f"Received: `embedding_tables={embedding_tables!r}`"
             )
-        _check_positive_int("preconditioning_compute_steps", preconditioning_compute_steps)
+        check_positive_int("preconditioning_compute_steps", preconditioning_compute_steps)
         if eigenbasis_compute_steps == "auto":
             # Roots on every step ask for exact roots; the stored basis is an `eigh` option.
             exact = root_method != "eigh" or preconditioning_compute_steps == 1
@@ -363,7 +364,7 @@ class Shampoo(keras.optimizers.Optimizer):
         if root_method not in ROOT_METHODS:
             raise ValueError(f"`root_method` should be one of {ROOT_METHODS}. Received: `root_method={root_method!r}`")
         if eigenbasis_compute_steps is not None:
-            _check_positive_int("eigenbasis_compute_steps", eigenbasis_compute_steps)
+            check_positive_int("eigenbasis_compute_steps", eigenbasis_compute_steps)
             if eigenbasis_compute_steps % preconditioning_compute_steps:
                 raise ValueError(
                     "`eigenbasis_compute_steps` should be a multiple of `preconditioning_compute_steps` "
@@ -382,7 +383,7 @@ class Shampoo(keras.optimizers.Optimizer):
             ("block_size", block_size),
             ("diagonal_threshold", diagonal_threshold),
         ):
-            _check_positive_int(arg_name, value)
+            check_positive_int(arg_name, value)
         _check_exponent_override(exponent_override)
 
         self.beta2 = beta2
@@ -834,17 +835,6 @@ def _variable_name(variable) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", path)
 
 
-def _check_range(name, value, low, high, low_open=False, high_open=False):
-    too_low = value <= low if low_open else value < low
-    too_high = value >= high if high_open else value > high
-    if too_low or too_high:
-        interval = f"{'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
-        raise ValueError(f"`{name}` should be in {interval}. Received: `{name}={value!r}`")
-
-
-def _check_positive_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"`{name}` should be a positive integer. Received: `{name}={value!r}`")
 
 
 def _check_exponent_override(value):
@@ -856,11 +846,8 @@ def _check_exponent_override(value):
                 raise ValueError(
                     f"`exponent_override` keys should be regular expressions (str). Received: `{pattern!r}`"
                 )
-            _check_non_negative_int(f"exponent_override[{pattern!r}]", order)
+            check_non_negative_int(f"exponent_override[{pattern!r}]", order)
         return
-    _check_non_negative_int("exponent_override", value)
+    check_non_negative_int("exponent_override", value)
 
 
-def _check_non_negative_int(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-        raise ValueError(f"`{name}` should be a non-negative integer. Received: `{name}={value!r}`")
