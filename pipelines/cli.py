@@ -153,12 +153,15 @@ def main(argv: list[str] | None = None) -> int:
     add_serve_parser(subparsers)
     add_run_parser(subparsers)
     args = parser.parse_args(argv)
+    from matta_tf.pipelines.layout import RunDirectoryError
+
     from matta_tf.data import RecordError, SchemaError
 
     try:
         verbs = {"prepare": _run_prepare, "validate": _run_validate, "serve": run_serve, "run": run_command}
         return verbs[args.verb](args)
-    except (SchemaError, RecordError, FileExistsError, FileNotFoundError, ValueError, OSError) as error:
+    except (SchemaError, RecordError, RunDirectoryError, FileExistsError, FileNotFoundError, ValueError,
+            OSError) as error:
         print(f"matta {args.verb}: error: {error}", file=sys.stderr)
         return 2
 
