@@ -218,6 +218,9 @@ def test_lost_records_fail_the_job_loudly(events, teacher, tmp_path, monkeypatch
     out = str(tmp_path / "lossy")
     assert job.main(["--input", events, "--teacher", teacher, "--out", out, "--splits", "test"]) == 1
     assert "records were lost: read" in capsys.readouterr().err
+    # No done marker: a failed check never leaves `counts.json` (which `matta run` reads as "done").
+    assert not os.path.exists(os.path.join(out, job.COUNTS_FILE))
+    assert os.path.exists(os.path.join(out, job.LOST_RECORDS_FILE))
     assert job.main(["--input", events, "--teacher", teacher, "--out", out]) == 2
     assert "not empty" in capsys.readouterr().err
 
