@@ -269,7 +269,7 @@ def assert_valid_values(parsed: dict[str, tf.Tensor], schema: Schema) -> dict[st
         if label.name not in parsed:
             continue
         values = parsed[label.name]
-        what = f"label {label.name!r}"
+        what = f"label `{label.name}`"  # TensorFlow escapes quotes in assertion messages
         if label.representation == "class_index":
             check(what, values, (values >= 0) & (values < label.num_classes),
                   f"must be a class index in [0, {label.num_classes})")
@@ -281,7 +281,7 @@ def assert_valid_values(parsed: dict[str, tf.Tensor], schema: Schema) -> dict[st
                       "holds probabilities: must be in [0, 1]")
     for feature in schema.features:
         if feature.kind == "numeric" and feature.name in parsed:
-            check(f"feature {feature.name!r}", parsed[feature.name], tf.math.is_finite(parsed[feature.name]),
+            check(f"feature `{feature.name}`", parsed[feature.name], tf.math.is_finite(parsed[feature.name]),
                   "must be finite")
     with tf.control_dependencies(checks):
         return tf.nest.map_structure(tf.identity, parsed)
