@@ -222,8 +222,9 @@ class _ValidateRecords(beam.DoFn):
     """Keeps records that are tf.Examples matching the schema; dead-letters the rest with the reason.
 
     A chunk is parsed in one TensorFlow call against the whole schema (features and labels, strictly
-    typed and sized) and its labels are range-checked with numpy; only a chunk that fails is checked
-    record by record with `check_example`, which gives each bad record its reason.
+    typed and sized), its labels are range-checked and its numeric features checked finite with
+    numpy; only a chunk that fails is checked record by record with `check_example`, which gives
+    each bad record its reason.
     """
 
     def __init__(self, schema: Schema) -> None:
@@ -262,7 +263,11 @@ class _ValidateRecords(beam.DoFn):
             parsed = self._parse(tf.constant(records, tf.string))
         except Exception:  # TensorFlow's error may not even decode (it quotes the bytes): the check below tells
             return False
-        return all(valid_label_rows(parsed[label.name].numpy(), label).all() for label in self._schema.labels)
+        if not all(valid_label_rows(parsed[label.name].numpy(), label).all() for label in self._schema.labels):
+            return False
+        # Numeric features must be finite too (`check_example` says which record is not).
+        return all(np.isfinite(parsed[feature.name].numpy()).all() for feature in self._schema.features
+                   if feature.kind == "numeric")
 
 
 class TeacherLabelEncoder:
