@@ -63,11 +63,12 @@ KILLER = os.path.join(os.path.dirname(__file__), "run_killer.py")
 
 
 def _files(root, under: str) -> dict[str, bytes]:
+    """Every file under `root/under`, its bytes with the run directory's own path replaced (summaries name files)."""
     files = {}
     for directory, _, names in os.walk(os.path.join(root, under)):
         for name in names:
             path = os.path.join(directory, name)
-            files[os.path.relpath(path, root)] = open(path, "rb").read()
+            files[os.path.relpath(path, root)] = open(path, "rb").read().replace(str(root).encode(), b"<run>")
     return files
 
 

@@ -81,11 +81,11 @@ def write_backup(backup_dir: str, steps: int, epoch: int, batch: int, save_weigh
     return Backup(steps, epoch, batch, weights)
 
 
-def complete_backups(backup_dir: str) -> list[Backup]:
+def complete_backups(backup_dir: str, verify_contents: bool = True) -> list[Backup]:
     """The complete backups of a directory, newest first; incomplete or corrupt ones are left out (and logged).
 
     A backup is complete when its metadata file parses and its weights file exists with the recorded
-    size and SHA-256.
+    size and (with `verify_contents`, the default) SHA-256.
     """
     if not os.path.isdir(backup_dir):
         return []
@@ -100,7 +100,8 @@ def complete_backups(backup_dir: str) -> list[Backup]:
             weights = os.path.join(backup_dir, metadata["weights"])
             if os.path.basename(weights) != metadata["weights"] or metadata.get("format") != FORMAT:
                 raise ValueError("unexpected weights name or format")
-            if os.path.getsize(weights) != metadata["weights_bytes"] or _sha256(weights) != metadata["weights_sha256"]:
+            if os.path.getsize(weights) != metadata["weights_bytes"] or (
+                    verify_contents and _sha256(weights) != metadata["weights_sha256"]):
                 raise ValueError(f"{metadata['weights']} does not match its recorded size and SHA-256")
             found.append(Backup(int(metadata["steps"]), int(metadata["epoch"]), int(metadata["batch"]), weights))
         except (OSError, ValueError, KeyError, TypeError) as error:
@@ -110,8 +111,9 @@ def complete_backups(backup_dir: str) -> list[Backup]:
 
 def prune_backups(backup_dir: str, keep: int) -> None:
     """Deletes all but the newest `keep` complete backups, and every other `backup-*` file (temporaries of
-    interrupted writes included)."""
-    kept = complete_backups(backup_dir)[:keep]
+    interrupted writes included). Completeness is judged by metadata and size here (no re-hashing on
+    every save); a resume verifies the contents."""
+    kept = complete_backups(backup_dir, verify_contents=False)[:keep]
     wanted = {os.path.basename(b.weights_path) for b in kept} | {_metadata_name(b.steps) for b in kept}
     for name in os.listdir(backup_dir):
         if name.startswith("backup-") and name not in wanted:
