@@ -24,6 +24,7 @@ from collections.abc import Iterable, Iterator, Sequence
 
 import tensorflow as tf
 
+from matta_tf.data.atomic import publish
 from matta_tf.data.examples import assert_valid_values, parse_examples
 from matta_tf.data.schema import Schema
 
@@ -79,7 +80,7 @@ class ShardedTFRecordWriter:
             writer.close()
         for temporary, path in zip(self._temporary, self.paths, strict=True):
             if commit:
-                os.replace(temporary, path)
+                publish(temporary, path)  # fsync, then rename: a complete shard or none
             elif os.path.exists(temporary):
                 os.remove(temporary)
 
