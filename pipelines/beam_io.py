@@ -28,6 +28,7 @@ assert sorted(os.listdir("out/train")) == sorted(os.listdir(f"{data_dir}/train")
 from __future__ import annotations
 
 import base64
+import itertools
 import json
 import os
 import tempfile
@@ -39,6 +40,7 @@ import apache_beam as beam
 import tensorflow as tf
 
 from matta_tf.data.schema import SCHEMA_FILE, VOCABULARY_DIR, Schema
+from matta_tf.data.tfrecords import check_framing
 
 NAMESPACE = "matta_label"
 DEAD_LETTER = "dead_letter"
@@ -132,11 +134,13 @@ def shard_key(ids: RecordIds) -> tuple[str, str]:
 class ReadRecordChunks(beam.DoFn):
     """Reads one TFRecord file per element `(split, path)` into chunks `(RecordIds, [bytes, ...])`, in file order.
 
-    Each chunk holds up to `chunk_size` consecutive records. A file that is truncated or corrupt
-    part-way yields its readable records, then one dead letter (tagged `DEAD_LETTER`, stage `"read"`)
-    holding the unreadable rest of the file and the reason. For GZIP files the rest cannot be
-    located: the dead letter holds an empty record, and a cut between two records of a GZIP file goes
-    unnoticed (TensorFlow's reader ends there). Counts `read` (the unreadable rest as one record).
+    Each chunk holds up to `chunk_size` consecutive records. The file's framing is checked first
+    (`matta_tf.data.tfrecords.check_framing`), so that a crafted or corrupt record header never
+    reaches TensorFlow's reader (which allocates whatever length a header declares). A file that is
+    truncated or corrupt part-way yields its readable records, then one dead letter (tagged
+    `DEAD_LETTER`, stage `"read"`) holding the unreadable rest of the file and the reason, with the
+    file and the byte offset; the job goes on with the other files. For GZIP files the rest cannot be
+    located: the dead letter holds an empty record. Counts `read` (the unreadable rest as one record).
 
     Args:
         chunk_size: Records per chunk. Defaults to 1024.
@@ -152,9 +156,11 @@ class ReadRecordChunks(beam.DoFn):
         split, path = element
         chunk: list[bytes] = []
         index, offset = 0, 0
+        framing = check_framing(path)
         try:
             options = tf.io.TFRecordOptions(compression_type=_compression(path))
-            for record in _record_iterator(path, options):
+            # Only the well-framed records reach TensorFlow's reader.
+            for record in itertools.islice(_record_iterator(path, options), framing.records):
                 chunk.append(record)
                 index += 1
                 offset += len(record) + 16  # length (8), its CRC (4), data, data CRC (4)
@@ -162,13 +168,11 @@ class ReadRecordChunks(beam.DoFn):
                     yield self._emit(split, path, index, chunk)
                     chunk = []
         except (tf.errors.OpError, OSError) as error:
-            reason = f"{path}: cannot read record {index} or anything after it ({error_reason(error)})"
+            reason = f"{path}: cannot read record {index} (byte {offset}) or anything after it ({error_reason(error)})"
         else:
-            # TensorFlow's reader stops silently at a cut-off record header: check that nothing is left.
-            if _compression(path) or offset == tf.io.gfile.stat(path).length:
-                reason = None
-            else:
-                reason = f"{path}: cannot read record {index}: the file ends in a cut-off record"
+            problem = framing.problem
+            reason = None if problem is None else (
+                f"{path}: cannot read record {index} (byte {problem.offset}) or anything after it ({problem.reason})")
         if chunk:
             yield self._emit(split, path, index, chunk)
         if reason is not None:

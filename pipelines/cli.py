@@ -13,6 +13,7 @@ Verbs:
 from __future__ import annotations
 
 import argparse
+import glob
 import json
 import sys
 
@@ -75,9 +76,17 @@ def _add_prepare(subparsers) -> None:
 
 
 def _add_validate(subparsers) -> None:
-    validate = subparsers.add_parser("validate", help="check TFRecord files against a schema")
-    validate.add_argument("files", help="glob, directory or file of TFRecords")
-    validate.add_argument("--schema", required=True, help="schema.yaml or the directory holding it")
+    validate = subparsers.add_parser(
+        "validate", help="check TFRecord files against a schema",
+        description="Checks every record of the files: the file framing (a file cut inside a header or a record, "
+        "a corrupt header), that the bytes are a tf.Example, every feature and label present with the right type "
+        "and length, labels in range and numeric features finite. Problems are listed by file and record index "
+        "(and byte offset for framing); the exit status is 1 if there is any.")
+    validate.add_argument("files", help="glob, directory or file of TFRecords, or a data root with split folders "
+                          "(train/, validation/, test/)")
+    validate.add_argument("--schema", help="schema.yaml or the directory holding it (default: the data root's)")
+    validate.add_argument("--allow-missing-labels", action="store_true",
+                          help="accept records without labels (e.g. events to be labelled by the Teacher)")
     validate.add_argument("--max-errors", type=int, default=20, help="errors listed before stopping the list")
 
 
@@ -104,22 +113,69 @@ def _run_prepare(args) -> int:
     return 0
 
 
-def _run_validate(args) -> int:
-    from matta_tf import data
+def _validation_targets(target: str) -> tuple[list[str], str | None]:
+    """The TFRecord files to check, and the directory where a schema is expected by default."""
+    import os
 
-    schema = data.Schema.load(args.schema)
+    from matta_tf import data
+    from matta_tf.data.splits import SPLITS
+
+    if os.path.isdir(target):
+        if glob.glob(os.path.join(target, "*.tfrecord*")):
+            return data.list_files(target), os.path.dirname(os.path.abspath(target))
+        splits = [os.path.join(target, split) for split in SPLITS if os.path.isdir(os.path.join(target, split))]
+        if splits:
+            return data.list_files(splits), target
+    return data.list_files(target), None
+
+
+def _run_validate(args) -> int:
+    import itertools
+    import os
+
+    import tensorflow as tf
+
+    from matta_tf import data
+    from matta_tf.data.tfrecords import check_framing
+
+    files, schema_home = _validation_targets(args.files)
+    schema_path = args.schema
+    if schema_path is None:
+        candidates = [home for home in (args.files, schema_home) if home and os.path.isfile(
+            os.path.join(home, data.schema.SCHEMA_FILE))]
+        if not candidates:
+            raise FileNotFoundError(f"no schema.yaml beside {args.files!r}: pass --schema")
+        schema_path = candidates[0]
+    schema = data.Schema.load(schema_path)
+    labels = "optional" if args.allow_missing_labels else True
     checked, errors = 0, []
-    for path in data.list_files(args.files):
-        for index, record in enumerate(data.read_records(path)):
-            checked += 1
-            try:
-                data.check_example(data.parse_example_bytes(record, index), schema, labels="optional",
-                                   record_index=index)
-            except data.RecordError as error:
-                errors.append(f"{path}: {error}")
+    for path in files:
+        framing = check_framing(path)
+        compression = "GZIP" if path.endswith(".gz") else ""
+        read = 0
+        try:
+            records = tf.compat.v1.io.tf_record_iterator(path, tf.io.TFRecordOptions(compression_type=compression))
+            for index, record in enumerate(itertools.islice(records, framing.records)):
+                read, checked = read + 1, checked + 1
+                try:
+                    data.check_example(data.parse_example_bytes(record, index), schema, labels=labels,
+                                       record_index=index)
+                except data.RecordError as error:
+                    errors.append(f"{path}: {error}")
+        except tf.errors.OpError as error:
+            from matta_tf.pipelines.beam_io import error_reason
+
+            errors.append(f"{path}: record {read}: unreadable, and so is the rest of the file "
+                          f"({error_reason(error)})")
+            continue
+        if framing.problem is not None:
+            errors.append(f"{path}: record {framing.problem.index} at byte {framing.problem.offset}: "
+                          f"{framing.problem.reason}; nothing after it can be read")
     for line in errors[: args.max_errors]:
         print(line)
-    print(json.dumps({"checked": checked, "invalid": len(errors)}))
+    if len(errors) > args.max_errors:
+        print(f"... and {len(errors) - args.max_errors} more")
+    print(json.dumps({"files": len(files), "checked": checked, "invalid": len(errors)}))
     return 1 if errors else 0
 
 
@@ -153,12 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     add_serve_parser(subparsers)
     add_run_parser(subparsers)
     args = parser.parse_args(argv)
+    from matta_tf.pipelines.layout import RunDirectoryError
+
     from matta_tf.data import RecordError, SchemaError
 
     try:
         verbs = {"prepare": _run_prepare, "validate": _run_validate, "serve": run_serve, "run": run_command}
         return verbs[args.verb](args)
-    except (SchemaError, RecordError, FileExistsError, FileNotFoundError, ValueError, OSError) as error:
+    except (SchemaError, RecordError, RunDirectoryError, FileExistsError, FileNotFoundError, ValueError,
+            OSError) as error:
         print(f"matta {args.verb}: error: {error}", file=sys.stderr)
         return 2
 

@@ -1,19 +1,26 @@
 """The `matta run` configuration: plain YAML, validated on load with errors that name the field.
 
 Every section is a dataclass; unknown keys and bad values are rejected with their dotted path
-(`training.learning_rate: must be > 0. Received: -1`). `RunConfig.load(path)` reads YAML with
-`yaml.safe_load`; `RunConfig()` is the MovieLens default that `make demo` runs.
+(`training.learning_rate: must be > 0. Received: -1`). Every number must be finite (`.inf` and
+`.nan` are refused) and in its field's range. `RunConfig.load(path)` reads YAML with `yaml.safe_load`
+within limits (1 MiB, 100,000 values after alias expansion; see `matta_tf.data.safe_yaml`), and no
+error message quotes more than a few hundred characters of the file. `RunConfig()` is the MovieLens
+default that `make demo` runs.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from collections.abc import Mapping
 from typing import Any
 
-import yaml
+from matta_tf.data.safe_yaml import bounded_repr, load_yaml
+
+MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_VALUES = 100_000
 
 
 class RunConfigError(ValueError):
@@ -22,7 +29,20 @@ class RunConfigError(ValueError):
 
 def _check(condition: bool, path: str, message: str, value: Any) -> None:
     if not condition:
-        raise RunConfigError(f"{path}: {message}. Received: {value!r}")
+        raise RunConfigError(f"{path}: {message}. Received: {bounded_repr(value)}")
+
+
+def _check_at_least(section: Any, path: str, fields: tuple[str, ...], minimum: int) -> None:
+    for field in fields:
+        value = getattr(section, field)
+        _check(value >= minimum, f"{path}.{field}", f"must be >= {minimum}", value)
+
+
+def _check_units(section: Any, path: str, fields: tuple[str, ...]) -> None:
+    for field in fields:
+        value = getattr(section, field)
+        _check(len(value) >= 1 and min(value) >= 1, f"{path}.{field}", "must be a non-empty list of sizes >= 1",
+               value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +62,11 @@ class DataConfig:
     def validate(self, path: str) -> None:
         _check(self.source in ("movielens", "synthetic"), f"{path}.source", "must be 'movielens' or 'synthetic'",
                self.source)
-        _check(self.num_shards >= 1, f"{path}.num_shards", "must be >= 1", self.num_shards)
+        _check_at_least(self, path, ("num_shards", "synthetic_users", "synthetic_items", "synthetic_events",
+                                     "synthetic_latent_dim"), 1)
+        fractions = self.split_fractions
+        _check(len(fractions) == 3 and min(fractions) >= 0 and fractions[0] > 0 and abs(sum(fractions) - 1) < 1e-6,
+               f"{path}.split_fractions", "must be three fractions >= 0 (train > 0) that sum to 1", fractions)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,8 +84,9 @@ class TeacherConfig:
     beam_batch_size: int = 1024
 
     def validate(self, path: str) -> None:
-        for field in ("embedding_dim", "epochs", "batch_size", "beam_batch_size"):
-            _check(getattr(self, field) >= 1, f"{path}.{field}", "must be >= 1", getattr(self, field))
+        _check_at_least(self, path, ("embedding_dim", "epochs", "batch_size", "beam_batch_size"), 1)
+        _check_at_least(self, path, ("num_cross_layers",), 0)
+        _check_units(self, path, ("tower_units", "head_units"))
         _check(self.learning_rate > 0, f"{path}.learning_rate", "must be > 0", self.learning_rate)
 
 
@@ -93,12 +118,19 @@ class TrainingConfig:
         _check(self.optimizer in ("shampoo", "adam"), f"{path}.optimizer", "must be 'shampoo' or 'adam'",
                self.optimizer)
         _check(self.learning_rate > 0, f"{path}.learning_rate", "must be > 0", self.learning_rate)
-        for field in ("epochs", "batch_size", "embedding_dim"):
-            _check(getattr(self, field) >= 1, f"{path}.{field}", "must be >= 1", getattr(self, field))
-        _check(len(self.loss_weights) == 3 and min(self.loss_weights) >= 0, f"{path}.loss_weights",
-               "must be three non-negative numbers", self.loss_weights)
+        _check_at_least(self, path, ("epochs", "batch_size", "embedding_dim"), 1)
+        _check_at_least(self, path, ("distillation_start_step", "distillation_ramp_steps", "num_cross_layers",
+                                     "ta_only_blocks"), 0)
+        _check_units(self, path, ("tower_units", "head_units"))
+        _check(len(self.loss_weights) == 3 and min(self.loss_weights) >= 0 and max(self.loss_weights) > 0,
+               f"{path}.loss_weights", "must be three non-negative numbers, not all 0", self.loss_weights)
         _check(self.distillation_ramp_shape in ("linear", "cosine"), f"{path}.distillation_ramp_shape",
                "must be 'linear' or 'cosine'", self.distillation_ramp_shape)
+        for field in ("ta_width_multiplier", "ta_embedding_multiplier"):
+            _check(getattr(self, field) >= 1, f"{path}.{field}", "must be >= 1 (the TA is the wider model)",
+                   getattr(self, field))
+        _check(self.student_init in ("standalone", "ta_slice"), f"{path}.student_init",
+               "must be 'standalone' or 'ta_slice'", self.student_init)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,6 +144,9 @@ class ExtractionConfig:
 
     def validate(self, path: str) -> None:
         _check(self.random_count >= 0, f"{path}.random_count", "must be >= 0", self.random_count)
+        for field in ("max_parameters", "max_latency_ms"):
+            value = getattr(self, field)
+            _check(value is None or value > 0, f"{path}.{field}", "must be > 0 (or null: no limit)", value)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,8 +160,9 @@ class ServingConfig:
 
     def validate(self, path: str) -> None:
         _check(0 < self.treatment_share < 1, f"{path}.treatment_share", "must be in (0, 1)", self.treatment_share)
-        _check(self.model_name.replace("_", "").replace("-", "").isalnum(), f"{path}.model_name",
-               "must be letters, digits, '-' and '_'", self.model_name)
+        _check(self.model_name.replace("_", "").replace("-", "").isalnum() and len(self.model_name) <= 100,
+               f"{path}.model_name", "must be at most 100 letters, digits, '-' and '_'", self.model_name)
+        _check(self.replay_events >= 1, f"{path}.replay_events", "must be >= 1", self.replay_events)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,11 +191,13 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str) -> RunConfig:
-        with open(path, encoding="utf-8") as handle:
-            try:
-                data = yaml.safe_load(handle)
-            except yaml.YAMLError as error:
-                raise RunConfigError(f"{path} is not valid YAML: {error}") from None
+        """Loads and validates a YAML configuration (size and alias-expansion limits apply).
+
+        Raises:
+            RunConfigError: the file is too large, not YAML, or a value is invalid (named by its dotted path).
+        """
+        data = load_yaml(path, what="configuration", error=RunConfigError, max_bytes=MAX_CONFIG_BYTES,
+                         max_values=MAX_CONFIG_VALUES)
         if data is not None and not isinstance(data, Mapping):
             raise RunConfigError(f"{path}: the configuration must be a mapping. Received: {type(data).__name__}")
         try:
@@ -173,11 +211,12 @@ class RunConfig:
 
 def _build(cls: type, data: Mapping[str, Any], path: str) -> Any:
     if not isinstance(data, Mapping):
-        raise RunConfigError(f"{path or 'config'}: must be a mapping. Received: {data!r}")
+        raise RunConfigError(f"{path or 'config'}: must be a mapping. Received: {bounded_repr(data)}")
     fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - set(fields))
+    unknown = sorted(set(data) - set(fields), key=str)
     if unknown:
-        raise RunConfigError(f"{_join(path, unknown[0])}: unknown key. Known keys: {sorted(fields)}")
+        key = unknown[0] if isinstance(unknown[0], str) and len(unknown[0]) <= 100 else bounded_repr(unknown[0], 100)
+        raise RunConfigError(f"{_join(path, key)}: unknown key. Known keys: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
     values = {}
     for name, value in data.items():
@@ -207,6 +246,7 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         return value
     if hint is float:
         _check(isinstance(value, (int, float)) and not isinstance(value, bool), path, "must be a number", value)
+        _check(math.isfinite(value), path, "must be a finite number", value)
         return float(value)
     if hint is str:
         _check(isinstance(value, str), path, "must be a string", value)

@@ -11,10 +11,12 @@ Teacher's outputs to each record as label features named in the schema, and writ
   `teacher_logit` by default; source `"teacher"`); the event labels are kept;
 - `<out>/dead_letter.jsonl`: every record that could not be labelled, with its bytes (base64), its
   file and index, the stage (`read`, `validate`, `inference`) and the reason;
-- `<out>/counts.json`: the Beam counters `read`, `labelled`, `dead_lettered` (and per stage).
+- `<out>/counts.json`: the Beam counters `read`, `labelled`, `dead_lettered` (and per stage); the
+  job's done marker, written last, after the lost-records check.
 
 Bad input never stops the job and is never lost: the job fails loudly if read != labelled +
-dead-lettered. The default runner is Beam's `FnApiRunner`, named explicitly (Beam's default
+dead-lettered, and then writes `<out>/lost_records.json` (the counters) instead of `counts.json`.
+The default runner is Beam's `FnApiRunner`, named explicitly (Beam's default
 `DirectRunner` tries to download the Prism runner); every standard Beam pipeline option passes
 through, so the same command runs on Flink, Spark or Dataflow (`--runner=...`).
 
@@ -38,6 +40,7 @@ import json
 import logging
 import os
 import sys
+import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any, NamedTuple
 
@@ -51,6 +54,7 @@ from matta_tf.models.teacher import LOGITS, PROBABILITIES, Teacher, teacher_outp
 from matta_tf.pipelines.beam_io import (
     DEAD_LETTER,
     DEAD_LETTER_FILE,
+    INCOMPLETE_SUFFIX,
     NAMESPACE,
     DeadLetter,
     ReadRecordChunks,
@@ -70,6 +74,7 @@ from matta_tf.data.splits import SPLITS
 
 DEFAULT_RUNNER = "FnApiRunner"
 COUNTS_FILE = "counts.json"
+LOST_RECORDS_FILE = "lost_records.json"
 COUNTERS = ("read", "labelled", "dead_lettered", "dead_lettered_read", "dead_lettered_validate",
             "dead_lettered_inference")
 
@@ -220,8 +225,9 @@ class _ValidateRecords(beam.DoFn):
     """Keeps records that are tf.Examples matching the schema; dead-letters the rest with the reason.
 
     A chunk is parsed in one TensorFlow call against the whole schema (features and labels, strictly
-    typed and sized) and its labels are range-checked with numpy; only a chunk that fails is checked
-    record by record with `check_example`, which gives each bad record its reason.
+    typed and sized), its labels are range-checked and its numeric features checked finite with
+    numpy; only a chunk that fails is checked record by record with `check_example`, which gives
+    each bad record its reason.
     """
 
     def __init__(self, schema: Schema) -> None:
@@ -260,7 +266,11 @@ class _ValidateRecords(beam.DoFn):
             parsed = self._parse(tf.constant(records, tf.string))
         except Exception:  # TensorFlow's error may not even decode (it quotes the bytes): the check below tells
             return False
-        return all(valid_label_rows(parsed[label.name].numpy(), label).all() for label in self._schema.labels)
+        if not all(valid_label_rows(parsed[label.name].numpy(), label).all() for label in self._schema.labels):
+            return False
+        # Numeric features must be finite too (`check_example` says which record is not).
+        return all(np.isfinite(parsed[feature.name].numpy()).all() for feature in self._schema.features
+                   if feature.kind == "numeric")
 
 
 class TeacherLabelEncoder:
@@ -668,20 +678,30 @@ def label_with_teacher(
     if state != beam.runners.runner.PipelineState.DONE:
         raise LabellingError(f"the labelling pipeline ended in state {state}")
     counts = job_counts(result)
-    save_schema(output_schema, out_dir)
     summary = {**counts, "splits": list(splits), "teacher": saved_model, "input": input_dir,
                "labels": [probability.name, logit.name]}
-    with tf.io.gfile.GFile(os.path.join(out_dir, COUNTS_FILE), "w") as handle:
-        handle.write(json.dumps(summary, indent=2))
     if counts["read"] != counts["labelled"] + counts["dead_lettered"]:
+        # No done marker: `counts.json` is written only by a job that passed every check.
+        lost_path = os.path.join(out_dir, LOST_RECORDS_FILE)
+        _write_text_atomically(lost_path, json.dumps(summary, indent=2))
         raise LabellingError(
             f"records were lost: read {counts['read']} != labelled {counts['labelled']} + dead-lettered "
-            f"{counts['dead_lettered']} (see {os.path.join(out_dir, COUNTS_FILE)})"
+            f"{counts['dead_lettered']} (see {lost_path}); the output is not marked done"
         )
+    save_schema(output_schema, out_dir)
+    _write_text_atomically(os.path.join(out_dir, COUNTS_FILE), json.dumps(summary, indent=2))  # the done marker
     if counts["dead_lettered"]:
         _LOGGER.warning("%d of %d records dead-lettered; see %s", counts["dead_lettered"], counts["read"],
                         os.path.join(out_dir, DEAD_LETTER_FILE))
     return LabellingResult(out_dir=out_dir, schema=output_schema, splits=tuple(splits), counts=counts)
+
+
+def _write_text_atomically(path: str, text: str) -> None:
+    """Writes `path` (any `tf.io.gfile` path) under a temporary name, then renames it into place."""
+    temporary = f"{path}.{uuid.uuid4().hex}{INCOMPLETE_SUFFIX}"
+    with tf.io.gfile.GFile(temporary, "w") as handle:
+        handle.write(text)
+    tf.io.gfile.rename(temporary, path, overwrite=True)
 
 
 def job_counts(result: beam.runners.runner.PipelineResult) -> dict[str, int]:

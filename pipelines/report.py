@@ -7,6 +7,9 @@ import os
 from typing import Any
 
 import pandas as pd
+from matta_tf.pipelines.layout import RunLayout as L
+
+from matta_tf.data.atomic import atomic_write
 
 
 def _read_json(path: str) -> Any:
@@ -23,7 +26,7 @@ def plot_training_curves(run_dir: str, path: str) -> str | None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    histories = {arm: _read_json(os.path.join(run_dir, arm, "history.json")) for arm in ("matta", "baseline")}
+    histories = {arm: _read_json(os.path.join(run_dir, arm, L.HISTORY)) for arm in (L.MATTA, L.BASELINE)}
     if not any(histories.values()):
         return None
     figure, (losses, aucs) = plt.subplots(1, 2, figsize=(10, 4))
@@ -49,8 +52,8 @@ def plot_training_curves(run_dir: str, path: str) -> str | None:
 
 def _metrics_rows(run_dir: str) -> list[str]:
     rows = ["| model | stream | labels | test AUROC | test AucLoss | test log loss |", "|---|---|---|---:|---:|---:|"]
-    for arm in ("baseline", "matta"):
-        metrics = _read_json(os.path.join(run_dir, arm, "metrics.json"))
+    for arm in (L.BASELINE, L.MATTA):
+        metrics = _read_json(os.path.join(run_dir, arm, L.METRICS))
         if not metrics:
             continue
         streams = ("student",) if arm == "baseline" else ("student", "ta")
@@ -66,7 +69,7 @@ def write_report(run: Any) -> str:
     """Writes `<run_dir>/report.md` from what the steps left in the run directory; returns its path."""
     root = run.root
     lines = ["# MatTA run report", "", f"Run directory: `{root}`. Configuration: `config.json`.", ""]
-    summary = _read_json(os.path.join(root, "data", "summary.json"))
+    summary = _read_json(os.path.join(root, L.DATA, L.SUMMARY))
     if summary:
         lines += ["## Events", "", f"Source: {summary['source']}.", "",
                   "| split | events | positive rate | cold-start user rate |", "|---|---:|---:|---:|"]
@@ -74,8 +77,8 @@ def write_report(run: Any) -> str:
             lines.append(f"| {split} | {info['events']} | {info['positive_rate']} | "
                          f"{info.get('cold_start_user_rate', '-')} |")
         lines.append("")
-    teacher = _read_json(os.path.join(root, "teacher", "teacher.json"))
-    counts = _read_json(os.path.join(root, "labelled", "counts.json"))
+    teacher = _read_json(os.path.join(root, L.TEACHER, L.TEACHER_SUMMARY))
+    counts = _read_json(os.path.join(root, L.LABELLED, L.COUNTS))
     if teacher:
         lines += ["## Teacher", "", "```", json.dumps({k: v for k, v in teacher.items() if k != "config"},
                                                        indent=1)[:1500], "```", ""]
@@ -85,10 +88,10 @@ def write_report(run: Any) -> str:
               "The baseline is the Student trained alone (Adam). The MatTA Student is the same architecture and "
               "size, co-trained inside the TA. Every Student sub-block was initialized as a standalone Student's "
               "layer would be.", "", *_metrics_rows(root), ""]
-    curves = plot_training_curves(root, os.path.join(root, "training_curves.png"))
+    curves = plot_training_curves(root, os.path.join(root, L.TRAINING_CURVES))
     if curves:
-        lines += ["![training curves](training_curves.png)", ""]
-    table_path = os.path.join(root, "mixnmatch", "submodels.csv")
+        lines += [f"![training curves]({L.TRAINING_CURVES})", ""]
+    table_path = os.path.join(root, L.MIXNMATCH, L.SUBMODELS)
     if os.path.exists(table_path):
         table = pd.read_csv(table_path)
         shown = table[table["auc"].notna()].sort_values("parameters")
@@ -102,8 +105,8 @@ def write_report(run: Any) -> str:
         if not baseline.empty:
             beat = (shown[shown["spec"] != "baseline"]["auc_loss"] < float(baseline["auc_loss"].iloc[0])).mean()
             lines += ["", f"{beat:.0%} of the extracted sizes beat the baseline Student's test AucLoss."]
-        lines += ["", "![quality vs size](mixnmatch/quality_vs_size.png)", ""]
-    versions = _read_json(os.path.join(root, "serving", "versions.json"))
+        lines += ["", f"![quality vs size]({L.MIXNMATCH}/{L.QUALITY_PLOT})", ""]
+    versions = _read_json(os.path.join(root, L.SERVING, L.VERSIONS))
     if versions:
         lines += ["## TF Serving export", "", f"Versions: `{json.dumps(versions['versions'])}`; labels: "
                   f"`{json.dumps(versions['labels'])}`. Model config: `serving/models.config`.", ""]
@@ -117,7 +120,6 @@ def write_report(run: Any) -> str:
                   "compare the two models on different users. Every interval and p-value is over users, the "
                   "unit of randomization (the method is below).", "",
                   body.replace("](ab_report.png)", "](ab/ab_report.png)"), ""]
-    path = os.path.join(root, "report.md")
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write("\n".join(lines) + "\n")
+    path = os.path.join(root, L.REPORT)
+    atomic_write(path, "\n".join(lines) + "\n")
     return path

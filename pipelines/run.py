@@ -21,23 +21,27 @@ from collections.abc import Callable, Sequence
 
 import pandas as pd
 from matta_tf.pipelines.config import RunConfig
+from matta_tf.pipelines.layout import STEPS, RunLayout, RunManifest
 
-STEPS = ("prepare", "teacher", "label", "train", "extract", "export", "replay", "report")
+from matta_tf.data.atomic import atomic_write
+
+L = RunLayout  # the run directory's file names
 
 
 class RunContext:
-    """Paths of a run directory and the loaded configuration."""
+    """Paths of a run directory (its `RunLayout`) and the loaded configuration."""
 
     def __init__(self, config: RunConfig):
         self.config = config
         self.root = config.run_dir
+        self.layout = RunLayout(config.run_dir)
 
     def path(self, *parts: str) -> str:
-        return os.path.join(self.root, *parts)
+        return self.layout.path(*parts)
 
     @property
     def training_data(self) -> str:
-        return self.path("labelled") if self.config.training.labels == "teacher" else self.path("data")
+        return self.path(L.LABELLED) if self.config.training.labels == "teacher" else self.path(L.DATA)
 
 
 def print_summary(summary: dict) -> None:
@@ -55,16 +59,16 @@ def step_prepare(run: RunContext) -> str:
 
     data = run.config.data
     if data.source == "movielens":
-        summary = prepare_movielens(run.path("data"), MovieLensConfig(label_threshold=data.label_threshold,
+        summary = prepare_movielens(run.path(L.DATA), MovieLensConfig(label_threshold=data.label_threshold,
                                                             split_fractions=data.split_fractions,
                                                             num_shards=data.num_shards))
     else:
-        summary = generate_synthetic(run.path("data"), SyntheticConfig(
+        summary = generate_synthetic(run.path(L.DATA), SyntheticConfig(
             num_users=data.synthetic_users, num_items=data.synthetic_items, num_events=data.synthetic_events,
             latent_dim=data.synthetic_latent_dim, split_fractions=data.split_fractions,
             num_shards=data.num_shards, seed=data.seed))
     print_summary(summary)
-    return run.path("data", "summary.json")
+    return run.path(L.DATA, L.SUMMARY)
 
 
 def step_teacher(run: RunContext) -> str:
@@ -74,17 +78,17 @@ def step_teacher(run: RunContext) -> str:
     config = TeacherConfig(embedding_dim=teacher.embedding_dim, tower_units=teacher.tower_units,
                            num_cross_layers=teacher.num_cross_layers, head_units=teacher.head_units,
                            epochs=teacher.epochs, batch_size=teacher.batch_size, learning_rate=teacher.learning_rate)
-    train_teacher(run.path("data"), run.path("teacher"), config)
-    return run.path("teacher", "teacher.json")
+    train_teacher(run.path(L.DATA), run.path(L.TEACHER), config)
+    return run.path(L.TEACHER, L.TEACHER_SUMMARY)
 
 
 def step_label(run: RunContext) -> str:
     from matta_tf.pipelines.label_with_teacher import Batching, label_with_teacher
 
-    result = label_with_teacher(run.path("data"), run.path("teacher", "saved_model"), run.path("labelled"),
+    result = label_with_teacher(run.path(L.DATA), run.path(L.TEACHER, L.SAVED_MODEL), run.path(L.LABELLED),
                                 batching=Batching(batch_size=run.config.teacher.beam_batch_size))
     print(f"labelled: {result.counts}")
-    return run.path("labelled", "counts.json")
+    return run.path(L.LABELLED, L.COUNTS)
 
 
 def step_train(run: RunContext) -> str:
@@ -92,10 +96,10 @@ def step_train(run: RunContext) -> str:
 
     training = run.config.training
     print(f"MatTA ({training.optimizer}) on {training.labels} labels")
-    train_relevance(run.training_data, run.path("matta"), training, arm="matta")
+    train_relevance(run.training_data, run.path(L.MATTA), training, arm="matta")
     print("baseline: the Student trained alone (Adam)")
-    train_relevance(run.training_data, run.path("baseline"), training, arm="student_only", optimizer="adam")
-    return run.path("baseline", "metrics.json")
+    train_relevance(run.training_data, run.path(L.BASELINE), training, arm="student_only", optimizer="adam")
+    return run.path(L.BASELINE, L.METRICS)
 
 
 def _load_network(directory: str):
@@ -104,7 +108,7 @@ def _load_network(directory: str):
 
     import matta_tf  # noqa: F401  (registers the layers)
 
-    return keras.saving.load_model(os.path.join(directory, "network.keras"), compile=False)
+    return keras.saving.load_model(os.path.join(directory, L.NETWORK), compile=False)
 
 
 def step_extract(run: RunContext) -> str:
@@ -112,21 +116,21 @@ def step_extract(run: RunContext) -> str:
 
     from matta_tf.extraction import SubmodelSpec, evaluate_submodels, plot_quality_vs_size, random_specs
 
-    nested = _load_network(run.path("matta"))
+    nested = _load_network(run.path(L.MATTA))
     dataset = evaluation_dataset(run.training_data)
     specs = random_specs(nested, run.config.extraction.random_count, seed=run.config.extraction.seed)
     specs += [SubmodelSpec.uniform(nested, "student").replace(**{n: "ta" for n in _head_layers(nested)},
                                                                name="student-ta-head")]
     table = evaluate_submodels(nested, specs, dataset)
-    baseline = _load_network(run.path("baseline"))
+    baseline = _load_network(run.path(L.BASELINE))
     base = evaluate_submodels(baseline, [SubmodelSpec.uniform(baseline, "student", name="baseline")], dataset,
                               progress=False)
     table = pd.concat([base.assign(pareto=False), table], ignore_index=True)
-    os.makedirs(run.path("mixnmatch"), exist_ok=True)
-    table.to_csv(run.path("mixnmatch", "submodels.csv"), index=False)
-    plot_quality_vs_size(table[table["spec"] != "baseline"], run.path("mixnmatch", "quality_vs_size.png"),
+    os.makedirs(run.path(L.MIXNMATCH), exist_ok=True)
+    plot_quality_vs_size(table[table["spec"] != "baseline"], run.path(L.MIXNMATCH, L.QUALITY_PLOT),
                          baseline=float(base.loc[0, "auc_loss"]), title="Mix'n'Match sizes (test AucLoss)")
-    return run.path("mixnmatch", "submodels.csv")
+    atomic_write(run.path(L.MIXNMATCH, L.SUBMODELS), table.to_csv(index=False))  # the done marker, last
+    return run.path(L.MIXNMATCH, L.SUBMODELS)
 
 
 def _head_layers(nested) -> list[str]:
@@ -150,9 +154,9 @@ def step_export(run: RunContext) -> str:
     from matta_tf.extraction import SubmodelSpec
 
     schema = Schema.load(run.training_data)
-    table = pd.read_csv(run.path("mixnmatch", "submodels.csv"))
+    table = pd.read_csv(run.path(L.MIXNMATCH, L.SUBMODELS))
     table["error"] = table["error"].where(table["error"].notna(), None)
-    nested, baseline = _load_network(run.path("matta")), _load_network(run.path("baseline"))
+    nested, baseline = _load_network(run.path(L.MATTA)), _load_network(run.path(L.BASELINE))
     treatment = _treatment(run, table)
 
     def metrics_of(name: str) -> dict:
@@ -166,15 +170,15 @@ def step_export(run: RunContext) -> str:
             servables.append(ServableModel.extract(nested, spec, schema, metrics=metrics_of(spec.name)))
     warmup = list(read_records(os.path.join(run.training_data, "test")))[:100]
     name = run.config.serving.model_name
-    exported = export_for_serving(servables, run.path("serving"), model_name=name, warmup_examples=warmup)
+    exported = export_for_serving(servables, run.path(L.SERVING), model_name=name, warmup_examples=warmup)
     versions = {e.name: e.version for e in exported}
     labels = {"control": versions["baseline"], "treatment": versions[treatment.name]}
-    write_model_config(run.path("serving", "models.config"),
-                       [ModelEntry(name, os.path.abspath(run.path("serving", name)), versions=sorted(versions.values()),
+    write_model_config(run.path(L.SERVING, L.MODELS_CONFIG),
+                       [ModelEntry(name, os.path.abspath(run.path(L.SERVING, name)), versions=sorted(versions.values()),
                                    labels=labels)])
-    with open(run.path("serving", "versions.json"), "w", encoding="utf-8") as handle:
-        json.dump({"versions": versions, "labels": labels, "treatment_spec": treatment.to_dict()}, handle, indent=1)
-    return run.path("serving", "versions.json")
+    atomic_write(run.path(L.SERVING, L.VERSIONS), json.dumps(
+        {"versions": versions, "labels": labels, "treatment_spec": treatment.to_dict()}, indent=1))
+    return run.path(L.SERVING, L.VERSIONS)
 
 
 def step_replay(run: RunContext) -> str:
@@ -223,42 +227,37 @@ _STEP_FUNCTIONS: dict[str, Callable[[RunContext], str]] = {
     "prepare": step_prepare, "teacher": step_teacher, "label": step_label, "train": step_train,
     "extract": step_extract, "export": step_export, "replay": step_replay, "report": step_report,
 }
-_OUTPUTS = {
-    "prepare": ("data",), "teacher": ("teacher",), "label": ("labelled",), "train": ("matta", "baseline"),
-    "extract": ("mixnmatch",), "export": ("serving",), "replay": ("ab",), "report": ("report.md",),
-}
-_DONE_MARKERS = {
-    "prepare": "data/summary.json", "teacher": "teacher/teacher.json", "label": "labelled/counts.json",
-    "train": "baseline/metrics.json", "extract": "mixnmatch/submodels.csv", "export": "serving/versions.json",
-    "replay": "ab/ab_report.md", "report": "report.md",
-}
+assert tuple(_STEP_FUNCTIONS) == STEPS
 
 
 def run_steps(config: RunConfig, steps: Sequence[str] = STEPS, force: bool = False) -> dict[str, float]:
-    """Runs `steps` in order, skipping those already done unless `force`; returns seconds per step."""
+    """Runs `steps` in order, skipping those already done unless `force`; returns seconds per step.
+
+    The run directory is claimed with a manifest (`RunManifest`): a step deletes only the outputs an
+    earlier attempt of this run wrote, and a non-empty directory the run did not create is refused
+    unless `force` (its content is still never deleted or overwritten).
+
+    Raises:
+        RunDirectoryError: the directory or a step's output path is not the run's to write.
+    """
     run = RunContext(config)
-    os.makedirs(run.root, exist_ok=True)
-    with open(run.path("config.json"), "w", encoding="utf-8") as handle:
-        json.dump(config.to_dict(), handle, indent=1)
+    manifest = RunManifest.open(run.layout, force=force)
+    manifest.claim(RunLayout.RUN_FILES)
+    atomic_write(run.path(L.CONFIG), json.dumps(config.to_dict(), indent=1))
     timings = {}
     for step in steps:
         if step in ("teacher", "label") and not config.teacher.enabled:
             continue
-        if os.path.exists(run.path(_DONE_MARKERS[step])) and not force:
-            print(f"[{step}] done already ({_DONE_MARKERS[step]}); skipping (--force to redo)")
+        if run.layout.is_done(step) and not force:
+            print(f"[{step}] done already ({L.DONE_MARKERS[step]}); skipping (--force to redo)")
             continue
-        for output in _OUTPUTS[step]:
-            target = run.path(output)
-            if os.path.isdir(target):
-                shutil.rmtree(target)
-            elif os.path.exists(target):
-                os.remove(target)
+        manifest.prepare_step(step)
         print(f"[{step}] ...")
         start = time.perf_counter()
         _STEP_FUNCTIONS[step](run)
         timings[step] = time.perf_counter() - start
         print(f"[{step}] finished in {timings[step]:.1f} s")
-    with open(run.path("timings.json"), "a", encoding="utf-8") as handle:
+    with open(run.path(L.TIMINGS), "a", encoding="utf-8") as handle:
         handle.write(json.dumps(timings) + "\n")
     return timings
 
@@ -269,7 +268,9 @@ def add_run_parser(subparsers) -> None:
     parser.add_argument("--config", help="YAML configuration (defaults: MovieLens, see pipelines/config.py)")
     parser.add_argument("--run-dir", help="overrides run_dir of the configuration")
     parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
-    parser.add_argument("--force", action="store_true", help="redo steps whose outputs exist")
+    parser.add_argument("--force", action="store_true",
+                        help="redo steps whose outputs exist, and accept a non-empty run directory that matta run "
+                        "did not create (what the run did not write is never deleted)")
 
 
 def run_command(args) -> int:
@@ -283,6 +284,6 @@ def run_command(args) -> int:
     if unknown:
         raise ValueError(f"--steps: unknown step {unknown[0]!r}. Steps: {','.join(STEPS)}")
     timings = run_steps(config, [s for s in STEPS if s in steps], force=args.force)
-    print(f"run directory: {config.run_dir}; report: {os.path.join(config.run_dir, 'report.md')}")
+    print(f"run directory: {config.run_dir}; report: {RunLayout(config.run_dir).path(L.REPORT)}")
     print("seconds per step: " + ", ".join(f"{k} {v:.0f}" for k, v in timings.items()))
     return 0

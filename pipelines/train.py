@@ -18,8 +18,10 @@ import numpy as np
 import tensorflow as tf
 from matta_tf.models.relevance import RelevanceConfig, build_relevance_network, relevance_preprocessor
 from matta_tf.pipelines.config import TrainingConfig
+from matta_tf.pipelines.layout import RunLayout
 
 from matta_tf.data import Schema, make_dataset
+from matta_tf.data.atomic import atomic_output, atomic_write
 from matta_tf.extraction import binary_metrics
 from matta_tf.optimizers import Shampoo
 from matta_tf.training import DistillationSchedule, IndependentStudentTA, MatTAModel
@@ -128,7 +130,8 @@ def train_relevance(
 
     Args:
         data_dir: Events with `schema.yaml` (teacher-labelled ones carry `teacher_probability`).
-        out_dir: Where to write `network.keras`, `history.json` and `metrics.json`; `None` writes nothing.
+        out_dir: Where to write `network.keras`, `history.json` and `metrics.json` (`RunLayout` names),
+            each atomically, `metrics.json` last (it marks the arm done); `None` writes nothing.
         training: Sizes, optimizer, learning rate, epochs, loss weights and ramp.
         arm: `"matta"` (nested, three losses), `"student_only"` (the baseline), `"ta_only"`,
             `"no_sharing"` (MatTA losses on independent Student and TA networks), or
@@ -177,9 +180,9 @@ def train_relevance(
             metrics[split] = {name: evaluate_streams(network, datasets[split], name) for name in eval_labels}
     if out_dir is not None and is_chief():
         os.makedirs(out_dir, exist_ok=True)
-        network.save(os.path.join(out_dir, "network.keras"))
-        with open(os.path.join(out_dir, "history.json"), "w", encoding="utf-8") as handle:
-            json.dump({k: [float(v) for v in vs] for k, vs in history.history.items()}, handle, indent=1)
-        with open(os.path.join(out_dir, "metrics.json"), "w", encoding="utf-8") as handle:
-            json.dump(metrics, handle, indent=1)
+        with atomic_output(os.path.join(out_dir, RunLayout.NETWORK)) as temporary:
+            network.save(temporary)
+        atomic_write(os.path.join(out_dir, RunLayout.HISTORY),
+                     json.dumps({k: [float(v) for v in vs] for k, vs in history.history.items()}, indent=1))
+        atomic_write(os.path.join(out_dir, RunLayout.METRICS), json.dumps(metrics, indent=1))
     return TrainingRun(network, history.history, metrics)

@@ -41,7 +41,10 @@ def test_validate_reports_bad_records_by_index(tmp_path, capsys):
     assert main(["validate", str(tmp_path / "data"), "--schema", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "record 1: bytes are not a tf.Example" in out
-    assert json.loads(out.strip().splitlines()[-1]) == {"checked": 4, "invalid": 1}
+    assert "record 2: missing label 'click'" in out  # labels are required unless told otherwise
+    assert json.loads(out.strip().splitlines()[-1]) == {"files": 1, "checked": 4, "invalid": 2}
+    assert main(["validate", str(tmp_path / "data"), "--schema", str(tmp_path), "--allow-missing-labels"]) == 1
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == {"files": 1, "checked": 4, "invalid": 1}
 
 
 def test_help_describes_the_data():

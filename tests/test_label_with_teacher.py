@@ -1,6 +1,7 @@
 """The Beam labelling job: Teacher scores in the output, dead letters for bad input, determinism, counts."""
 
 import os
+import struct
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,6 +16,7 @@ from matta_tf.pipelines.label_with_teacher import TeacherLabelEncoder, valid_lab
 
 from matta_tf.data import Feature, Label, MovieLensConfig, Schema, make_dataset, prepare_movielens, read_records
 from matta_tf.data.movielens import load_ratings
+from matta_tf.data.tfrecords import masked_crc32c
 
 TINY = TeacherConfig(embedding_dim=4, tower_units=(8,), head_units=(8,), num_cross_layers=1)
 STARS = Label("stars", task="multiclass", num_classes=4)
@@ -116,6 +118,8 @@ def test_bad_records_go_to_the_dead_letter_output_with_their_reason(events, tmp_
         _with(good[4], release_year=tf.train.Feature(float_list=tf.train.FloatList(value=[1.0, 2.0]))):
             ("validate", "expects 1 value(s); found 2"),
         _with(good[5], label=None): ("validate", "missing label 'label'"),
+        _with(good[8], history_mean_rating=tf.train.Feature(float_list=tf.train.FloatList(value=[float("nan")]))):
+            ("validate", "feature 'history_mean_rating' has a non-finite value nan"),
         _with(good[6], extra_signal=None): ("inference", "Feature: extra_signal (data type: float) is required"),
         _with(good[7], extra_signal=None): ("inference", "Feature: extra_signal (data type: float) is required"),
     }
@@ -132,8 +136,12 @@ def test_bad_records_go_to_the_dead_letter_output_with_their_reason(events, tmp_
     os.makedirs(data / "train")
     cut_body = b"\x40\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x00\x12\x34"  # header of 64 bytes, 2 follow
     cut_header = b"\x40\x00\x00\x00\x00"
+    # Issue #21's crafted header: 2^36 bytes declared, with a valid length checksum (TensorFlow's reader
+    # would allocate it and crash the job): the framing pre-check dead-letters the rest of the file.
+    huge = struct.pack("<Q", 1 << 36)
+    crafted = huge + struct.pack("<I", masked_crc32c(huge)) + b"\0" * 20
     shards = {"part-00000-of-00002.tfrecord": (first, b""), "part-00001-of-00002.tfrecord": (second, cut_body),
-              "part-late.tfrecord": (good[:2], cut_header)}
+              "part-late.tfrecord": (good[:2], cut_header), "part-crafted.tfrecord": (good[2:3], crafted)}
     for name, (records, tail) in shards.items():
         with tf.io.TFRecordWriter(str(data / "train" / name)) as writer:
             for record in records:
@@ -144,12 +152,12 @@ def test_bad_records_go_to_the_dead_letter_output_with_their_reason(events, tmp_
     out = str(tmp_path / "labelled")
     result = job.label_with_teacher(str(data), teacher, out, batching=job.Batching(batch_size=8))
     counts = result.counts
-    records_in = len(first) + len(second) + 2
-    assert counts["read"] == records_in + 2  # each cut-off tail counts as one unreadable record
+    records_in = len(first) + len(second) + 2 + 1
+    assert counts["read"] == records_in + 3  # each cut-off or crafted tail counts as one unreadable record
     assert counts["labelled"] == records_in - len(bad)
-    assert counts["dead_lettered"] == len(bad) + 2
+    assert counts["dead_lettered"] == len(bad) + 3
     assert (counts["dead_lettered_validate"], counts["dead_lettered_inference"], counts["dead_lettered_read"]) == (
-        7, 2, 2)
+        8, 2, 3)
 
     letters = read_dead_letters(os.path.join(out, "dead_letter.jsonl"))
     assert len(letters) == counts["dead_lettered"]
@@ -164,7 +172,7 @@ def test_bad_records_go_to_the_dead_letter_output_with_their_reason(events, tmp_
 
     # Every good record is labelled, unchanged but for the Teacher labels, in input order.
     good_first = [record for index, record in enumerate(first) if index not in expected_bad]
-    for name, records in zip(shards, (good_first, second, good[:2]), strict=True):
+    for name, records in zip(shards, (good_first, second, good[:2], good[2:3]), strict=True):
         labelled = [_example(record) for record in read_records(os.path.join(out, "train", name))]
         for example in labelled:
             del example.features.feature["teacher_probability"], example.features.feature["teacher_logit"]
@@ -218,6 +226,9 @@ def test_lost_records_fail_the_job_loudly(events, teacher, tmp_path, monkeypatch
     out = str(tmp_path / "lossy")
     assert job.main(["--input", events, "--teacher", teacher, "--out", out, "--splits", "test"]) == 1
     assert "records were lost: read" in capsys.readouterr().err
+    # No done marker: a failed check never leaves `counts.json` (which `matta run` reads as "done").
+    assert not os.path.exists(os.path.join(out, job.COUNTS_FILE))
+    assert os.path.exists(os.path.join(out, job.LOST_RECORDS_FILE))
     assert job.main(["--input", events, "--teacher", teacher, "--out", out]) == 2
     assert "not empty" in capsys.readouterr().err
 

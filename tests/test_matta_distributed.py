@@ -1,4 +1,4 @@
-"""MatTA under tf.distribute (2 CPU replicas, 2 worker processes) and resumed after a SIGKILL mid-epoch.
+"""MatTA under tf.distribute (2 CPU replicas, 2 worker processes). Resuming after SIGKILL: test_safety_resume.py.
 
 The runs share their model, data and training set-up with `matta_worker.py`, which the subprocess
 tests launch.
@@ -6,7 +6,6 @@ tests launch.
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -106,40 +105,3 @@ def test_multi_worker_mirrored_strategy_with_two_processes_matches_one_device(tm
     _, one_device, _ = train_in_process()
     for index in range(2):
         assert_same_state(one_device, dict(np.load(tmp_path / f"worker{index}.npz")))
-
-
-def test_resume_after_sigkill_mid_epoch_gives_the_uninterrupted_result(tmp_path):
-    backup_dir = str(tmp_path / "backup")
-    # 12 batches per epoch, a backup every 3 batches: killed after batch 20 (epoch 1, batch 7), the
-    # last backup is from batch 18; batches 19-20 are lost and trained again after the restart.
-    uninterrupted = _launch(["train", "--out", str(tmp_path / "uninterrupted.npz")])
-    killed = _launch(
-        [
-            "train",
-            "--out",
-            str(tmp_path / "killed.npz"),
-            "--backup-dir",
-            backup_dir,
-            "--save-freq",
-            "3",
-            "--kill-after-batch",
-            "20",
-        ]
-    )
-    outputs = _run([uninterrupted, killed])
-    assert uninterrupted.returncode == 0, outputs[0][-4000:]
-    assert killed.returncode == -signal.SIGKILL, outputs[1][-4000:]
-    assert not (tmp_path / "killed.npz").exists()
-    with open(os.path.join(backup_dir, "training_metadata.json")) as handle:
-        assert json.load(handle) == {"epoch": 1, "batch": 5}
-
-    resumed = _launch(["train", "--out", str(tmp_path / "resumed.npz"), "--backup-dir", backup_dir, "--save-freq", "3"])
-    output = _run([resumed])[0]
-    assert resumed.returncode == 0, output[-4000:]
-    expected = dict(np.load(tmp_path / "uninterrupted.npz"))
-    got = dict(np.load(tmp_path / "resumed.npz"))
-    assert set(expected) == set(got)
-    assert int(got["optimizer/adam/iteration"]) == matta_worker.EPOCHS * 12  # the ramp's step as well
-    for name in expected:  # model weights, Adam moments and the step counter, bit for bit
-        np.testing.assert_array_equal(got[name], expected[name], err_msg=name)
-    assert not os.path.exists(backup_dir)  # removed once training completes

@@ -56,7 +56,7 @@ def compiled(model: MatTAModel, learning_rate: float = 0.01, **kwargs) -> MatTAM
     return model
 
 
-STUDENT_METRICS = {"loss", "student_loss", "student_auc", "student_auc_loss", "student_log_loss"}
+STUDENT_METRICS = {"loss", "student_loss", "student_auc", "student_auc_loss", "student_log_loss", "invalid_labels"}
 
 
 def test_evaluated_metrics_match_numpy_on_the_model_predictions():

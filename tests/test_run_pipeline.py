@@ -56,3 +56,96 @@ def test_bad_configuration_names_the_field(tmp_path, capsys):
         from matta_tf.pipelines.config import RunConfig
 
         RunConfig.from_dict({"data": {"source": "kaggle"}})
+
+
+# ---- killed inside a step and relaunched: the same outputs as an uninterrupted run -------------------
+KILLER = os.path.join(os.path.dirname(__file__), "run_killer.py")
+
+
+def _files(root, under: str) -> dict:
+    """Every file under `root/under`: TFRecord files as their parsed tf.Examples (protobuf serializes a
+    map's entries in an order that may differ between processes), other files as bytes with the run
+    directory's own path replaced (summaries name their files)."""
+    import tensorflow as tf
+
+    from matta_tf.data import read_records
+
+    files = {}
+    for directory, _, names in os.walk(os.path.join(root, under)):
+        for name in names:
+            path = os.path.join(directory, name)
+            if ".tfrecord" in name:
+                files[os.path.relpath(path, root)] = [tf.train.Example.FromString(r) for r in read_records(path)]
+            else:
+                files[os.path.relpath(path, root)] = open(path, "rb").read().replace(str(root).encode(), b"<run>")
+    return files
+
+
+def _killed_run(config, step: str, steps: str | None = None) -> None:
+    import signal
+    import subprocess
+    import sys
+
+    args = ["run", "--config", str(config), *(["--steps", steps] if steps else [])]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "TF_CPP_MIN_LOG_LEVEL": "2"}
+    result = subprocess.run([sys.executable, KILLER, step, *args], env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == -signal.SIGKILL, result.stdout[-3000:] + result.stderr[-3000:]
+
+
+def test_prepare_killed_before_its_done_marker_is_redone_identically(tmp_path):
+    reference, killed = tmp_path / "reference.yaml", tmp_path / "killed.yaml"
+    reference.write_text(TINY.format(run_dir=tmp_path / "a"))
+    killed.write_text(TINY.format(run_dir=tmp_path / "b"))
+    assert main(["run", "--config", str(reference), "--steps", "prepare"]) == 0
+    _killed_run(killed, "prepare", "prepare")
+    assert not (tmp_path / "b" / "data" / "summary.json").exists() and (tmp_path / "b" / "data").is_dir()
+    (tmp_path / "b" / "data" / "leftover.tmp").write_text("half-written by the killed attempt")
+    assert main(["run", "--config", str(killed), "--steps", "prepare"]) == 0  # the relaunch redoes the step
+    assert _files(tmp_path / "b", "data") == _files(tmp_path / "a", "data")
+
+
+@pytest.mark.slow
+def test_killed_once_inside_each_step_and_relaunched_gives_the_uninterrupted_outputs(tmp_path):
+    from matta_tf.pipelines.layout import STEPS
+
+    reference, killed = tmp_path / "reference.yaml", tmp_path / "killed.yaml"
+    reference.write_text(TINY.format(run_dir=tmp_path / "a"))
+    killed.write_text(TINY.format(run_dir=tmp_path / "b"))
+    assert main(["run", "--config", str(reference)]) == 0
+    for step in STEPS:  # each relaunch skips the steps done, and is killed inside the next one
+        _killed_run(killed, step)
+    assert main(["run", "--config", str(killed)]) == 0
+    a, b = tmp_path / "a", tmp_path / "b"
+    for under in ("data", "labelled"):  # records, schemas, vocabularies, counters: byte for byte
+        assert _files(b, under) == _files(a, under), under
+    def flat(tree, prefix=""):
+        if isinstance(tree, dict):
+            return {k: v for key, value in tree.items() for k, v in flat(value, f"{prefix}{key}/").items()}
+        return {prefix: tree}
+
+    for arm in ("matta", "baseline"):  # training in another process: equal up to float summation order
+        metrics_a, metrics_b = flat(json.load(open(a / arm / "metrics.json"))), flat(json.load(open(b / arm /
+                                                                                                   "metrics.json")))
+        assert set(metrics_b) == set(metrics_a)
+        for key, value in metrics_a.items():
+            if isinstance(value, float):
+                assert metrics_b[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (arm, key)
+            else:
+                assert metrics_b[key] == value, (arm, key)
+        history_a, history_b = json.load(open(a / arm / "history.json")), json.load(open(b / arm / "history.json"))
+        assert set(history_b) == set(history_a)
+        for key in history_a:
+            assert history_b[key] == pytest.approx(history_a[key], rel=1e-4, abs=1e-6), (arm, key)
+    table_a, table_b = pd.read_csv(a / "mixnmatch" / "submodels.csv"), pd.read_csv(b / "mixnmatch" / "submodels.csv")
+    quality = ["spec", "parameters", "flops_per_example", "auc", "auc_loss", "log_loss"]
+    pd.testing.assert_frame_equal(table_b[quality], table_a[quality], rtol=1e-4)
+    versions_a, versions_b = json.load(open(a / "serving" / "versions.json")), json.load(open(b / "serving" /
+                                                                                               "versions.json"))
+    assert versions_b["versions"] == versions_a["versions"] and versions_b["labels"] == versions_a["labels"]
+
+    def exposures(root) -> list[dict]:  # every field but the request's wall-clock time and random id
+        return [{k: v for k, v in json.loads(line).items() if k not in ("timestamp", "request_id")}
+                for line in open(root / "ab" / "exposures.jsonl")]
+
+    assert exposures(b) == exposures(a)

@@ -7,6 +7,7 @@ Also builds real MovieLens events offline (`prepare_movielens`), synthetic event
 from matta_tf.data import sequences
 from matta_tf.data.examples import (
     RecordError,
+    assert_valid_values,
     check_example,
     decode_example,
     encode_example,
@@ -18,7 +19,15 @@ from matta_tf.data.examples import (
 from matta_tf.data.movielens import MovieLensConfig, build_events, movielens_schema, prepare_movielens
 from matta_tf.data.schema import Feature, Label, Schema, SchemaError
 from matta_tf.data.synthetic import SyntheticConfig, generate_synthetic, synthetic_schema
-from matta_tf.data.tfrecords import ShardedTFRecordWriter, list_files, make_dataset, read_records, write_records
+from matta_tf.data.tfrecords import (
+    ShardedTFRecordWriter,
+    TFRecordFramingError,
+    check_framing,
+    list_files,
+    make_dataset,
+    read_records,
+    write_records,
+)
 from matta_tf.data.vocabulary import build_vocabulary, lookup_layer
 
 __all__ = [
@@ -29,10 +38,13 @@ __all__ = [
     "Schema",
     "SchemaError",
     "ShardedTFRecordWriter",
+    "TFRecordFramingError",
     "SyntheticConfig",
     "build_events",
     "sequences",
+    "assert_valid_values",
     "build_vocabulary",
+    "check_framing",
     "check_example",
     "decode_example",
     "encode_example",

@@ -183,6 +183,10 @@ def check_example(
             _check_label_values(field, values, record_index)
         else:
             _check_length(field, len(values), record_index)
+            if field.kind == "numeric":
+                for value in values:
+                    if not math.isfinite(value):
+                        raise RecordError(f"feature {name!r} has a non-finite value {value!r}", name, record_index)
 
 
 def decode_example(
@@ -237,6 +241,50 @@ def feature_spec(schema: Schema, *, labels: bool = True, features: bool = True) 
             else:
                 spec[label.name] = tf.io.FixedLenFeature([label.width], tf.float32)
     return spec
+
+
+def assert_valid_values(parsed: dict[str, tf.Tensor], schema: Schema) -> dict[str, tf.Tensor]:
+    """`parsed` (from `parse_examples`), checked in the graph: the `check_example` value checks for batches.
+
+    Class indices must lie in `[0, num_classes)`, teacher probabilities in `[0, 1]`, and every float
+    label and numeric feature must be finite. A failure raises `tf.errors.InvalidArgumentError` whose
+    message names the label or feature, the rule and (up to 5 of) the values found. Labels of
+    `schema` missing from `parsed` are not checked. (XLA drops assertions: run this outside
+    `jit_compile`, e.g. in a `tf.data` map, as `make_dataset` does.)
+
+    Args:
+        parsed: Parsed batch of features and labels.
+        schema: Its schema.
+
+    Returns:
+        `parsed`, its tensors depending on the checks.
+    """
+    checks = []
+
+    def check(name: str, values: tf.Tensor, valid: tf.Tensor, rule: str) -> None:
+        bad = tf.boolean_mask(values, tf.logical_not(valid))
+        checks.append(tf.debugging.Assert(tf.reduce_all(valid), [f"{name} {rule}; found", bad], summarize=5))
+
+    for label in schema.labels:
+        if label.name not in parsed:
+            continue
+        values = parsed[label.name]
+        what = f"label `{label.name}`"  # TensorFlow escapes quotes in assertion messages
+        if label.representation == "class_index":
+            check(what, values, (values >= 0) & (values < label.num_classes),
+                  f"must be a class index in [0, {label.num_classes})")
+        else:
+            finite = tf.math.is_finite(values)
+            check(what, values, finite, "must be finite")
+            if label.representation == "probabilities":
+                check(what, values, ((values >= 0.0) & (values <= 1.0)) | ~finite,
+                      "holds probabilities: must be in [0, 1]")
+    for feature in schema.features:
+        if feature.kind == "numeric" and feature.name in parsed:
+            check(f"feature `{feature.name}`", parsed[feature.name], tf.math.is_finite(parsed[feature.name]),
+                  "must be finite")
+    with tf.control_dependencies(checks):
+        return tf.nest.map_structure(tf.identity, parsed)
 
 
 def parse_examples(serialized: tf.Tensor, schema: Schema, *, labels: bool = True) -> dict[str, tf.Tensor]:

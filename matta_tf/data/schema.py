@@ -33,6 +33,9 @@ from typing import Any
 
 import yaml
 
+from matta_tf.data.atomic import atomic_write
+from matta_tf.data.safe_yaml import bounded_repr, load_yaml
+
 ROLES = ("user", "context", "item", "metadata")
 KINDS = ("int_id", "string", "multi_categorical", "numeric")
 MULTI_VALUE_DTYPES = ("int64", "string")
@@ -50,8 +53,8 @@ class SchemaError(ValueError):
 
 
 def _check_choice(owner: str, field: str, value: Any, choices: Sequence[str]) -> None:
-    if value not in choices:
-        raise SchemaError(f"{owner}: `{field}` must be one of {list(choices)}. Received: {field}={value!r}")
+    if not isinstance(value, (str, type(None))) or value not in choices:
+        raise SchemaError(f"{owner}: `{field}` must be one of {list(choices)}. Received: {field}={bounded_repr(value)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,7 +99,7 @@ class Feature:
     def __post_init__(self) -> None:
         owner = f"feature {self.name!r}"
         if not isinstance(self.name, str) or not self.name.isidentifier():
-            raise SchemaError(f"`name` must be a Python identifier. Received: name={self.name!r}")
+            raise SchemaError(f"`name` must be a Python identifier. Received: name={bounded_repr(self.name)}")
         _check_choice(owner, "role", self.role, ROLES)
         _check_choice(owner, "kind", self.kind, KINDS)
         if self.kind == "multi_categorical":
@@ -155,7 +158,7 @@ class Feature:
         for value in self.vocabulary:
             if not isinstance(value, python_type) or isinstance(value, bool):
                 raise SchemaError(
-                    f"{owner}: vocabulary entries must be {python_type.__name__}. Received: {value!r}"
+                    f"{owner}: vocabulary entries must be {python_type.__name__}. Received: {bounded_repr(value)}"
                 )
         if len(set(self.vocabulary)) != len(self.vocabulary):
             raise SchemaError(f"{owner}: `vocabulary` has duplicate entries")
@@ -343,11 +346,7 @@ class Schema:
             path = os.path.join(path, SCHEMA_FILE)
         if not os.path.exists(path):
             raise SchemaError(f"schema file not found: {path}")
-        with open(path, encoding="utf-8") as handle:
-            try:
-                data = yaml.safe_load(handle)
-            except yaml.YAMLError as error:
-                raise SchemaError(f"{path} is not valid YAML/JSON: {error}") from None
+        data = load_yaml(path, what="schema", error=SchemaError)
         try:
             return cls.from_dict(data, base_dir=os.path.dirname(os.path.abspath(path)))
         except SchemaError as error:
@@ -381,8 +380,9 @@ def _reject_unknown(owner: str, entry: Mapping[str, Any], known: set[str]) -> No
 
 def _feature_from_dict(entry: Any, index: int, base_dir: str | None) -> Feature:
     if not isinstance(entry, Mapping) or "name" not in entry:
-        raise SchemaError(f"features[{index}]: each feature is a mapping with a `name`. Received: {entry!r}")
-    owner = f"feature {entry['name']!r}"
+        raise SchemaError(f"features[{index}]: each feature is a mapping with a `name`. "
+                          f"Received: {bounded_repr(entry)}")
+    owner = f"feature {bounded_repr(entry['name'])}"
     known = {f.name for f in dataclasses.fields(Feature)} | {"vocabulary_file"}
     _reject_unknown(owner, entry, known)
     for required in ("role", "kind"):
@@ -400,11 +400,19 @@ def _feature_from_dict(entry: Any, index: int, base_dir: str | None) -> Feature:
         raise SchemaError(f"{owner}: {error}") from None
 
 
-def _read_vocabulary(owner: str, relative: str, entry: Mapping[str, Any], base_dir: str | None) -> tuple:
-    path = relative if os.path.isabs(relative) or base_dir is None else os.path.join(base_dir, relative)
-    if not os.path.exists(path):
+def _read_vocabulary(owner: str, relative: Any, entry: Mapping[str, Any], base_dir: str | None) -> tuple:
+    """Reads a vocabulary file, which must lie inside the schema's folder (`base_dir`)."""
+    if not isinstance(relative, str) or not relative:
+        raise SchemaError(f"{owner}: `vocabulary_file` must be a path. Received: {bounded_repr(relative)}")
+    base = os.path.realpath(base_dir if base_dir is not None else os.getcwd())
+    path = os.path.realpath(os.path.join(base, relative))
+    if os.path.isabs(relative) or os.path.commonpath([base, path]) != base:
+        raise SchemaError(
+            f"{owner}: `vocabulary_file` must be a relative path inside the schema's folder {base}. "
+            f"Received: vocabulary_file={bounded_repr(relative)}")
+    if not os.path.isfile(path):
         raise SchemaError(f"{owner}: vocabulary_file not found: {path}")
-    with open(path, encoding="utf-8") as handle:
+    with open(path, encoding="utf-8", errors="replace") as handle:
         lines = [line.rstrip("\n") for line in handle if line.strip()]
     integer = entry.get("kind") == "int_id" or entry.get("dtype") == "int64"
     if not integer:
@@ -412,18 +420,16 @@ def _read_vocabulary(owner: str, relative: str, entry: Mapping[str, Any], base_d
     try:
         return tuple(int(line) for line in lines)
     except ValueError as error:
-        raise SchemaError(f"{owner}: vocabulary_file {path} has a non-integer entry ({error})") from None
+        raise SchemaError(f"{owner}: vocabulary_file {path} has a non-integer entry "
+                          f"({bounded_repr(str(error))})") from None
 
 
 def _label_from_dict(entry: Any, index: int) -> Label:
     if not isinstance(entry, Mapping) or "name" not in entry:
-        raise SchemaError(f"labels[{index}]: each label is a mapping with a `name`. Received: {entry!r}")
-    _reject_unknown(f"label {entry['name']!r}", entry, {f.name for f in dataclasses.fields(Label)})
+        raise SchemaError(f"labels[{index}]: each label is a mapping with a `name`. Received: {bounded_repr(entry)}")
+    _reject_unknown(f"label {bounded_repr(entry['name'])}", entry, {f.name for f in dataclasses.fields(Label)})
     return Label(**entry)
 
 
 def _atomic_write(path: str, text: str) -> None:
-    temporary = f"{path}.tmp-{os.getpid()}"
-    with open(temporary, "w", encoding="utf-8") as handle:
-        handle.write(text)
-    os.replace(temporary, path)
+    atomic_write(path, text)

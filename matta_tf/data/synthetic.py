@@ -27,6 +27,7 @@ from collections.abc import Iterator
 import numpy as np
 from tqdm.auto import tqdm
 
+from matta_tf.data.atomic import atomic_write
 from matta_tf.data.examples import serialize_example
 from matta_tf.data.schema import Feature, Label, Schema
 from matta_tf.data.splits import SPLITS, check_split_fractions
@@ -216,6 +217,5 @@ def generate_synthetic(out_dir: str, config: SyntheticConfig = SyntheticConfig()
         }
     bar.close()
     schema.save(out_dir)
-    with open(os.path.join(out_dir, "summary.json"), "w", encoding="utf-8") as handle:
-        json.dump(summary, handle, indent=2)
+    atomic_write(os.path.join(out_dir, "summary.json"), json.dumps(summary, indent=2))  # the done marker, last
     return summary

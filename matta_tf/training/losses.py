@@ -68,6 +68,30 @@ def label_targets(labels: Any, task: str, representation: str = "class_index", n
     return values
 
 
+def valid_label_rows(labels: Any, task: str, representation: str = "class_index", num_classes: int = 2) -> Any:
+    """Which examples' labels are valid, `(batch,)` booleans: the label rule of `check_example`, in the graph.
+
+    Class indices must be whole numbers in `[0, num_classes)` (`{0, 1}` for a binary task);
+    probabilities must be finite and in `[0, 1]`; logits must be finite.
+
+    Args:
+        labels: Labels as `label_targets` takes them.
+        task: `"binary"` or `"multiclass"`.
+        representation: `"class_index"` (default), `"probabilities"` or `"logits"`.
+        num_classes: Number of classes of a multi-class task. Defaults to 2.
+    """
+    check_choice("task", task, TASKS)
+    check_choice("representation", representation, REPRESENTATIONS)
+    width = 1 if representation == "class_index" else logit_width(task, num_classes)
+    values = ops.reshape(ops.cast(labels, "float32"), (-1, width))
+    valid = ops.isfinite(values)
+    if representation == "class_index":
+        valid = valid & ops.equal(values, ops.floor(values)) & (values >= 0.0) & (values < float(num_classes))
+    elif representation == "probabilities":
+        valid = valid & (values >= 0.0) & (values <= 1.0)
+    return ops.all(valid, axis=-1)
+
+
 def hard_targets(targets: Any, task: str) -> Any:
     """Hard 0/1 targets from a target distribution: `y >= 0.5` (binary), one-hot argmax (multi-class).
 

@@ -21,6 +21,7 @@ from matta_tf.training.schedules import DistillationSchedule
 
 MODES = ("matta", "student_only", "ta_only")
 PREDICTIONS = ("probabilities", "logits")
+INVALID_LABELS = ("raise", "skip")
 STREAMS = ("student", "ta")
 # Loss terms in the order of `loss_weights`: L_S, L_TA, L_D.
 TERMS = ("student", "ta", "distillation")
@@ -46,6 +47,14 @@ class MatTAModel(_keras_compat.PerReplicaSymbolicBuild, keras.Model):
     teacher probabilities are used as they are, teacher logits go through a sigmoid or softmax.
     A dict of labels (e.g. from `make_dataset(..., labels=None)`) is read at `label.name`.
 
+    Labels are validated in every step (`losses.valid_label_rows`): a class index outside
+    `[0, num_classes)` (a binary label outside `{0, 1}`), a probability outside `[0, 1]` or a
+    non-finite value is invalid. With `invalid_labels="raise"` (default) the step fails with
+    `tf.errors.InvalidArgumentError` naming the label and the invalid values. XLA drops assertions,
+    so under `jit_compile=True` (and with `invalid_labels="skip"`) an invalid example is skipped
+    instead: it gets weight 0 in every loss term and metric. Either way the `invalid_labels` metric
+    counts them, and an invalid value never reaches the loss (it cannot make it unbounded or NaN).
+
     Modes, all from one code path (the same network, a different loss):
 
     - `"matta"`: the three terms above.
@@ -62,7 +71,8 @@ class MatTAModel(_keras_compat.PerReplicaSymbolicBuild, keras.Model):
     - `student_auc`, `ta_auc` (AUROC), `student_auc_loss`, `ta_auc_loss` (AucLoss, `1 - AUROC`),
       `student_log_loss`, `ta_log_loss` (cross-entropy against the hard target);
     - `churn`: fraction of examples on which the Student and the TA predict different classes
-      (the two sides of 0.5 for a binary task, the argmax otherwise), `"matta"` mode only.
+      (the two sides of 0.5 for a binary task, the argmax otherwise), `"matta"` mode only;
+    - `invalid_labels`: examples with an invalid label so far in the epoch (skipped, see above).
 
     AUROC and log loss need a hard target: for soft (teacher) labels it is `y >= 0.5` (binary) or
     the argmax class (multi-class). Multi-class AUROC is the one-vs-rest macro average over classes
@@ -85,6 +95,8 @@ class MatTAModel(_keras_compat.PerReplicaSymbolicBuild, keras.Model):
             `DistillationSchedule()`, the constant 1 (no curriculum).
         predictions: What `predict` returns: `"probabilities"` (default) or `"logits"`.
         auc_num_thresholds: Thresholds of the AUROC metrics. Defaults to 200.
+        invalid_labels: `"raise"` (default): an invalid label fails the step (where TensorFlow runs
+            assertions: not under XLA, where it is skipped); `"skip"`: give it weight 0, counted.
         **kwargs: Args passed to `keras.Model` (e.g. `name`).
 
     Example:
@@ -118,6 +130,7 @@ class MatTAModel(_keras_compat.PerReplicaSymbolicBuild, keras.Model):
         distillation_schedule: DistillationSchedule | None = None,
         predictions: str = "probabilities",
         auc_num_thresholds: int = 200,
+        invalid_labels: str = "raise",
         **kwargs: Any,
     ) -> None:
         if not isinstance(network, keras.layers.Layer):
@@ -136,6 +149,7 @@ class MatTAModel(_keras_compat.PerReplicaSymbolicBuild, keras.Model):
                 f"Received: distillation_schedule={distillation_schedule!r}"
             )
         check_choice("predictions", predictions, PREDICTIONS)
+        check_choice("invalid_labels", invalid_labels, INVALID_LABELS)
         if not isinstance(auc_num_thresholds, int) or isinstance(auc_num_thresholds, bool) or auc_num_thresholds < 2:
             raise ValueError(
                 f"`auc_num_thresholds` must be an integer > 1. Received: auc_num_thresholds={auc_num_thresholds!r}"
@@ -148,6 +162,7 @@ class MatTAModel(_keras_compat.PerReplicaSymbolicBuild, keras.Model):
         self.distillation_schedule = distillation_schedule
         self.predictions = predictions
         self.auc_num_thresholds = auc_num_thresholds
+        self.invalid_labels = invalid_labels
         self.terms = _ACTIVE_TERMS[mode]
         self.streams = tuple(stream for stream in STREAMS if stream in self.terms)
         self.logit_width = losses.logit_width(label.task, label.num_classes)
@@ -177,6 +192,7 @@ class MatTAModel(_keras_compat.PerReplicaSymbolicBuild, keras.Model):
             for stream in self.streams
         ]
         self.churn_tracker = keras.metrics.Mean(name="churn") if self.mode == "matta" else None
+        self.invalid_label_tracker = keras.metrics.Sum(name="invalid_labels")
 
     # ---- forward -----------------------------------------------------------------------------------
     def call(self, inputs: Any, training: bool | None = None) -> dict[str, Any]:
@@ -211,7 +227,21 @@ class MatTAModel(_keras_compat.PerReplicaSymbolicBuild, keras.Model):
         return self.loss_weights[2] * self.distillation_schedule(step)
 
     def targets(self, y: Any) -> Any:
-        """The target distribution `y` of eqs. (1)-(2) from labels as stored (see `losses.label_targets`)."""
+        """The target distribution `y` of eqs. (1)-(2) from labels as stored (see `losses.label_targets`).
+
+        Invalid labels (see the class docstring) become the target of class 0; `checked_targets`
+        also says which they are.
+        """
+        return self.checked_targets(y)[0]
+
+    def checked_targets(self, y: Any, check: bool = False) -> tuple[Any, Any]:
+        """`(targets, valid)`: the targets, invalid labels replaced, and which examples' labels are valid.
+
+        Args:
+            y: Labels as stored (a tensor, or a dict read at `label.name`).
+            check: With `invalid_labels="raise"`, add an assertion that every label is valid, whose
+                message names the label and the invalid values.
+        """
         if isinstance(y, Mapping):
             if self.label.name not in y:
                 raise ValueError(
@@ -221,7 +251,26 @@ class MatTAModel(_keras_compat.PerReplicaSymbolicBuild, keras.Model):
             y = y[self.label.name]
         if y is None:
             raise ValueError("`MatTAModel` needs labels to compute its loss. Received: y=None")
-        return losses.label_targets(y, self.label.task, self.label.representation, self.label.num_classes)
+        label = self.label
+        valid = losses.valid_label_rows(y, label.task, label.representation, label.num_classes)
+        width = label.width
+        values = tf.reshape(tf.cast(y, tf.float32), (-1, width))
+        if check and self.invalid_labels == "raise":
+            rule = {"class_index": f"must be a class index in [0, {label.num_classes})",
+                    "probabilities": "holds probabilities: must be finite and in [0, 1]",
+                    "logits": "holds logits: must be finite"}[label.representation]
+            bad = tf.reshape(tf.boolean_mask(values, tf.logical_not(valid)), (-1,))
+            # TensorFlow escapes quotes in assertion messages: backticks read better.
+            tf.debugging.Assert(tf.reduce_all(valid), [f"MatTAModel: label `{label.name}` {rule}; found", bad],
+                                summarize=5)
+        safe = tf.where(tf.reshape(valid, (-1, 1)), values, tf.zeros_like(values))
+        if label.representation == "class_index":
+            safe = tf.reshape(safe, (-1,))
+        return losses.label_targets(safe, label.task, label.representation, label.num_classes), valid
+
+    def _masked_weights(self, sample_weight: Any, valid: Any) -> Any:
+        mask = ops.cast(valid, "float32")
+        return mask if sample_weight is None else ops.reshape(ops.cast(sample_weight, "float32"), (-1,)) * mask
 
     def compute_loss(
         self,
@@ -238,7 +287,9 @@ class MatTAModel(_keras_compat.PerReplicaSymbolicBuild, keras.Model):
         """
         del x, training
         student_logits, ta_logits = y_pred["student"], y_pred["ta"]
-        targets = self.targets(y)
+        targets, valid = self.checked_targets(y, check=True)
+        self.invalid_label_tracker.update_state(ops.sum(1.0 - ops.cast(valid, "float32")))
+        sample_weight = self._masked_weights(sample_weight, valid)  # an invalid label is never trained on
         task = self.label.task
         per_example = {
             "student": lambda: losses.student_loss(targets, student_logits, task),
@@ -263,8 +314,9 @@ class MatTAModel(_keras_compat.PerReplicaSymbolicBuild, keras.Model):
     def compute_metrics(self, x: Any, y: Any, y_pred: Any, sample_weight: Any = None) -> dict[str, Any]:
         del x
         task = self.label.task
-        hard = losses.hard_targets(self.targets(y), task)
-        weights = None if sample_weight is None else ops.reshape(ops.cast(sample_weight, "float32"), (-1,))
+        targets, valid = self.checked_targets(y)
+        hard = losses.hard_targets(targets, task)
+        weights = self._masked_weights(sample_weight, valid)
         column_weights = None if weights is None else ops.reshape(weights, (-1, 1))
         for stream, (auc, auc_loss, log_loss) in zip(self.streams, self.stream_metrics, strict=True):
             logits = y_pred[stream]
@@ -329,6 +381,7 @@ class MatTAModel(_keras_compat.PerReplicaSymbolicBuild, keras.Model):
             distillation_schedule=keras.saving.serialize_keras_object(self.distillation_schedule),
             predictions=self.predictions,
             auc_num_thresholds=self.auc_num_thresholds,
+            invalid_labels=self.invalid_labels,
         )
         return config
 
