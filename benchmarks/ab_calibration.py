@@ -24,13 +24,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
 
+from test_ab_units import _exposure_level_p_values, _pre_period, _simulate  # noqa: E402
+
 from matta_tf.serving.ab import (  # noqa: E402
     analyze_ab_test,
     auroc_cluster_bootstrap,
     auroc_delong,
     plan_ab_test,
 )
-from test_ab_units import _exposure_level_p_values, _pre_period, _simulate  # noqa: E402
 
 METRICS = ("auroc", "log_loss", "positive_rate")
 

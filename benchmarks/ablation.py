@@ -52,12 +52,12 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from matta_tf.pipelines.config import TrainingConfig  # noqa: E402
-from matta_tf.pipelines.train import evaluation_dataset, train_relevance  # noqa: E402
 from scipy import stats  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
 from matta_tf.data import MovieLensConfig, SyntheticConfig, generate_synthetic, prepare_movielens  # noqa: E402
+from matta_tf.pipelines.config import TrainingConfig  # noqa: E402
+from matta_tf.pipelines.train import evaluation_dataset, train_relevance  # noqa: E402
 
 # name -> (train_relevance arm, optimizer, TrainingConfig overrides)
 ARMS = {

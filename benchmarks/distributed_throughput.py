@@ -37,6 +37,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from label_throughput import prepare  # noqa: E402
+
 from matta_tf.pipelines.label_with_teacher import Batching, label_with_teacher  # noqa: E402
 
 TRAIN_WORKER = textwrap.dedent(

@@ -22,6 +22,11 @@ import keras  # noqa: E402
 import keras_rs  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+from matta_tf.data import MovieLensConfig, Schema, make_dataset, prepare_movielens  # noqa: E402
+from matta_tf.data.movielens import load_ratings  # noqa: E402
+from matta_tf.data.preprocessing import embedding_rows  # noqa: E402
+from matta_tf.extraction import SubmodelSpec, extract_submodel  # noqa: E402
 from matta_tf.models.relevance import (  # noqa: E402
     ROLES,
     PaddingWeights,
@@ -30,11 +35,6 @@ from matta_tf.models.relevance import (  # noqa: E402
     network_inputs,
     relevance_preprocessor,
 )
-
-from matta_tf.data import MovieLensConfig, Schema, make_dataset, prepare_movielens  # noqa: E402
-from matta_tf.data.movielens import load_ratings  # noqa: E402
-from matta_tf.data.preprocessing import embedding_rows  # noqa: E402
-from matta_tf.extraction import SubmodelSpec, extract_submodel  # noqa: E402
 
 
 def plain_relevance(schema: Schema, config: RelevanceConfig) -> keras.Model:

@@ -35,11 +35,11 @@ from typing import NamedTuple
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import tensorflow as tf  # noqa: E402
-from matta_tf.models.teacher import Teacher, TeacherConfig, train_teacher  # noqa: E402
-from matta_tf.pipelines.label_with_teacher import Batching, label_with_teacher  # noqa: E402
 
 from matta_tf.data import MovieLensConfig, prepare_movielens, read_records  # noqa: E402
 from matta_tf.data.movielens import load_ratings  # noqa: E402
+from matta_tf.models.teacher import Teacher, TeacherConfig, train_teacher  # noqa: E402
+from matta_tf.pipelines.label_with_teacher import Batching, label_with_teacher  # noqa: E402
 
 SMALL = 200  # records of the run that measures the job's fixed cost
 

@@ -31,6 +31,10 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 import tensorflow as tf  # noqa: E402
+
+from matta_tf.data.movielens import load_ratings  # noqa: E402
+from matta_tf.data.sequences import OOV_ID, prepare_next_item_data  # noqa: E402
+from matta_tf.extraction import extract_submodel, pareto_frontier, plot_quality_vs_size  # noqa: E402
 from matta_tf.models.sequential import (  # noqa: E402
     SequentialConfig,
     build_sequential_network,
@@ -40,10 +44,6 @@ from matta_tf.models.sequential import (  # noqa: E402
     train_next_item,
     wide_narrow_wide,
 )
-
-from matta_tf.data.movielens import load_ratings  # noqa: E402
-from matta_tf.data.sequences import OOV_ID, prepare_next_item_data  # noqa: E402
-from matta_tf.extraction import extract_submodel, pareto_frontier, plot_quality_vs_size  # noqa: E402
 from matta_tf.training import DistillationSchedule  # noqa: E402
 
 METRICS = ("hit_rate@10", "ndcg@10", "mrr")

@@ -45,14 +45,14 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
-from matta_tf.models.relevance import RelevanceConfig, build_relevance_network  # noqa: E402
-from matta_tf.serving.client import PredictionClient, PredictionError  # noqa: E402
-from matta_tf.serving.export import ServableModel, export_for_serving, raw_features  # noqa: E402
-from matta_tf.serving.model_config import ModelEntry, write_model_config  # noqa: E402
 
 from matta_tf.data import MovieLensConfig, Schema, serialize_example  # noqa: E402
 from matta_tf.data.movielens import build_events, load_ratings, movielens_schema  # noqa: E402
 from matta_tf.extraction import SubmodelSpec, random_specs, spec_cost  # noqa: E402
+from matta_tf.models.relevance import RelevanceConfig, build_relevance_network  # noqa: E402
+from matta_tf.serving.client import PredictionClient, PredictionError  # noqa: E402
+from matta_tf.serving.export import ServableModel, export_for_serving, raw_features  # noqa: E402
+from matta_tf.serving.model_config import ModelEntry, write_model_config  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SECTION = "## Local serving load test"

@@ -31,11 +31,11 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import keras  # noqa: E402
-from matta_tf.pipelines import train as train_lib  # noqa: E402
-from matta_tf.pipelines.config import TrainingConfig  # noqa: E402
 
 from matta_tf.data import MovieLensConfig, SyntheticConfig, generate_synthetic, prepare_movielens  # noqa: E402
 from matta_tf.optimizers import Shampoo  # noqa: E402
+from matta_tf.pipelines import train as train_lib  # noqa: E402
+from matta_tf.pipelines.config import TrainingConfig  # noqa: E402
 
 EXACT = dict(
     block_size=1024,

@@ -120,10 +120,9 @@ def movielens_relevance(batch_size: int) -> tuple[keras.Model, tf.data.Dataset, 
     events are read from `$MATTA_MOVIELENS_DIR` (default `runs/movielens/data`, which `make demo` writes)
     and prepared there first if missing.
     """
+    from matta_tf.data import Schema, prepare_movielens
     from matta_tf.pipelines.config import TrainingConfig
     from matta_tf.pipelines.train import build_network, input_datasets, relevance_config
-
-    from matta_tf.data import Schema, prepare_movielens
     from matta_tf.training import MatTAModel
 
     data_dir = os.environ.get("MATTA_MOVIELENS_DIR", os.path.join("runs", "movielens", "data"))

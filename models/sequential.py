@@ -44,13 +44,13 @@ import keras_rs
 import numpy as np
 import tensorflow as tf
 from keras import ops
-from matta_tf.models.relevance import ConfigError
 
 from matta_tf.data.schema import Label
 from matta_tf.data.sequences import NUM_RESERVED_IDS, NextItemData, NextItemExamples, NextItemWindows
 from matta_tf.extraction import SubmodelSpec, choosable_layers, wide_narrow_wide_specs
 from matta_tf.layers import NestedNormalization, NestedTransformerBlock, TAOnly, TransformerBlock
 from matta_tf.layers._nesting import NORMALIZATIONS, STUDENT_INITS
+from matta_tf.models.relevance import ConfigError
 from matta_tf.training import DistillationSchedule, LatestValue, MatTAModel
 
 TOP_K = 10

@@ -40,11 +40,11 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
-from matta_tf.models.relevance import ConfigError, RelevanceConfig, build_relevance_network, relevance_preprocessor
-from matta_tf.models.signatures import EXAMPLES_INPUT, LOGITS, PROBABILITIES, serving_schema, write_scoring_saved_model
 
 from matta_tf.data.schema import Label, Schema, SchemaError
 from matta_tf.data.tfrecords import make_dataset
+from matta_tf.models.relevance import ConfigError, RelevanceConfig, build_relevance_network, relevance_preprocessor
+from matta_tf.models.signatures import EXAMPLES_INPUT, LOGITS, PROBABILITIES, serving_schema, write_scoring_saved_model
 
 SIGNATURE = "serving_default"
 INPUT = EXAMPLES_INPUT

@@ -209,9 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     add_serve_parser(subparsers)
     add_run_parser(subparsers)
     args = parser.parse_args(argv)
-    from matta_tf.pipelines.layout import RunDirectoryError
-
     from matta_tf.data import RecordError, SchemaError
+    from matta_tf.pipelines.layout import RunDirectoryError
 
     try:
         verbs = {"prepare": _run_prepare, "validate": _run_validate, "serve": run_serve, "run": run_command}

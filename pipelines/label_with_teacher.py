@@ -50,6 +50,10 @@ import tensorflow as tf
 from apache_beam.metrics.metric import Metrics, MetricsFilter
 from apache_beam.ml.inference.base import KeyedModelHandler, ModelHandler, PredictionResult, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from matta_tf.data.examples import RecordError, check_example, feature_spec, parse_example_bytes
+from matta_tf.data.schema import Label, Schema, SchemaError
+from matta_tf.data.splits import SPLITS
 from matta_tf.models.teacher import LOGITS, PROBABILITIES, Teacher, teacher_output_width
 from matta_tf.pipelines.beam_io import (
     DEAD_LETTER,
@@ -67,10 +71,6 @@ from matta_tf.pipelines.beam_io import (
     save_schema,
     shard_key,
 )
-
-from matta_tf.data.examples import RecordError, check_example, feature_spec, parse_example_bytes
-from matta_tf.data.schema import Label, Schema, SchemaError
-from matta_tf.data.splits import SPLITS
 
 DEFAULT_RUNNER = "FnApiRunner"
 COUNTS_FILE = "counts.json"

@@ -7,9 +7,9 @@ import os
 from typing import Any
 
 import pandas as pd
-from matta_tf.pipelines.layout import RunLayout as L
 
 from matta_tf.data.atomic import atomic_write
+from matta_tf.pipelines.layout import RunLayout as L
 
 
 def _read_json(path: str) -> Any:

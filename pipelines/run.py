@@ -20,10 +20,10 @@ import time
 from collections.abc import Callable, Sequence
 
 import pandas as pd
-from matta_tf.pipelines.config import RunConfig
-from matta_tf.pipelines.layout import STEPS, RunLayout, RunManifest
 
 from matta_tf.data.atomic import atomic_write
+from matta_tf.pipelines.config import RunConfig
+from matta_tf.pipelines.layout import STEPS, RunLayout, RunManifest
 
 L = RunLayout  # the run directory's file names
 
@@ -104,17 +104,16 @@ def step_train(run: RunContext) -> str:
 
 def _load_network(directory: str):
     import keras
-    import matta_tf.models.relevance  # noqa: F401
 
     import matta_tf  # noqa: F401  (registers the layers)
+    import matta_tf.models.relevance  # noqa: F401
 
     return keras.saving.load_model(os.path.join(directory, L.NETWORK), compile=False)
 
 
 def step_extract(run: RunContext) -> str:
-    from matta_tf.pipelines.train import evaluation_dataset
-
     from matta_tf.extraction import SubmodelSpec, evaluate_submodels, plot_quality_vs_size, random_specs
+    from matta_tf.pipelines.train import evaluation_dataset
 
     nested = _load_network(run.path(L.MATTA))
     dataset = evaluation_dataset(run.training_data)
@@ -148,10 +147,9 @@ def _treatment(run: RunContext, table: pd.DataFrame):
 
 
 def step_export(run: RunContext) -> str:
-    from matta_tf.serving import ModelEntry, ServableModel, export_for_serving, write_model_config
-
     from matta_tf.data import Schema, read_records
     from matta_tf.extraction import SubmodelSpec
+    from matta_tf.serving import ModelEntry, ServableModel, export_for_serving, write_model_config
 
     schema = Schema.load(run.training_data)
     table = pd.read_csv(run.path(L.MIXNMATCH, L.SUBMODELS))
@@ -182,11 +180,11 @@ def step_export(run: RunContext) -> str:
 
 
 def step_replay(run: RunContext) -> str:
-    from matta_tf.serving import ABTest, ExposureLog, LocalModelServer, PredictionClient, raw_features
-    from matta_tf.serving.ab import analyze_ab_test, predict_for_user, read_exposures, write_ab_report
     from tqdm.auto import tqdm
 
     from matta_tf.data import Schema, decode_example, read_records
+    from matta_tf.serving import ABTest, ExposureLog, LocalModelServer, PredictionClient, raw_features
+    from matta_tf.serving.ab import analyze_ab_test, predict_for_user, read_exposures, write_ab_report
 
     schema = Schema.load(run.training_data)
     records = list(read_records(os.path.join(run.training_data, "test")))[: run.config.serving.replay_events]

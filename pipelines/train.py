@@ -16,14 +16,14 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
-from matta_tf.models.relevance import RelevanceConfig, build_relevance_network, relevance_preprocessor
-from matta_tf.pipelines.config import TrainingConfig
-from matta_tf.pipelines.layout import RunLayout
 
 from matta_tf.data import Schema, make_dataset
 from matta_tf.data.atomic import atomic_output, atomic_write
 from matta_tf.extraction import binary_metrics
+from matta_tf.models.relevance import RelevanceConfig, build_relevance_network, relevance_preprocessor
 from matta_tf.optimizers import Shampoo
+from matta_tf.pipelines.config import TrainingConfig
+from matta_tf.pipelines.layout import RunLayout
 from matta_tf.training import DistillationSchedule, IndependentStudentTA, MatTAModel
 from matta_tf.training.distribute import is_chief, strategy_from_environment
 

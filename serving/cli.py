@@ -96,9 +96,10 @@ def run_serve(args: argparse.Namespace) -> int:
         raise ValueError("--batching_parameters_file is set without setting --enable_batching")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from tensorflow_serving.config import model_server_config_pb2
+
     from matta_tf.serving.model_config import BatchingParameters, absolute_path
     from matta_tf.serving.server import LocalModelServer
-    from tensorflow_serving.config import model_server_config_pb2
 
     batching = None
     if args.enable_batching:

@@ -34,8 +34,6 @@ import grpc
 import numpy as np
 import tensorflow as tf
 from google.protobuf import json_format
-from matta_tf.serving import json_codec
-from matta_tf.serving.export import EXAMPLES_INPUT, EXAMPLES_SIGNATURE, SERVING_SIGNATURE
 from tensorflow.core.framework import types_pb2
 from tensorflow_serving.apis import (
     get_model_metadata_pb2,
@@ -44,6 +42,9 @@ from tensorflow_serving.apis import (
     predict_pb2,
     prediction_service_pb2_grpc,
 )
+
+from matta_tf.serving import json_codec
+from matta_tf.serving.export import EXAMPLES_INPUT, EXAMPLES_SIGNATURE, SERVING_SIGNATURE
 
 PROTOCOLS = ("grpc", "rest")
 RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")

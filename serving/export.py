@@ -67,16 +67,16 @@ from typing import Any
 import keras
 import numpy as np
 import tensorflow as tf
-from matta_tf.models.signatures import CLASSIFY_INPUT as CLASSIFY_INPUT  # re-exported: part of this API
-from matta_tf.models.signatures import EXAMPLES_INPUT as EXAMPLES_INPUT
-from matta_tf.models.signatures import length_input, scoring_outputs, write_scoring_saved_model
-from matta_tf.models.signatures import raw_input_signature as raw_input_signature
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
 from matta_tf.data.examples import parse_examples, serialize_example
 from matta_tf.data.preprocessing import FeaturePreprocessor
 from matta_tf.data.schema import Schema
 from matta_tf.extraction import SubmodelCost, SubmodelSpec, extract_submodel, model_cost, spec_cost
+from matta_tf.models.signatures import CLASSIFY_INPUT as CLASSIFY_INPUT  # re-exported: part of this API
+from matta_tf.models.signatures import EXAMPLES_INPUT as EXAMPLES_INPUT
+from matta_tf.models.signatures import length_input, scoring_outputs, write_scoring_saved_model
+from matta_tf.models.signatures import raw_input_signature as raw_input_signature
 
 SERVING_SIGNATURE = "serving_default"
 EXAMPLES_SIGNATURE = "examples"

@@ -68,9 +68,6 @@ import grpc
 import numpy as np
 import tensorflow as tf
 from google.protobuf import json_format
-from matta_tf.serving import json_codec
-from matta_tf.serving.export import ASSETS_EXTRA, MAX_WARMUP_RECORDS, SERVING_SIGNATURE, WARMUP_FILE, existing_versions
-from matta_tf.serving.model_config import BatchingParameters, ModelConfigError, read_model_config
 from tensorflow.core.example import example_pb2, feature_pb2
 from tensorflow.core.protobuf import saved_model_pb2
 from tensorflow_serving.apis import (
@@ -85,6 +82,10 @@ from tensorflow_serving.apis import (
     regression_pb2,
 )
 from tensorflow_serving.config import model_server_config_pb2
+
+from matta_tf.serving import json_codec
+from matta_tf.serving.export import ASSETS_EXTRA, MAX_WARMUP_RECORDS, SERVING_SIGNATURE, WARMUP_FILE, existing_versions
+from matta_tf.serving.model_config import BatchingParameters, ModelConfigError, read_model_config
 
 logger = logging.getLogger(__name__)
 

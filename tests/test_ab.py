@@ -17,6 +17,8 @@ import matplotlib.image
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
+
 from matta_tf.serving.ab import (
     ABTest,
     Arm,
@@ -29,7 +31,6 @@ from matta_tf.serving.ab import (
     sample_ratio_check,
     write_ab_report,
 )
-from scipy import stats
 
 USERS = np.arange(100_000)
 

@@ -10,6 +10,8 @@ formula for the power calculator; a binomial bound for rejection and detection r
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
+
 from matta_tf.serving.ab import (
     ABTest,
     aggregate_by_user,
@@ -19,7 +21,6 @@ from matta_tf.serving.ab import (
     log_losses,
     plan_ab_test,
 )
-from scipy import stats
 
 ARMS = np.array(["control", "treatment"])
 

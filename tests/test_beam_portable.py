@@ -18,12 +18,12 @@ import keras
 import pytest
 import tensorflow as tf
 from apache_beam.options.pipeline_options import PipelineOptions
-from matta_tf.models.teacher import TeacherConfig, build_teacher, export_teacher
-from matta_tf.pipelines import label_with_teacher as job
-from matta_tf.pipelines.beam_io import read_dead_letters
 
 from matta_tf.data import MovieLensConfig, Schema, prepare_movielens, read_records
 from matta_tf.data.movielens import load_ratings
+from matta_tf.models.teacher import TeacherConfig, build_teacher, export_teacher
+from matta_tf.pipelines import label_with_teacher as job
+from matta_tf.pipelines.beam_io import read_dead_letters
 
 TINY = TeacherConfig(embedding_dim=4, tower_units=(8,), head_units=(8,), num_cross_layers=1)
 

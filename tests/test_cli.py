@@ -5,9 +5,9 @@ import subprocess
 import sys
 
 import pytest
-from matta_tf.pipelines.cli import main
 
 from matta_tf.data import Feature, Label, Schema, serialize_example, write_records
+from matta_tf.pipelines.cli import main
 
 
 def test_prepare_movielens_full_data_prints_counts(tmp_path, capsys):

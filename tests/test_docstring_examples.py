@@ -248,9 +248,8 @@ def nested(schema):
 
 @pytest.fixture(scope="session")
 def dataset(data_dir, schema):
-    from matta_tf.models.relevance import relevance_preprocessor
-
     from matta_tf.data import make_dataset
+    from matta_tf.models.relevance import relevance_preprocessor
 
     preprocessor = relevance_preprocessor(schema)
     batches = make_dataset(os.path.join(data_dir, "validation"), schema, 64, labels="label")
@@ -268,9 +267,8 @@ def teacher_path(schema, tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def serving_dir(nested, schema, records, tmp_path_factory) -> str:
-    from matta_tf.serving import ModelEntry, ServableModel, export_for_serving, write_model_config
-
     from matta_tf.extraction import SubmodelSpec
+    from matta_tf.serving import ModelEntry, ServableModel, export_for_serving, write_model_config
 
     base = tmp_path_factory.mktemp("docstring_serving")
     sizes = [ServableModel.extract(nested, SubmodelSpec.uniform(nested, choice), schema)

@@ -13,7 +13,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import tensorflow as tf
-from matta_tf.models.relevance import RelevanceConfig, build_relevance_network
 
 from matta_tf.data import Feature, Label, Schema
 from matta_tf.data.preprocessing import FeaturePreprocessor
@@ -41,6 +40,7 @@ from matta_tf.layers import (
     TAOnly,
     TransformerBlock,
 )
+from matta_tf.models.relevance import RelevanceConfig, build_relevance_network
 
 SCHEMA = Schema(
     features=(

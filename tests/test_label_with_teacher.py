@@ -9,14 +9,14 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from matta_tf.models.teacher import Teacher, TeacherConfig, build_teacher, export_teacher
-from matta_tf.pipelines import label_with_teacher as job
-from matta_tf.pipelines.beam_io import read_dead_letters
-from matta_tf.pipelines.label_with_teacher import TeacherLabelEncoder, valid_label_rows
 
 from matta_tf.data import Feature, Label, MovieLensConfig, Schema, make_dataset, prepare_movielens, read_records
 from matta_tf.data.movielens import load_ratings
 from matta_tf.data.tfrecords import masked_crc32c
+from matta_tf.models.teacher import Teacher, TeacherConfig, build_teacher, export_teacher
+from matta_tf.pipelines import label_with_teacher as job
+from matta_tf.pipelines.beam_io import read_dead_letters
+from matta_tf.pipelines.label_with_teacher import TeacherLabelEncoder, valid_label_rows
 
 TINY = TeacherConfig(embedding_dim=4, tower_units=(8,), head_units=(8,), num_cross_layers=1)
 STARS = Label("stars", task="multiclass", num_classes=4)

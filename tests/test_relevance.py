@@ -4,10 +4,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from matta_tf.models.relevance import ConfigError, RelevanceConfig, build_relevance_network
 
 from matta_tf.data import Feature, Label, Schema
 from matta_tf.data.preprocessing import FeaturePreprocessor
+from matta_tf.models.relevance import ConfigError, RelevanceConfig, build_relevance_network
 
 SCHEMA = Schema(
     features=(

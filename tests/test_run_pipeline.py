@@ -5,6 +5,7 @@ import os
 
 import pandas as pd
 import pytest
+
 from matta_tf.pipelines.cli import main
 from matta_tf.pipelines.config import RunConfigError
 

@@ -6,11 +6,11 @@ import re
 
 import pytest
 import yaml
-from matta_tf.pipelines.cli import main
-from matta_tf.pipelines.config import RunConfig, RunConfigError
 
 from matta_tf.data import Schema, SchemaError
 from matta_tf.data.safe_yaml import bounded_repr, load_yaml
+from matta_tf.pipelines.cli import main
+from matta_tf.pipelines.config import RunConfig, RunConfigError
 
 
 def _bomb(levels: int = 9, key: str = "training") -> str:

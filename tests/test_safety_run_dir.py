@@ -4,6 +4,7 @@ import json
 import os
 
 import pytest
+
 from matta_tf.pipelines.cli import main
 from matta_tf.pipelines.layout import STEPS, RunDirectoryError, RunLayout, RunManifest
 

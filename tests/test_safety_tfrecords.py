@@ -13,8 +13,6 @@ import struct
 import numpy as np
 import pytest
 import tensorflow as tf
-from matta_tf.pipelines.beam_io import DEAD_LETTER, ReadRecordChunks, RecordIds
-from matta_tf.pipelines.cli import main
 
 from matta_tf.data import Feature, Label, Schema, make_dataset, read_records, serialize_example
 from matta_tf.data.tfrecords import (
@@ -24,6 +22,8 @@ from matta_tf.data.tfrecords import (
     crc32c,
     masked_crc32c,
 )
+from matta_tf.pipelines.beam_io import DEAD_LETTER, ReadRecordChunks, RecordIds
+from matta_tf.pipelines.cli import main
 
 SCHEMA = Schema(features=(Feature("user_id", "user", "int_id", vocabulary=(1, 2)),
                           Feature("price", "item", "numeric", mean=0.0, std=1.0)),

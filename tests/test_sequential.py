@@ -12,6 +12,19 @@ import keras
 import numpy as np
 import pandas as pd
 import pytest
+from scipy.special import erf
+
+from matta_tf.data.schema import Label
+from matta_tf.data.sequences import (
+    OOV_ID,
+    NextItemWindows,
+    leave_last_out,
+    prepare_next_item_data,
+    training_windows,
+    user_histories,
+)
+from matta_tf.extraction import SubmodelSpec, extract_submodel, spec_cost
+from matta_tf.layers import NestedTransformerBlock, TAOnly, TransformerBlock
 from matta_tf.models.relevance import ConfigError
 from matta_tf.models.sequential import (
     NextItemMatTAModel,
@@ -26,19 +39,6 @@ from matta_tf.models.sequential import (
     train_next_item,
     wide_narrow_wide,
 )
-from scipy.special import erf
-
-from matta_tf.data.schema import Label
-from matta_tf.data.sequences import (
-    OOV_ID,
-    NextItemWindows,
-    leave_last_out,
-    prepare_next_item_data,
-    training_windows,
-    user_histories,
-)
-from matta_tf.extraction import SubmodelSpec, extract_submodel, spec_cost
-from matta_tf.layers import NestedTransformerBlock, TAOnly, TransformerBlock
 
 TOLERANCE = 2e-5
 # Student 6 blocks (FFN 8), TA 9 blocks (FFN 20): TA-only blocks after blocks 1, 3 and 5.

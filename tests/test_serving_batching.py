@@ -13,6 +13,9 @@ import threading
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_serving_export import MODEL_NAME, SCHEMA, exported_models, keras_reference, make_events
+
+from matta_tf.data import serialize_example
 from matta_tf.serving.client import PredictionClient
 from matta_tf.serving.export import raw_features
 from matta_tf.serving.model_config import (
@@ -22,9 +25,6 @@ from matta_tf.serving.model_config import (
     write_batching_parameters,
 )
 from matta_tf.serving.server import LocalModelServer, ServingError, merge_batch
-from test_serving_export import MODEL_NAME, SCHEMA, exported_models, keras_reference, make_events
-
-from matta_tf.data import serialize_example
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 

@@ -18,6 +18,11 @@ import numpy as np
 import pytest
 import tensorflow as tf
 from google.protobuf import text_format
+from tensorflow_serving.apis import prediction_log_pb2
+from tensorflow_serving.config import model_server_config_pb2
+
+from matta_tf.data import Feature, Label, Schema, parse_examples, serialize_example
+from matta_tf.extraction import SubmodelSpec, extract_submodel, spec_cost
 from matta_tf.models.relevance import RelevanceConfig, build_relevance_network
 from matta_tf.serving import export as export_module
 from matta_tf.serving.export import (
@@ -32,11 +37,6 @@ from matta_tf.serving.export import (
     raw_input_signature,
 )
 from matta_tf.serving.model_config import ModelConfigError, ModelEntry, read_model_config, write_model_config
-from tensorflow_serving.apis import prediction_log_pb2
-from tensorflow_serving.config import model_server_config_pb2
-
-from matta_tf.data import Feature, Label, Schema, parse_examples, serialize_example
-from matta_tf.extraction import SubmodelSpec, extract_submodel, spec_cost
 
 SCHEMA = Schema(
     features=(

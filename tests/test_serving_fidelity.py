@@ -16,12 +16,6 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-from matta_tf.models.relevance import build_relevance_network
-from matta_tf.serving import cli
-from matta_tf.serving.client import PredictionClient, PredictionError
-from matta_tf.serving.export import ServableModel, export_for_serving, raw_features
-from matta_tf.serving.model_config import ModelEntry, read_model_config, serving_command, write_model_config
-from matta_tf.serving.server import LocalModelServer, ServableRegistry, error_cause
 from tensorflow_serving.apis import (
     classification_pb2,
     get_model_status_pb2,
@@ -34,6 +28,12 @@ from test_serving_export import CONFIG, MODEL_NAME, SCHEMA, exported_models, ker
 
 from matta_tf.data import serialize_example
 from matta_tf.extraction import SubmodelSpec
+from matta_tf.models.relevance import build_relevance_network
+from matta_tf.serving import cli
+from matta_tf.serving.client import PredictionClient, PredictionError
+from matta_tf.serving.export import ServableModel, export_for_serving, raw_features
+from matta_tf.serving.model_config import ModelEntry, read_model_config, serving_command, write_model_config
+from matta_tf.serving.server import LocalModelServer, ServableRegistry, error_cause
 
 TOLERANCE = {"rtol": 1e-5, "atol": 1e-6}
 

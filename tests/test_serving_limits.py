@@ -15,12 +15,13 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
-from matta_tf.serving import cli, json_codec
-from matta_tf.serving.export import raw_features
-from matta_tf.serving.server import LocalModelServer
 from tensorflow.core.framework import tensor_pb2, tensor_shape_pb2, types_pb2
 from tensorflow_serving.apis import predict_pb2, prediction_service_pb2_grpc
 from test_serving_export import MODEL_NAME, SCHEMA, exported_models
+
+from matta_tf.serving import cli, json_codec
+from matta_tf.serving.export import raw_features
+from matta_tf.serving.server import LocalModelServer
 
 READ_TIMEOUT = 1.0
 

@@ -20,13 +20,14 @@ import grpc
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
+from tensorflow_serving.config import model_server_config_pb2
+from test_serving_export import MODEL_NAME, SCHEMA, exported_models, keras_reference
+
 from matta_tf.serving.client import PredictionClient, PredictionError
 from matta_tf.serving.export import raw_features, raw_input_signature
 from matta_tf.serving.model_config import ModelConfigError
 from matta_tf.serving.server import LocalModelServer, ServableRegistry, ServingError
-from tensorflow_serving.apis import get_model_metadata_pb2, predict_pb2, prediction_service_pb2_grpc
-from tensorflow_serving.config import model_server_config_pb2
-from test_serving_export import MODEL_NAME, SCHEMA, exported_models, keras_reference
 
 VERSIONS = {"control": 1, "treatment": 2}
 

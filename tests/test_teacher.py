@@ -8,8 +8,6 @@ import numpy as np
 import pytest
 import tensorflow as tf
 import yaml
-from matta_tf.models.relevance import ConfigError
-from matta_tf.models.teacher import Teacher, TeacherConfig, build_teacher, export_teacher, main, teacher_output_width
 from scipy.stats import spearmanr
 
 from matta_tf.data import (
@@ -22,6 +20,8 @@ from matta_tf.data import (
     read_records,
 )
 from matta_tf.data.preprocessing import FeaturePreprocessor
+from matta_tf.models.relevance import ConfigError
+from matta_tf.models.teacher import Teacher, TeacherConfig, build_teacher, export_teacher, main, teacher_output_width
 
 TINY = {"embedding_dim": 4, "tower_units": (8,), "head_units": (8,), "num_cross_layers": 1}
 
