@@ -10,9 +10,13 @@ the rename itself durable.
 Example:
 
 ```python
-atomic_write("run/config.json", json.dumps(config))
-with atomic_output("run/network.keras") as temporary:   # any writer that takes a path
-    network.save(temporary)
+import json
+
+atomic_write(f"{tmp_dir}/config.json", json.dumps({"seed": 0}))
+with atomic_output(f"{tmp_dir}/notes.txt") as temporary:   # any writer that takes a path
+    with open(temporary, "w") as handle:
+        handle.write("written whole or not at all")
+assert sorted(os.listdir(tmp_dir)) == ["config.json", "notes.txt"]   # no temporary file left behind
 ```
 """
 

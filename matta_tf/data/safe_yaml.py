@@ -9,7 +9,16 @@ expands to through its aliases before constructing it, and refuses it past `max_
 Example:
 
 ```python
-data = load_yaml("run.yaml", what="configuration", error=RunConfigError)
+with open(f"{tmp_dir}/run.yaml", "w") as handle:
+    handle.write("a: &x [1, 2]\\nb: [*x, *x]\\n")
+assert load_yaml(f"{tmp_dir}/run.yaml", what="configuration") == {"a": [1, 2], "b": [[1, 2], [1, 2]]}
+with open(f"{tmp_dir}/bomb.yaml", "w") as handle:              # each level doubles the expansion
+    handle.write("l0: &l0 [x, x]\\n" + "".join(f"l{i}: &l{i} [*l{i - 1}, *l{i - 1}]\\n" for i in range(1, 30)))
+try:
+    load_yaml(f"{tmp_dir}/bomb.yaml", what="configuration")
+    raise AssertionError("the bomb was loaded")
+except ValueError as error:
+    assert len(str(error)) < 500                                 # refused, with a short message
 ```
 """
 

@@ -167,6 +167,8 @@ class MatTAModel(_keras_compat.PerReplicaSymbolicBuild, keras.Model):
         self.streams = tuple(stream for stream in STREAMS if stream in self.terms)
         self.logit_width = losses.logit_width(label.task, label.num_classes)
         self._create_metrics()
+        # Outside `_create_metrics`, which subclasses override (e.g. the next-item model's metrics).
+        self.invalid_label_tracker = keras.metrics.Sum(name="invalid_labels")
         # The model has no variables of its own: it is built when its network is (e.g. a functional
         # network), so `BackupAndRestore` and weight loading work before the first call.
         self.built = network.built
@@ -192,7 +194,6 @@ class MatTAModel(_keras_compat.PerReplicaSymbolicBuild, keras.Model):
             for stream in self.streams
         ]
         self.churn_tracker = keras.metrics.Mean(name="churn") if self.mode == "matta" else None
-        self.invalid_label_tracker = keras.metrics.Sum(name="invalid_labels")
 
     # ---- forward -----------------------------------------------------------------------------------
     def call(self, inputs: Any, training: bool | None = None) -> dict[str, Any]:
