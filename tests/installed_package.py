@@ -22,6 +22,18 @@ TREES = {"matta_tf": "matta_tf", "models": "matta_tf.models", "pipelines": "matt
          "serving": "matta_tf.serving"}
 
 
+def source_modules() -> list[str]:
+    """Every module of the source tree, by its installed name."""
+    modules = []
+    for folder, prefix in TREES.items():
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = list(path.relative_to(ROOT / folder).with_suffix("").parts)
+            if parts[-1] == "__init__":
+                parts = parts[:-1]
+            modules.append(".".join([prefix, *parts]) if parts else prefix)
+    return modules
+
+
 @dataclasses.dataclass(frozen=True)
 class CleanEnvironment:
     """A virtual environment with the wheel installed: its `python`, `bin` folder and site-packages."""

@@ -53,13 +53,10 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from installed_package import ROOT, TREES, source_modules
 
 import matta_tf
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-# Repository folder -> the package it installs as (see setup.py).
-TREES = {"matta_tf": "matta_tf", "models": "matta_tf.models", "pipelines": "matta_tf.pipelines",
-         "serving": "matta_tf.serving"}
 FENCE = re.compile(r"^\s*```python(?P<marker>[^\n`]*)$")
 NOTEST = re.compile(r"^notest:\s*(?P<reason>\S.*)$")
 
@@ -85,18 +82,6 @@ class Example:
     @property
     def id(self) -> str:
         return f"{self.module}.{self.qualname}[#{self.index}]" if self.qualname else f"{self.module}[#{self.index}]"
-
-
-def source_modules() -> list[str]:
-    """Every module of the source tree, by its installed name."""
-    modules = []
-    for folder, prefix in TREES.items():
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            parts = list(path.relative_to(ROOT / folder).with_suffix("").parts)
-            if parts[-1] == "__init__":
-                parts = parts[:-1]
-            modules.append(".".join([prefix, *parts]) if parts else prefix)
-    return modules
 
 
 def _blocks(docstring: str) -> list[tuple[str, str, int]]:

@@ -12,19 +12,7 @@ import subprocess
 import textwrap
 import zipfile
 
-from installed_package import ROOT, TREES
-
-
-def source_modules() -> list[str]:
-    """Every module of the source tree, by its installed name."""
-    modules = []
-    for folder, prefix in TREES.items():
-        for path in sorted((ROOT / folder).rglob("*.py")):
-            parts = list(path.relative_to(ROOT / folder).with_suffix("").parts)
-            if parts[-1] == "__init__":
-                parts = parts[:-1]
-            modules.append(".".join([prefix, *parts]) if parts else prefix)
-    return modules
+from installed_package import ROOT, TREES, source_modules
 
 
 def test_every_source_folder_is_a_package():
