@@ -362,7 +362,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m matta_tf.mode
         prog=prog,
         description="Trains the large Teacher once on event labels and exports a SavedModel that scores "
         "serialized tf.Example records (signature serving_default: examples -> logits, probabilities). "
-        "Then label events with `python -m matta_tf.pipelines.label_with_teacher`.",
+        "Then label events with `matta label` (the Beam job, `matta_tf.pipelines.label_with_teacher`).",
     )
     parser.add_argument("--data", required=True, help="prepared events (schema.yaml + split folders)")
     parser.add_argument("--out", required=True, help="output directory (gets saved_model/ and teacher.json)")
