@@ -310,6 +310,14 @@ def is_prefix(positions: np.ndarray | None) -> bool:
     return positions is None or bool(np.array_equal(np.asarray(positions), np.arange(len(positions))))
 
 
+def block_widths(layer: Any, choice: str, input_layout: InputLayout) -> dict[str, int]:
+    """A block's widths at `choice` (`"student"`/`"ta"`), checked against the input layout it is given."""
+    check_choice(choice)
+    widths = layer.stream_widths().of(choice)
+    check_block_input(layer, choice, widths["model_dim"], input_layout)
+    return widths
+
+
 def check_block_input(layer: Any, choice: str, model_dim: int, input_layout: InputLayout) -> None:
     """A block at a stream's widths reads that stream's model width, in nested order."""
     if input_layout is None:

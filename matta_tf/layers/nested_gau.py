@@ -216,15 +216,9 @@ class NestedGAU(base.NestedLayer, keras.layers.Layer):
             {"expansion_dim": self.ta_expansion_dim, "key_dim": self.ta_key_dim, "model_dim": self.ta_model_dim},
         )
 
-    def _widths(self, choice: str, input_layout: base.InputLayout) -> dict[str, int]:
-        base.check_choice(choice)
-        widths = self.stream_widths().of(choice)
-        base.check_block_input(self, choice, widths["model_dim"], input_layout)
-        return widths
-
     def extract_config(self, choice: str = "ta", input_layout: base.InputLayout = None) -> dict[str, Any]:
         """The config of the plain `GAU` that `extract(choice, input_layout)` returns."""
-        widths = self._widths(choice, input_layout)
+        widths = base.block_widths(self, choice, input_layout)
         return GAU(
             widths["expansion_dim"],
             key_dim=widths["key_dim"],
@@ -251,7 +245,7 @@ class NestedGAU(base.NestedLayer, keras.layers.Layer):
         Returns:
             A built `matta_tf.layers.GAU` of that stream's widths.
         """
-        widths = self._widths(choice, input_layout)
+        widths = base.block_widths(self, choice, input_layout)
         config = self.extract_config(choice, input_layout)
         if name is not None:
             config["name"] = name

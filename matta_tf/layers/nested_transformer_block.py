@@ -229,16 +229,10 @@ class NestedTransformerBlock(base.NestedLayer, keras.layers.Layer):
             {"ffn_dim": self.ta_ffn_dim, "num_heads": self.ta_num_heads, "model_dim": self.ta_model_dim},
         )
 
-    def _widths(self, choice: str, input_layout: base.InputLayout) -> tuple[int, int, int]:
-        """`(model_dim, num_heads, ffn_dim)` of a stream, checked against the input layout."""
-        base.check_choice(choice)
-        widths = self.stream_widths().of(choice)
-        base.check_block_input(self, choice, widths["model_dim"], input_layout)
-        return widths["model_dim"], widths["num_heads"], widths["ffn_dim"]
-
     def extract_config(self, choice: str = "ta", input_layout: base.InputLayout = None) -> dict[str, Any]:
         """The config of the plain `TransformerBlock` that `extract(choice, input_layout)` returns."""
-        _, num_heads, ffn_dim = self._widths(choice, input_layout)
+        widths = base.block_widths(self, choice, input_layout)
+        num_heads, ffn_dim = widths["num_heads"], widths["ffn_dim"]
         return TransformerBlock(
             num_heads,
             self.head_dim,
@@ -269,7 +263,8 @@ class NestedTransformerBlock(base.NestedLayer, keras.layers.Layer):
             A built `matta_tf.layers.TransformerBlock` of that stream's widths, whose attention is a
             `keras.layers.MultiHeadAttention`.
         """
-        model_dim, num_heads, ffn_dim = self._widths(choice, input_layout)
+        widths = base.block_widths(self, choice, input_layout)
+        model_dim, num_heads, ffn_dim = widths["model_dim"], widths["num_heads"], widths["ffn_dim"]
         config = self.extract_config(choice, input_layout)
         if name is not None:
             config["name"] = name
