@@ -59,14 +59,14 @@ from matta_tf.data import MovieLensConfig, SyntheticConfig, generate_synthetic, 
 from matta_tf.pipelines.config import TrainingConfig  # noqa: E402
 from matta_tf.pipelines.train import evaluation_dataset, train_relevance  # noqa: E402
 
-# name -> (train_relevance arm, optimizer, TrainingConfig overrides)
+# name -> (train_relevance arm, optimizer, TrainingConfig overrides; `model` overrides its RelevanceConfig)
 ARMS = {
     "baseline": ("student_only", "adam", {}),
     "shampoo_only": ("student_only", "shampoo", {}),
     "matta_adam": ("matta", "adam", {}),
     "matta_shampoo": ("matta", "shampoo", {}),
     "no_sharing": ("no_sharing", "shampoo", {}),
-    "init_control": ("nested_student_only", "adam", {"student_init": "ta_slice"}),
+    "init_control": ("nested_student_only", "adam", {"model": {"student_init": "ta_slice"}}),
     "ta_alone": ("ta_only", "adam", {}),
 }
 STUDENT_ARMS = ("baseline", "shampoo_only", "matta_adam", "matta_shampoo", "no_sharing", "init_control")
@@ -91,8 +91,10 @@ def prepare_data(args: argparse.Namespace) -> str:
 
 def training_config(args: argparse.Namespace, seed: int, overrides: dict) -> TrainingConfig:
     labels = "teacher" if args.data == "synthetic" else "event"
+    overrides = dict(overrides)
+    model = dataclasses.replace(TrainingConfig.model, **overrides.pop("model", {}))
     return TrainingConfig(labels=labels, learning_rate=args.learning_rate, epochs=args.epochs,
-                          batch_size=args.batch_size, seed=seed, **overrides)
+                          batch_size=args.batch_size, seed=seed, model=model, **overrides)
 
 
 def run_arms(args: argparse.Namespace, data_dir: str) -> list[dict]:

@@ -47,7 +47,7 @@ TRAIN_WORKER = textwrap.dedent(
     import keras, tensorflow as tf
     from matta_tf.data import Schema
     from matta_tf.pipelines.config import TrainingConfig
-    from matta_tf.pipelines.train import build_network, input_datasets, make_optimizer, relevance_config
+    from matta_tf.pipelines.train import build_network, input_datasets, make_optimizer
     from matta_tf.training import DistillationSchedule, MatTAModel
     from matta_tf.training.distribute import strategy_from_environment
 
@@ -58,7 +58,7 @@ TRAIN_WORKER = textwrap.dedent(
     datasets = input_datasets(data, schema, "label", batch_size, 0, ("label",))
     steps = sum(1 for _ in datasets["train"])
     with strategy.scope():
-        network = build_network(schema, relevance_config(training), "matta")
+        network = build_network(schema(training), "matta")
         model = MatTAModel(network, label=schema.label("label"),
                            distillation_schedule=DistillationSchedule(0, 200))
         model.compile(optimizer=make_optimizer("shampoo", training.learning_rate, 2 * steps), jit_compile=False)

@@ -122,7 +122,7 @@ def movielens_relevance(batch_size: int) -> tuple[keras.Model, tf.data.Dataset, 
     """
     from matta_tf.data import Schema, prepare_movielens
     from matta_tf.pipelines.config import TrainingConfig
-    from matta_tf.pipelines.train import build_network, input_datasets, relevance_config
+    from matta_tf.pipelines.train import build_network, input_datasets
     from matta_tf.training import MatTAModel
 
     data_dir = os.environ.get("MATTA_MOVIELENS_DIR", os.path.join("runs", "movielens", "data"))
@@ -135,7 +135,7 @@ def movielens_relevance(batch_size: int) -> tuple[keras.Model, tf.data.Dataset, 
     # Up to 64 whole batches held in memory as tensors: the input pipeline costs (almost) nothing per step.
     events = next(iter(train.unbatch().batch(64 * batch_size)))
     train = tf.data.Dataset.from_tensor_slices(events).batch(batch_size, drop_remainder=True).cache().repeat()
-    network = build_network(schema, relevance_config(training), "matta")
+    network = build_network(schema(training), "matta")
     return MatTAModel(network, label=schema.label("label"), mode="matta"), train, None
 
 

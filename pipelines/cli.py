@@ -8,6 +8,7 @@ Verbs:
   label               label events with the Teacher on Apache Beam (other flags are Beam options)
   serve               local TF-Serving-compatible model server (development stand-in)
   run                 the whole workflow: prepare, teacher, label, train, extract, export, replay, report
+  init                write a starter `matta run` configuration for your own data directory
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         from matta_tf.models import teacher
 
         return teacher.main(argv[1:], prog="matta train-teacher")
-    from matta_tf.pipelines.run import add_run_parser, run_command
+    from matta_tf.pipelines.run import add_init_parser, add_run_parser, init_command, run_command
     from matta_tf.serving.cli import add_serve_parser, run_serve
 
     parser = argparse.ArgumentParser(prog="matta", description=__doc__,
@@ -208,12 +209,14 @@ def main(argv: list[str] | None = None) -> int:
     _add_delegated_verbs(subparsers)
     add_serve_parser(subparsers)
     add_run_parser(subparsers)
+    add_init_parser(subparsers)
     args = parser.parse_args(argv)
     from matta_tf.data import RecordError, SchemaError
     from matta_tf.pipelines.layout import RunDirectoryError
 
     try:
-        verbs = {"prepare": _run_prepare, "validate": _run_validate, "serve": run_serve, "run": run_command}
+        verbs = {"prepare": _run_prepare, "validate": _run_validate, "serve": run_serve, "run": run_command,
+                 "init": init_command}
         return verbs[args.verb](args)
     except (SchemaError, RecordError, RunDirectoryError, FileExistsError, FileNotFoundError, ValueError,
             OSError) as error:

@@ -65,18 +65,30 @@ def _metrics_rows(run_dir: str) -> list[str]:
     return rows
 
 
+def _events_section(run: Any) -> list[str]:
+    """Counts, positive rates and cold-start rates of the run's events, computed from the records."""
+    from matta_tf.data import describe_events
+
+    data = run.data
+    summary = describe_events(data.directory, data.schema, data.user_id, data.item_id, data.label)
+    source = run.config.data.source
+    lines = ["## Events", "", f"Source: {source}" + (f" (`{data.directory}`)" if source == "directory" else "") +
+             f". User: `{data.user_id}`, item: `{data.item_id}`, label: `{data.label}`. A user (item) is cold in a "
+             "split when it is absent from the training split; rates are shares of the split's events.", "",
+             "| split | events | users | items | positive rate | cold-start user rate | cold-start item rate |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for split, info in summary["splits"].items():
+        lines.append(f"| {split} | {info['events']:,} | {info['users']:,} | {info['items']:,} | "
+                     f"{info['positive_rate']:.4f} | {info['cold_start_user_rate']:.4f} | "
+                     f"{info['cold_start_item_rate']:.4f} |")
+    return [*lines, ""]
+
+
 def write_report(run: Any) -> str:
     """Writes `<run_dir>/report.md` from what the steps left in the run directory; returns its path."""
     root = run.root
     lines = ["# MatTA run report", "", f"Run directory: `{root}`. Configuration: `config.json`.", ""]
-    summary = _read_json(os.path.join(root, L.DATA, L.SUMMARY))
-    if summary:
-        lines += ["## Events", "", f"Source: {summary['source']}.", "",
-                  "| split | events | positive rate | cold-start user rate |", "|---|---:|---:|---:|"]
-        for split, info in summary["splits"].items():
-            lines.append(f"| {split} | {info['events']} | {info['positive_rate']} | "
-                         f"{info.get('cold_start_user_rate', '-')} |")
-        lines.append("")
+    lines += _events_section(run)
     teacher = _read_json(os.path.join(root, L.TEACHER, L.TEACHER_SUMMARY))
     counts = _read_json(os.path.join(root, L.LABELLED, L.COUNTS))
     if teacher:

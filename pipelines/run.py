@@ -24,24 +24,38 @@ import pandas as pd
 from matta_tf.data.atomic import atomic_write
 from matta_tf.pipelines.config import RunConfig
 from matta_tf.pipelines.layout import STEPS, RunLayout, RunManifest
+from matta_tf.pipelines.run_data import RunData, resolve_data
 
 L = RunLayout  # the run directory's file names
 
 
 class RunContext:
-    """Paths of a run directory (its `RunLayout`) and the loaded configuration."""
+    """Paths of a run directory (its `RunLayout`), the loaded configuration and the run's events."""
 
     def __init__(self, config: RunConfig):
         self.config = config
         self.root = config.run_dir
         self.layout = RunLayout(config.run_dir)
+        self._data: RunData | None = None
 
     def path(self, *parts: str) -> str:
         return self.layout.path(*parts)
 
     @property
+    def data_dir(self) -> str:
+        """The events: `data.path` for `source: directory`, else the run's own `data/` (the prepare step's)."""
+        return self.config.data.path if self.config.data.source == "directory" else self.path(L.DATA)
+
+    @property
+    def data(self) -> RunData:
+        """The checked data directory and its user id, item id and label names (`resolve_data`, once)."""
+        if self._data is None:
+            self._data = resolve_data(self.config.data, self.data_dir)
+        return self._data
+
+    @property
     def training_data(self) -> str:
-        return self.path(L.LABELLED) if self.config.training.labels == "teacher" else self.path(L.DATA)
+        return self.path(L.LABELLED) if self.config.training.labels == "teacher" else self.data_dir
 
 
 def print_summary(summary: dict) -> None:
@@ -72,20 +86,19 @@ def step_prepare(run: RunContext) -> str:
 
 
 def step_teacher(run: RunContext) -> str:
-    from matta_tf.models.teacher import TeacherConfig, train_teacher
+    import dataclasses
 
-    teacher = run.config.teacher
-    config = TeacherConfig(embedding_dim=teacher.embedding_dim, tower_units=teacher.tower_units,
-                           num_cross_layers=teacher.num_cross_layers, head_units=teacher.head_units,
-                           epochs=teacher.epochs, batch_size=teacher.batch_size, learning_rate=teacher.learning_rate)
-    train_teacher(run.path(L.DATA), run.path(L.TEACHER), config)
+    from matta_tf.models.teacher import train_teacher
+
+    config = dataclasses.replace(run.config.teacher.model, label=run.data.label)
+    train_teacher(run.data_dir, run.path(L.TEACHER), config)
     return run.path(L.TEACHER, L.TEACHER_SUMMARY)
 
 
 def step_label(run: RunContext) -> str:
     from matta_tf.pipelines.label_with_teacher import Batching, label_with_teacher
 
-    result = label_with_teacher(run.path(L.DATA), run.path(L.TEACHER, L.SAVED_MODEL), run.path(L.LABELLED),
+    result = label_with_teacher(run.data_dir, run.path(L.TEACHER, L.SAVED_MODEL), run.path(L.LABELLED),
                                 batching=Batching(batch_size=run.config.teacher.beam_batch_size))
     print(f"labelled: {result.counts}")
     return run.path(L.LABELLED, L.COUNTS)
@@ -96,9 +109,11 @@ def step_train(run: RunContext) -> str:
 
     training = run.config.training
     print(f"MatTA ({training.optimizer}) on {training.labels} labels")
-    train_relevance(run.training_data, run.path(L.MATTA), training, arm="matta")
+    label = run.data.label
+    train_relevance(run.training_data, run.path(L.MATTA), training, arm="matta", event_label=label)
     print("baseline: the Student trained alone (Adam)")
-    train_relevance(run.training_data, run.path(L.BASELINE), training, arm="student_only", optimizer="adam")
+    train_relevance(run.training_data, run.path(L.BASELINE), training, arm="student_only", optimizer="adam",
+                    event_label=label)
     return run.path(L.BASELINE, L.METRICS)
 
 
@@ -116,7 +131,7 @@ def step_extract(run: RunContext) -> str:
     from matta_tf.pipelines.train import evaluation_dataset
 
     nested = _load_network(run.path(L.MATTA))
-    dataset = evaluation_dataset(run.training_data)
+    dataset = evaluation_dataset(run.training_data, label=run.data.label)
     specs = random_specs(nested, run.config.extraction.random_count, seed=run.config.extraction.seed)
     specs += [SubmodelSpec.uniform(nested, "student").replace(**{n: "ta" for n in _head_layers(nested)},
                                                                name="student-ta-head")]
@@ -188,9 +203,10 @@ def step_replay(run: RunContext) -> str:
 
     schema = Schema.load(run.training_data)
     records = list(read_records(os.path.join(run.training_data, "test")))[: run.config.serving.replay_events]
+    user_id, label = run.data.user_id, run.data.label
     by_user: dict = {}
     for record in records:
-        by_user.setdefault(decode_example(record, schema)["user_id"], []).append(record)
+        by_user.setdefault(decode_example(record, schema)[user_id], []).append(record)
     share = run.config.serving.treatment_share
     test = ABTest.from_shares("matta-size-test", {"control": 1 - share, "treatment": share},
                               salt=run.config.serving.salt)
@@ -205,7 +221,7 @@ def step_replay(run: RunContext) -> str:
         for user, user_records in tqdm(sorted(by_user.items()), desc="replaying users"):
             served = predict_for_user(client, test, user, raw_features(user_records, schema), log)
             outcomes += [{"request_id": served.request_id, "example_index": index,
-                          "outcome": decode_example(record, schema)["label"]}
+                          "outcome": decode_example(record, schema)[label]}
                          for index, record in zip(served.example_indices, user_records, strict=True)]
     # Outcomes join the exposures on the ids predict_for_user logged them under; the analysis is per user.
     exposures = read_exposures(os.path.join(out, "exposures.jsonl")).merge(
@@ -239,12 +255,17 @@ def run_steps(config: RunConfig, steps: Sequence[str] = STEPS, force: bool = Fal
         RunDirectoryError: the directory or a step's output path is not the run's to write.
     """
     run = RunContext(config)
+    if config.data.source == "directory":
+        run.data  # noqa: B018  (checks the data directory and the names before anything is written)
     manifest = RunManifest.open(run.layout, force=force)
     manifest.claim(RunLayout.RUN_FILES)
     atomic_write(run.path(L.CONFIG), json.dumps(config.to_dict(), indent=1))
     timings = {}
     for step in steps:
         if step in ("teacher", "label") and not config.teacher.enabled:
+            continue
+        if step == "prepare" and config.data.source == "directory":
+            print(f"[prepare] not needed: the events are {config.data.path} (data.source: directory)")
             continue
         if run.layout.is_done(step) and not force:
             print(f"[{step}] done already ({L.DONE_MARKERS[step]}); skipping (--force to redo)")
@@ -265,16 +286,49 @@ def add_run_parser(subparsers) -> None:
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML configuration (defaults: MovieLens, see pipelines/config.py)")
     parser.add_argument("--run-dir", help="overrides run_dir of the configuration")
+    parser.add_argument("--set", action="append", metavar="KEY=VALUE",
+                        help="sets one configuration value over the file, by its dotted key, the value read as YAML "
+                        "(repeatable): --set training.epochs=1 --set training.model.tower_units=[8]")
     parser.add_argument("--steps", default=",".join(STEPS), help=f"comma-separated subset of {','.join(STEPS)}")
     parser.add_argument("--force", action="store_true",
                         help="redo steps whose outputs exist, and accept a non-empty run directory that matta run "
                         "did not create (what the run did not write is never deleted)")
 
 
+def add_init_parser(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "init", help="write a starter matta run configuration for your own data directory",
+        description="Checks DATA_DIR (schema.yaml, train/ and test/ TFRecord folders), finds its user id, item id "
+        "and event label in the schema, and writes a configuration that `matta run --config` takes. A name the "
+        "schema does not settle (several user ids, say) is an error listing the candidates: pass it with --user-id, "
+        "--item-id or --label.")
+    parser.add_argument("data_dir", metavar="DATA_DIR", help="the events: schema.yaml and split folders")
+    parser.add_argument("--out", default="matta.yaml", help="configuration file to write (default: matta.yaml)")
+    parser.add_argument("--run-dir", help="run_dir of the configuration (default: runs/<DATA_DIR's name>)")
+    parser.add_argument("--user-id", help="the user id feature (default: the schema's only user id)")
+    parser.add_argument("--item-id", help="the item id feature (default: the schema's only item id)")
+    parser.add_argument("--label", help="the binary event label (default: the schema's only event label)")
+    parser.add_argument("--force", action="store_true", help="overwrite --out if it exists")
+
+
+def init_command(args) -> int:
+    from matta_tf.data.safe_yaml import load_yaml_text
+    from matta_tf.pipelines.run_data import starter_config
+
+    if os.path.exists(args.out) and not args.force:
+        raise FileExistsError(f"--out: {args.out} exists; pass --force to overwrite it")
+    text = starter_config(args.data_dir, run_dir=args.run_dir, user_id=args.user_id, item_id=args.item_id,
+                          label=args.label)
+    RunConfig.from_dict(load_yaml_text(text, source=args.out, what="configuration"))  # what is written loads
+    atomic_write(args.out, text)
+    print(f"wrote {args.out}; next: matta run --config {args.out}")
+    return 0
+
+
 def run_command(args) -> int:
     import dataclasses
 
-    config = RunConfig.load(args.config) if args.config else RunConfig()
+    config = RunConfig.load(args.config, overrides=args.set or ())
     if args.run_dir:
         config = dataclasses.replace(config, run_dir=args.run_dir)
     steps = [s.strip() for s in args.steps.split(",") if s.strip()]

@@ -24,21 +24,12 @@ from matta_tf.models.relevance import RelevanceConfig, build_relevance_network, 
 from matta_tf.optimizers import Shampoo
 from matta_tf.pipelines.config import TrainingConfig
 from matta_tf.pipelines.layout import RunLayout
+from matta_tf.pipelines.run_data import event_label_name
 from matta_tf.training import DistillationSchedule, IndependentStudentTA, MatTAModel
 from matta_tf.training.distribute import is_chief, strategy_from_environment
 
 ARMS = ("matta", "student_only", "ta_only", "no_sharing", "nested_student_only")
 TEACHER_LABEL = "teacher_probability"
-EVENT_LABEL = "label"
-
-
-def relevance_config(training: TrainingConfig, num_logits: int = 1) -> RelevanceConfig:
-    return RelevanceConfig(
-        embedding_dim=training.embedding_dim, tower_units=training.tower_units,
-        num_cross_layers=training.num_cross_layers, head_units=training.head_units, num_logits=num_logits,
-        ta_width_multiplier=training.ta_width_multiplier, ta_embedding_multiplier=training.ta_embedding_multiplier,
-        ta_only_blocks=training.ta_only_blocks, student_init=training.student_init,
-    )
 
 
 def _single_output(network: keras.Model, name: str) -> keras.Model:
@@ -89,10 +80,14 @@ def input_datasets(data_dir: str, schema: Schema, label: str, batch_size: int, s
     return datasets
 
 
-def evaluation_dataset(data_dir: str, split: str = "test", label: str = EVENT_LABEL,
+def evaluation_dataset(data_dir: str, split: str = "test", label: str | None = None,
                        batch_size: int = 2048) -> tf.data.Dataset:
-    """One split's preprocessed `(features, label)` batches, cached: what extraction and evaluation read."""
+    """One split's preprocessed `(features, label)` batches, cached: what extraction and evaluation read.
+
+    `label` defaults to the schema's only event label (`event_label_name`).
+    """
     schema = Schema.load(data_dir)
+    label = event_label_name(schema, label)
     preprocessor = relevance_preprocessor(schema)
     dataset = make_dataset(os.path.join(data_dir, split), schema, batch_size, labels=label)
     return dataset.map(lambda x, y: (preprocessor(x), y)).cache()
@@ -125,6 +120,7 @@ def train_relevance(
     arm: str = "matta",
     optimizer: str | None = None,
     verbose: str | int = "auto",
+    event_label: str | None = None,
 ) -> TrainingRun:
     """Trains one arm on `data_dir`'s training split and evaluates it on validation and test.
 
@@ -132,13 +128,15 @@ def train_relevance(
         data_dir: Events with `schema.yaml` (teacher-labelled ones carry `teacher_probability`).
         out_dir: Where to write `network.keras`, `history.json` and `metrics.json` (`RunLayout` names),
             each atomically, `metrics.json` last (it marks the arm done); `None` writes nothing.
-        training: Sizes, optimizer, learning rate, epochs, loss weights and ramp.
+        training: Optimizer, learning rate, epochs, loss weights, ramp, and the sizes (`training.model`).
         arm: `"matta"` (nested, three losses), `"student_only"` (the baseline), `"ta_only"`,
             `"no_sharing"` (MatTA losses on independent Student and TA networks), or
             `"nested_student_only"` (the nested network, Student loss only: with
             `student_init="ta_slice"` it is the initialization control, a Student initialized at TA size).
         optimizer: Overrides `training.optimizer` (`"shampoo"` or `"adam"`).
         verbose: Keras `fit` verbosity.
+        event_label: The events' binary label (learnt with `training.labels="event"`, evaluated always).
+            Defaults to the schema's only event label.
 
     Training runs under the strategy the environment asks for (`TF_CONFIG` for a cluster of workers,
     several local GPUs, or one device: `matta_tf.training.distribute`); only the chief writes `out_dir`.
@@ -150,15 +148,16 @@ def train_relevance(
     # First: a multi-worker strategy configures TensorFlow's collectives, which must precede any op.
     strategy = strategy_from_environment()
     schema = Schema.load(data_dir)
-    label_name = TEACHER_LABEL if training.labels == "teacher" else EVENT_LABEL
+    event_label = event_label_name(schema, event_label)
+    label_name = TEACHER_LABEL if training.labels == "teacher" else event_label
     label = schema.label(label_name)
-    eval_labels = tuple(name for name in (EVENT_LABEL, TEACHER_LABEL) if name in [lab.name for lab in schema.labels])
+    eval_labels = tuple(name for name in (event_label, TEACHER_LABEL) if name in [lab.name for lab in schema.labels])
     keras.utils.set_random_seed(training.seed)
     datasets = input_datasets(data_dir, schema, label_name, training.batch_size, training.seed, eval_labels)
     # One pass counts the steps (for Shampoo's start step) and fills the preprocessed cache.
     steps = sum(1 for _ in datasets["train"]) * training.epochs
     with strategy.scope():
-        network = build_network(schema, relevance_config(training), arm)
+        network = build_network(schema, training.model, arm)
     mode = {"matta": "matta", "no_sharing": "matta", "student_only": "student_only", "ta_only": "ta_only",
             "nested_student_only": "student_only"}[arm]
     weights = training.loss_weights if mode == "matta" else (1.0, 1.0, 0.0)

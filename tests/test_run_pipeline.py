@@ -12,8 +12,9 @@ from matta_tf.pipelines.config import RunConfigError
 TINY = """
 run_dir: {run_dir}
 data: {{source: synthetic, synthetic_users: 60, synthetic_items: 40, synthetic_events: 3000, num_shards: 1}}
-teacher: {{epochs: 1, embedding_dim: 8, tower_units: [16], head_units: [16], num_cross_layers: 1, batch_size: 256}}
-training: {{epochs: 1, batch_size: 256, embedding_dim: 4, tower_units: [8], head_units: [8],
+teacher: {{model: {{epochs: 1, embedding_dim: 8, tower_units: [16], head_units: [16], num_cross_layers: 1,
+                   batch_size: 256}}}}
+training: {{epochs: 1, batch_size: 256, model: {{embedding_dim: 4, tower_units: [8], head_units: [8]}},
            distillation_ramp_steps: 5}}
 extraction: {{random_count: 2}}
 serving: {{replay_events: 120}}

@@ -60,7 +60,7 @@ def test_recursive_deep_and_huge_documents_are_refused(tmp_path):
 def test_error_messages_never_print_unbounded_values(tmp_path):
     path = tmp_path / "long.yaml"
     path.write_text(yaml.safe_dump({"data": {"source": "x" * 200_000}}))
-    with pytest.raises(RunConfigError, match="data.source: must be 'movielens' or 'synthetic'") as error:
+    with pytest.raises(RunConfigError, match=r"data.source: must be one of \['movielens', 'synthetic', 'dir") as error:
         RunConfig.load(str(path))
     assert len(str(error.value)) < 500
     path.write_text(yaml.safe_dump({"k" * 100_000: 1}))
@@ -73,12 +73,15 @@ def test_error_messages_never_print_unbounded_values(tmp_path):
 @pytest.mark.parametrize(("text", "field", "message"), [
     ("training: {learning_rate: .inf}", "training.learning_rate", "must be a finite number. Received: inf"),
     ("training: {learning_rate: .nan}", "training.learning_rate", "must be a finite number. Received: nan"),
-    ("teacher: {learning_rate: -.inf}", "teacher.learning_rate", "must be a finite number"),
+    ("teacher: {model: {learning_rate: -.inf}}", "teacher.model.learning_rate", "must be a finite number"),
+    ("teacher: {model: {epochs: 0}}", "teacher.model.epochs", "must be >= 1"),
     ("training: {loss_weights: [1, .inf, 1]}", "training.loss_weights", "must be a finite number"),
     ("training: {loss_weights: [0, 0, 0]}", "training.loss_weights", "not all 0"),
-    ("training: {ta_width_multiplier: 0.5}", "training.ta_width_multiplier", "must be >= 1"),
+    ("training: {model: {ta_width_multiplier: 0.5}}", "training.model.ta_width_multiplier", "must be >= 1"),
+    ("training: {model: {embedding_dim: .inf}}", "training.model.embedding_dim", "must be an integer"),
     ("training: {distillation_ramp_steps: -3}", "training.distillation_ramp_steps", "must be >= 0"),
-    ("training: {tower_units: []}", "training.tower_units", "non-empty list"),
+    ("training: {model: {tower_units: [8, 0]}}", "training.model.tower_units", "positive widths"),
+    ("training: {tower_units: [8]}", "training.tower_units", "unknown key (did you mean training.model.tower_units?)"),
     ("data: {split_fractions: [0.5, 0.5, 0.5]}", "data.split_fractions", "sum to 1"),
     ("extraction: {max_parameters: 0}", "extraction.max_parameters", "must be > 0"),
     ("serving: {replay_events: 0}", "serving.replay_events", "must be >= 1"),
@@ -109,3 +112,26 @@ def test_vocabulary_files_stay_inside_the_schema_folder(tmp_path):
         schema_with(hostile)
         with pytest.raises(SchemaError, match="must be a relative path inside the schema's folder"):
             Schema.load(str(home))
+
+
+def test_set_overrides_apply_over_the_file_and_are_checked(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("training: {epochs: 3, model: {embedding_dim: 8}}\n")
+    config = RunConfig.load(str(path), overrides=["training.epochs=1", "training.model.tower_units=[4, 2]",
+                                                  "data.label=clicked"])
+    assert config.training.epochs == 1 and config.training.model.tower_units == (4, 2)
+    assert config.training.model.embedding_dim == 8 and config.data.label == "clicked"
+    assert RunConfig.load(None, ["serving.replay_events=7"]).serving.replay_events == 7
+    for override, message in (("training.epochs", "must be dotted.key=value"),
+                              ("training..epochs=1", "must be dotted.key=value"),
+                              ("training.epochs=[1", "--set training.epochs is not valid YAML"),
+                              ("training.epochs.x=1", "training.epochs holds a value, not a section"),
+                              ("training.epochs=0", "training.epochs: must be >= 1"),
+                              ("x=&a [*a]", "--set x: the value is nested too deeply|not valid YAML|recursive")):
+        with pytest.raises(RunConfigError, match=message):
+            RunConfig.load(str(path), overrides=[override])
+    # The billion laughs in flow style, one command-line value: each element anchors the next level.
+    levels = ["&l0 [" + ",".join(["lol"] * 9) + "]"]
+    levels += [f"&l{i} [" + ",".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    with pytest.raises(RunConfigError, match="through YAML aliases"):
+        RunConfig.load(None, overrides=["training.model.tower_units=[" + ", ".join(levels) + "]"])

@@ -5,6 +5,7 @@ Also builds real MovieLens events offline (`prepare_movielens`), synthetic event
 """
 
 from matta_tf.data import sequences
+from matta_tf.data.describe import describe_events
 from matta_tf.data.examples import (
     RecordError,
     assert_valid_values,
@@ -47,6 +48,7 @@ __all__ = [
     "check_framing",
     "check_example",
     "decode_example",
+    "describe_events",
     "encode_example",
     "feature_spec",
     "generate_synthetic",

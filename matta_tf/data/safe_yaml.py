@@ -95,6 +95,12 @@ def load_yaml(path: str, *, what: str, error: type[Exception] = ValueError, max_
         raise error(f"{path}: the {what} file is {size} bytes; at most {max_bytes} are accepted")
     with open(path, encoding="utf-8", errors="replace") as handle:
         text = handle.read()
+    return load_yaml_text(text, source=path, what=what, error=error, max_values=max_values)
+
+
+def load_yaml_text(text: str, *, source: str, what: str, error: type[Exception] = ValueError,
+                   max_values: int = MAX_VALUES) -> Any:
+    """`load_yaml` of a string (a command-line value, say): the same limits but the size; `source` names it."""
     loader = yaml.SafeLoader(text)
     try:
         node = loader.get_single_node()
@@ -102,19 +108,19 @@ def load_yaml(path: str, *, what: str, error: type[Exception] = ValueError, max_
             return None
         values = _expanded_size(node, max_values)
         if values > max_values:
-            raise error(f"{path}: the {what} expands to more than {max_values} values through YAML aliases "
+            raise error(f"{source}: the {what} expands to more than {max_values} values through YAML aliases "
                         "(an alias bomb?); refusing to load it")
         return loader.construct_document(node)
     except yaml.YAMLError as failure:
-        raise error(f"{path} is not valid YAML: {bounded_repr(str(failure), 500)}") from None
+        raise error(f"{source} is not valid YAML: {bounded_repr(str(failure), 500)}") from None
     except RecursionError:
-        raise error(f"{path}: the {what} is nested too deeply") from None
+        raise error(f"{source}: the {what} is nested too deeply") from None
     except ValueError as failure:
         if isinstance(failure, error):
             raise
-        raise error(f"{path}: {failure}") from None
+        raise error(f"{source}: {failure}") from None
     finally:
         loader.dispose()
 
 
-__all__ = ["MAX_BYTES", "MAX_VALUES", "bounded_repr", "load_yaml"]
+__all__ = ["MAX_BYTES", "MAX_VALUES", "bounded_repr", "load_yaml", "load_yaml_text"]
