@@ -62,7 +62,10 @@ def event_label_name(schema: Schema, name: str | None = None) -> str:
     """
     events = [label for label in schema.labels if label.source == "event"]
     if name is None:
-        if len(events) != 1:
+        if not events:
+            raise SchemaError(f"the schema has no event label (labels: {[lab.name for lab in schema.labels]}); "
+                              "add the events' own label to it (`Label(name, source='event', task='binary')`)")
+        if len(events) > 1:
             raise SchemaError(f"the schema has {len(events)} event labels ({[lab.name for lab in events]}); name "
                               "the one to learn")
         name = events[0].name

@@ -85,9 +85,18 @@ def _run_walkthrough(shop, run_arguments: list[str]) -> pathlib.Path:
     return run
 
 
-def test_the_readme_walkthrough_runs_on_events_with_other_names_at_tiny_sizes(shop):
-    run = _run_walkthrough(shop, [f"--set={setting}" for setting in TINY])
+def test_the_readme_walkthrough_runs_on_events_with_other_names_at_tiny_sizes(shop, capsys):
+    """The default suite's end-to-end `matta run` (the synthetic-source one is `slow`): every step, then
+    the skip-when-done and `--force` behaviour."""
+    sets = [f"--set={setting}" for setting in TINY]
+    run = _run_walkthrough(shop, sets)
     assert json.loads((run / "config.json").read_text())["training"]["model"]["tower_units"] == [8]
+    capsys.readouterr()
+    assert _matta(shop, " ".join(["matta run --config shop.yaml --steps prepare,train,report", *sets])) == 0
+    out = capsys.readouterr().out
+    assert "[prepare] not needed" in out and "[train] done already" in out and "[report] done already" in out
+    assert _matta(shop, " ".join(["matta run --config shop.yaml --steps report --force", *sets])) == 0
+    assert "[report] finished" in capsys.readouterr().out
 
 
 @pytest.mark.slow

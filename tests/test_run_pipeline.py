@@ -21,6 +21,7 @@ serving: {{replay_events: 120}}
 """
 
 
+@pytest.mark.slow  # the default suite's end-to-end run is the README walk-through (test_own_data_walkthrough.py)
 def test_tiny_run_end_to_end(tmp_path, capsys):
     config = tmp_path / "tiny.yaml"
     config.write_text(TINY.format(run_dir=tmp_path / "run"))

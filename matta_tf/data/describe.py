@@ -8,7 +8,7 @@ of a split a model scores from history.
 Example:
 
 ```python
-summary = describe_events(data_dir, schema, user_id="user_id", item_id="item_id", label="label")
+summary = describe_events(data_dir, schema, user_id="user_id", item_id="movie_id", label="label")
 summary["splits"]["test"]["cold_start_user_rate"]   # share of test events by users absent from train
 ```
 """
