@@ -16,6 +16,10 @@ The rules follow tensorflow_serving/util/json_tensor.cc:
   output whose name ends in `_bytes` is written as `{"b64": ...}` (`IsNamedTensorBytes`); other
   strings as text (here: as `{"b64": ...}` when they are not UTF-8, so the JSON stays valid).
 
+- **gRPC inputs** (`cast_to_signature_dtype`): the same type rules for typed arrays, so that the
+  client's gRPC path accepts what its REST path does (an `int32` array for an `int64` input), and
+  only exact casts.
+
 The parser refuses documents nested deeper than `MAX_JSON_DEPTH` (400) levels before decoding
 them, so a deeply nested body cannot exhaust the stack: TF Serving parses with rapidjson's
 iterative parser (`ParseJson`: `kParseIterativeFlag`), which has no recursion to exhaust.
