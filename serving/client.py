@@ -162,7 +162,8 @@ class PredictionClient:
                 values are sent as `float32`, `str` as strings, `int` as `int64`. Other integer and
                 float widths (`int8/16/32`, `uint8/16/32/64`, `float16`) are accepted over both
                 protocols, as REST accepts them: over gRPC they are cast to the signature's dtype
-                (read once per version, label and signature with `metadata`) when every value
+                (read with `metadata` once per version, label and signature, and again after an
+                `INVALID_ARGUMENT`) when every value
                 converts exactly (`json_codec.cast_to_signature_dtype`).
             version: Ask for this version. Defaults to none (the latest, or `label`).
             label: Ask for the version this label points at (e.g. an A/B arm). Defaults to none.
@@ -188,7 +189,12 @@ class PredictionClient:
             for name, value in arrays.items():
                 request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
             request.output_filter.extend(output_filter)
-            response = self._with_retries(lambda: self._stub.Predict(request, timeout=self.timeout))
+            try:
+                response = self._with_retries(lambda: self._stub.Predict(request, timeout=self.timeout))
+            except PredictionError as error:
+                if error.code == "INVALID_ARGUMENT":  # the version behind a label may have changed: read it again
+                    self._input_dtypes.pop((version, label, signature_name), None)
+                raise
             outputs = {name: tf.make_ndarray(proto) for name, proto in response.outputs.items()}
             return Prediction(outputs, response.model_spec.name, response.model_spec.version.value,
                               response.model_spec.signature_name)

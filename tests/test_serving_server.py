@@ -164,6 +164,11 @@ def test_narrow_integer_inputs_score_the_same_over_grpc_and_rest(server, clients
     grpc_client.predict(narrow, label="treatment")
     grpc_client.predict(inputs, label="treatment")
     assert metadata_calls == [{"version": None, "label": "treatment"}]  # read once; int64 inputs need none
+    # A refused request drops what was read (a label may point at another version now): read again.
+    with pytest.raises(PredictionError, match="INVALID_ARGUMENT"):
+        grpc_client.predict({**narrow, "price": inputs["price"][:2]}, label="treatment")
+    grpc_client.predict(narrow, label="treatment")
+    assert len(metadata_calls) == 2
     grpc_client.close()
 
 
