@@ -163,8 +163,8 @@ class PredictionClient:
                 float widths (`int8/16/32`, `uint8/16/32/64`, `float16`) are accepted over both
                 protocols, as REST accepts them: over gRPC they are cast to the signature's dtype
                 (read with `metadata` once per version, label and signature, and again after an
-                `INVALID_ARGUMENT`) when every value
-                converts exactly (`json_codec.cast_to_signature_dtype`).
+                `INVALID_ARGUMENT`) when every value converts exactly
+                (`json_codec.cast_to_signature_dtype`).
             version: Ask for this version. Defaults to none (the latest, or `label`).
             label: Ask for the version this label points at (e.g. an A/B arm). Defaults to none.
             signature_name: Signature to run. Defaults to `"serving_default"`.
