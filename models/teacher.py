@@ -181,13 +181,15 @@ def export_teacher(network: keras.Model, schema: Schema, path: str, label: str =
     return path
 
 
-def teacher_output_width(path: str) -> int:
+def teacher_output_width(path: str, signature: str = SIGNATURE) -> int:
     """Width of the `probabilities` output of a Teacher SavedModel (1: binary, C: C classes).
 
     Read from the SavedModel's signature, without loading its variables.
 
     Args:
         path: SavedModel directory (local or any `tf.io.gfile` filesystem).
+        signature: The signature over serialized tf.Example. Defaults to `"serving_default"`
+            (a TF Serving export's is `"examples"`).
 
     Example:
 
@@ -204,17 +206,17 @@ def teacher_output_width(path: str) -> int:
     with tf.io.gfile.GFile(graph_file, "rb") as handle:
         proto.ParseFromString(handle.read())
     for meta_graph in proto.meta_graphs:
-        signature = meta_graph.signature_def.get(SIGNATURE)
-        if signature is None:
+        found = meta_graph.signature_def.get(signature)
+        if found is None:
             continue
-        missing = {INPUT} - set(signature.inputs) or {LOGITS, PROBABILITIES} - set(signature.outputs)
+        missing = {INPUT} - set(found.inputs) or {LOGITS, PROBABILITIES} - set(found.outputs)
         if missing:
             raise ValueError(
-                f"the {SIGNATURE!r} signature of {path} lacks {sorted(missing)}: a Teacher takes {INPUT!r} "
+                f"the {signature!r} signature of {path} lacks {sorted(missing)}: a Teacher takes {INPUT!r} "
                 f"and returns {LOGITS!r} and {PROBABILITIES!r}"
             )
-        return int(signature.outputs[PROBABILITIES].tensor_shape.dim[-1].size)
-    raise ValueError(f"{path} has no {SIGNATURE!r} signature")
+        return int(found.outputs[PROBABILITIES].tensor_shape.dim[-1].size)
+    raise ValueError(f"{path} has no {signature!r} signature")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -314,6 +316,8 @@ class Teacher:
 
     Args:
         path: SavedModel directory written by `export_teacher` (any `tf.io.gfile` path).
+        signature: Its signature over serialized tf.Example. Defaults to `"serving_default"`
+            (a TF Serving export's is `"examples"`).
 
     Attributes:
         width: Output width: 1 for a binary Teacher, C for C classes.
@@ -327,10 +331,10 @@ class Teacher:
     ```
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, signature: str = SIGNATURE) -> None:
         self.path = path
         self._module = tf.saved_model.load(path)  # the signature needs its module alive
-        self._signature = self._module.signatures[SIGNATURE]
+        self._signature = self._module.signatures[signature]
         self.width = int(self._signature.structured_outputs[PROBABILITIES].shape[-1])
 
     def __call__(self, records: Sequence[bytes]) -> dict[str, np.ndarray]:

@@ -54,7 +54,9 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from matta_tf.data.examples import RecordError, check_example, feature_spec, parse_example_bytes
 from matta_tf.data.schema import Label, Schema, SchemaError
 from matta_tf.data.splits import SPLITS
+from matta_tf.models.signatures import EXAMPLES_INPUT
 from matta_tf.models.teacher import LOGITS, PROBABILITIES, Teacher, teacher_output_width
+from matta_tf.models.teacher import SIGNATURE as TEACHER_SIGNATURE
 from matta_tf.pipelines.beam_io import (
     DEAD_LETTER,
     DEAD_LETTER_FILE,
@@ -71,6 +73,7 @@ from matta_tf.pipelines.beam_io import (
     save_schema,
     shard_key,
 )
+from matta_tf.serving.export import EXAMPLES_SIGNATURE
 
 DEFAULT_RUNNER = "FnApiRunner"
 COUNTS_FILE = "counts.json"
@@ -83,6 +86,86 @@ _LOGGER = logging.getLogger(__name__)
 
 class LabellingError(RuntimeError):
     """The labelling job lost records (read != labelled + dead-lettered) or did not finish."""
+
+
+class TeacherModelError(ValueError):
+    """The Teacher path is not a SavedModel with a signature over serialized tf.Example; the message says why."""
+
+
+# Signatures that score serialized tf.Example records, in the order they are looked for: a Teacher
+# export's `serving_default` (`export_teacher`), then a TF Serving export's `examples`
+# (`export_for_serving`, whose `serving_default` takes raw features).
+TEACHER_SIGNATURES = (TEACHER_SIGNATURE, EXAMPLES_SIGNATURE)
+
+
+def _signature_defs(saved_model: str) -> dict[str, Any]:
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    graph_file = os.path.join(saved_model, "saved_model.pb")
+    if not tf.io.gfile.exists(graph_file):
+        is_dir = tf.io.gfile.isdir(saved_model)
+        names = [name.rstrip("/") for name in tf.io.gfile.listdir(saved_model)] if is_dir else []
+        versions = sorted(int(name) for name in names
+                          if name.isdigit() and tf.io.gfile.exists(os.path.join(saved_model, name, "saved_model.pb")))
+        if versions:
+            raise TeacherModelError(
+                f"{saved_model} is a TF Serving model directory (versions {', '.join(map(str, versions))}), not a "
+                f"SavedModel: give one version, e.g. --teacher {os.path.join(saved_model, str(versions[-1]))}")
+        raise TeacherModelError(f"not a SavedModel directory (no saved_model.pb). Received: teacher={saved_model!r}")
+    proto = saved_model_pb2.SavedModel()
+    with tf.io.gfile.GFile(graph_file, "rb") as handle:
+        proto.ParseFromString(handle.read())
+    return {name: signature for meta_graph in proto.meta_graphs
+            for name, signature in meta_graph.signature_def.items() if not name.startswith("__")}
+
+
+def _scores_examples(signature: Any) -> bool:
+    inputs = dict(signature.inputs)
+    return (set(inputs) == {EXAMPLES_INPUT} and inputs[EXAMPLES_INPUT].dtype == tf.string.as_datatype_enum
+            and {LOGITS, PROBABILITIES} <= set(signature.outputs))
+
+
+def teacher_signature(saved_model: str) -> str:
+    """The signature of a Teacher SavedModel that scores serialized tf.Example records.
+
+    Either a Teacher export (`export_teacher`: `serving_default` takes `examples`) or one version of
+    a TF Serving export (`export_for_serving`: `<model>/<version>/`, whose `examples` signature takes
+    `examples`; its `serving_default` takes raw features). Read from `saved_model.pb`, without
+    loading the variables.
+
+    Args:
+        saved_model: SavedModel directory (any `tf.io.gfile` path).
+
+    Returns:
+        `"serving_default"` or `"examples"`: the first of `TEACHER_SIGNATURES` that takes a string
+        `examples` input only and returns `logits` and `probabilities`.
+
+    Raises:
+        TeacherModelError: no `saved_model.pb` (a TF Serving model directory is named with its
+            versions), or no such signature; the message names the path and the signatures found.
+
+    Example:
+
+    ```python
+    assert teacher_signature(teacher_path) == "serving_default"   # e.g. runs/movielens/teacher/saved_model
+    ```
+    """
+    signatures = _signature_defs(saved_model)
+    for name in TEACHER_SIGNATURES:
+        if name in signatures and _scores_examples(signatures[name]):
+            return name
+
+    def describe(name: str) -> str:
+        inputs = sorted(signatures[name].inputs)
+        shown = ", ".join(inputs[:6]) + (f", ... ({len(inputs)} inputs)" if len(inputs) > 6 else "")
+        return f"{name}({shown}) -> {', '.join(sorted(signatures[name].outputs))}"
+
+    found = "; ".join(describe(name) for name in sorted(signatures)) or "none"
+    raise TeacherModelError(
+        f"{saved_model} cannot label records: neither a Teacher SavedModel ({TEACHER_SIGNATURE!r} taking "
+        f"{EXAMPLES_INPUT!r}) nor a TF Serving export version ({EXAMPLES_SIGNATURE!r} taking {EXAMPLES_INPUT!r}), "
+        f"each returning {LOGITS!r} and {PROBABILITIES!r}. Its signatures: {found}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,13 +211,16 @@ class TeacherModelHandler(ModelHandler[Sequence[bytes], PredictionResult, Teache
     """A Beam `ModelHandler` that scores chunks of serialized tf.Example records with a Teacher SavedModel.
 
     Loads the SavedModel with `tf.saved_model.load` (Beam's TensorFlow handler cannot load SavedModel
-    directories under Keras 3). An example is a chunk (a list of serialized records); a batch of
-    chunks is scored in one Teacher call and each chunk gets a `PredictionResult` whose inference is a
-    `TeacherScores`. If the call fails, the records are scored one by one, and a record that fails
-    alone gets its reason in `TeacherScores.failures`, so one bad record does not take its chunk down.
+    directories under Keras 3) and calls its signature over serialized tf.Example (`teacher_signature`:
+    a Teacher export's `serving_default`, or a TF Serving export version's `examples`). An example is
+    a chunk (a list of serialized records); a batch of chunks is scored in one Teacher call and each
+    chunk gets a `PredictionResult` whose inference is a `TeacherScores`. If the call fails, the
+    records are scored one by one, and a record that fails alone gets its reason in
+    `TeacherScores.failures`, so one bad record does not take its chunk down.
 
     Args:
-        saved_model: Teacher SavedModel directory (`models/teacher.py`).
+        saved_model: Teacher SavedModel directory (`models/teacher.py`), or one version of a TF Serving
+            export (`<model>/<version>/`).
         chunks_per_call: Chunks `RunInference` puts in one Teacher call. Defaults to 1.
         large_model: Load one Teacher per machine, shared by its worker processes. Defaults to `False`.
 
@@ -153,9 +239,10 @@ class TeacherModelHandler(ModelHandler[Sequence[bytes], PredictionResult, Teache
             raise ValueError(f"`chunks_per_call` must be >= 1. Received: chunks_per_call={chunks_per_call}")
         super().__init__(min_batch_size=chunks_per_call, max_batch_size=chunks_per_call, large_model=large_model)
         self._saved_model = saved_model
+        self._signature = teacher_signature(saved_model)  # read where the pipeline is built
 
     def load_model(self) -> Teacher:
-        return Teacher(self._saved_model)
+        return Teacher(self._saved_model, self._signature)
 
     def run_inference(
         self, batch: Sequence[Sequence[bytes]], model: Teacher, inference_args: dict[str, Any] | None = None
@@ -401,7 +488,7 @@ class LabelWithTeacher(beam.PTransform):
 
     Args:
         schema: Schema every input record is checked against (features and event labels).
-        saved_model: Teacher SavedModel directory.
+        saved_model: Teacher SavedModel directory, or one version of a TF Serving export.
         out_dir: Output root.
         probability: The Teacher-probability label to add.
         logit: The Teacher-logit label to add.
@@ -465,7 +552,7 @@ def teacher_labels(saved_model: str, probability: str = "teacher_probability",
     """The labels a Teacher's outputs become: binary if its output width is 1, else multiclass.
 
     Args:
-        saved_model: Teacher SavedModel directory.
+        saved_model: Teacher SavedModel directory, or one version of a TF Serving export.
         probability: Name of the probability label. Defaults to `"teacher_probability"`.
         logit: Name of the logit label. Defaults to `"teacher_logit"`.
 
@@ -478,7 +565,7 @@ def teacher_labels(saved_model: str, probability: str = "teacher_probability",
     """
     if probability == logit:
         raise SchemaError(f"the probability and logit labels need different names. Received: {probability!r} twice")
-    width = teacher_output_width(saved_model)
+    width = teacher_output_width(saved_model, teacher_signature(saved_model))
     task = {"task": "binary"} if width == 1 else {"task": "multiclass", "num_classes": width}
     source = f"Teacher {saved_model}"
     return (
@@ -623,7 +710,9 @@ def label_with_teacher(
 
     Args:
         input_dir: Prepared events: `schema.yaml` and one folder of TFRecords per split.
-        saved_model: Teacher SavedModel directory.
+        saved_model: Teacher SavedModel directory (`export_teacher`), or one version of a TF Serving
+            export (`export_for_serving`: `<base>/<model>/<version>/`, scored by its `examples`
+            signature); `teacher_signature` tells which.
         out_dir: Output directory; must be empty or absent.
         splits: Split folders to label. Defaults to those of `train`, `validation`, `test` that exist.
         probability_label: Name of the added probability label. Defaults to `"teacher_probability"`.
@@ -640,6 +729,8 @@ def label_with_teacher(
     Raises:
         LabellingError: read != labelled + dead-lettered, or the pipeline did not finish.
         RunnerError: The runner is refused, or failed its self-check (nothing is written then).
+        TeacherModelError: `saved_model` has no signature over serialized tf.Example (nothing is
+            written then).
 
     Example:
 
@@ -739,7 +830,8 @@ def build_parser(prog: str = "python -m matta_tf.pipelines.label_with_teacher") 
         "in 4 of about 44 runs (the job then fails on its count check).",
     )
     parser.add_argument("--input", required=True, help="prepared events: schema.yaml and split folders")
-    parser.add_argument("--teacher", required=True, help="Teacher SavedModel directory")
+    parser.add_argument("--teacher", required=True,
+                        help="Teacher SavedModel directory, or one version of a TF Serving export (<model>/<version>)")
     parser.add_argument("--out", required=True, help="output directory (must be empty or absent)")
     parser.add_argument("--splits", type=_split_list, help="comma-separated splits (default: those present)")
     parser.add_argument("--probability-label", default="teacher_probability", help="name of the probability label")

@@ -52,6 +52,8 @@ RETRYABLE = ("UNAVAILABLE", "RESOURCE_EXHAUSTED")
 _CODE_OF_HTTP = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 409: "ALREADY_EXISTS", 429: "RESOURCE_EXHAUSTED",
                  501: "UNIMPLEMENTED", 503: "UNAVAILABLE", 504: "DEADLINE_EXCEEDED", 408: "DEADLINE_EXCEEDED"}
 _MAX_MESSAGE_BYTES = 64 << 20
+# Sent over gRPC as they are: the dtypes of every signature this project exports (strings: `object`, `S`).
+_SENT_AS_IS = (np.dtype(np.int64), np.dtype(np.float32), np.dtype(np.bool_), np.dtype(object))
 
 
 class PredictionError(Exception):
@@ -131,6 +133,7 @@ class PredictionClient:
         self.retries = int(retries)
         self.backoff = float(backoff)
         self.rest_format = rest_format
+        self._input_dtypes: dict[tuple, dict[str, Any]] = {}  # (version, label, signature) -> input dtypes
         if protocol == "grpc":
             self._channel = grpc.insecure_channel(target.removeprefix("grpc://"), options=[
                 ("grpc.max_receive_message_length", _MAX_MESSAGE_BYTES),
@@ -156,7 +159,12 @@ class PredictionClient:
 
         Args:
             inputs: Named input tensors (numpy arrays, lists or scalars). Python/numpy `float64`
-                values are sent as `float32`, `str` as strings, `int` as `int64`.
+                values are sent as `float32`, `str` as strings, `int` as `int64`. Other integer and
+                float widths (`int8/16/32`, `uint8/16/32/64`, `float16`) are accepted over both
+                protocols, as REST accepts them: over gRPC they are cast to the signature's dtype
+                (read with `metadata` once per version, label and signature, and again after an
+                `INVALID_ARGUMENT`) when every value converts exactly
+                (`json_codec.cast_to_signature_dtype`).
             version: Ask for this version. Defaults to none (the latest, or `label`).
             label: Ask for the version this label points at (e.g. an A/B arm). Defaults to none.
             signature_name: Signature to run. Defaults to `"serving_default"`.
@@ -167,18 +175,26 @@ class PredictionClient:
             floating outputs).
 
         Raises:
-            PredictionError: the server refused the request or could not be reached.
+            PredictionError: the server refused the request or could not be reached; or, over gRPC,
+                `INVALID_ARGUMENT` naming the input whose values cannot be cast exactly to the
+                signature's dtype (a float sent to an integer input, a value out of range).
         """
         if version is not None and label is not None:
             raise ValueError(f"give `version` or `label`, not both. Received: version={version}, label={label!r}")
         arrays = {name: _as_array(value) for name, value in inputs.items()}
         if self.protocol == "grpc":
+            arrays = self._cast_to_signature(arrays, version, label, signature_name)
             request = predict_pb2.PredictRequest()
             _set_model_spec(request.model_spec, self.model_name, version, label, signature_name)
             for name, value in arrays.items():
                 request.inputs[name].CopyFrom(tf.make_tensor_proto(value))
             request.output_filter.extend(output_filter)
-            response = self._with_retries(lambda: self._stub.Predict(request, timeout=self.timeout))
+            try:
+                response = self._with_retries(lambda: self._stub.Predict(request, timeout=self.timeout))
+            except PredictionError as error:
+                if error.code == "INVALID_ARGUMENT":  # the version behind a label may have changed: read it again
+                    self._input_dtypes.pop((version, label, signature_name), None)
+                raise
             outputs = {name: tf.make_ndarray(proto) for name, proto in response.outputs.items()}
             return Prediction(outputs, response.model_spec.name, response.model_spec.version.value,
                               response.model_spec.signature_name)
@@ -254,6 +270,30 @@ class PredictionClient:
 
     def __exit__(self, *exc_info: Any) -> None:
         self.close()
+
+    # ---- gRPC input dtypes ----------------------------------------------------------------------
+    def _cast_to_signature(
+        self, arrays: dict[str, np.ndarray], version: int | None, label: str | None, signature_name: str
+    ) -> dict[str, np.ndarray]:
+        # A TensorProto must have the signature's dtype (REST's JSON numbers have none): the common
+        # dtypes go as they are, with no metadata call; the server judges them as before.
+        if all(array.dtype in _SENT_AS_IS or array.dtype.kind == "S" for array in arrays.values()):
+            return arrays
+        key = (version, label, signature_name)
+        if key not in self._input_dtypes:
+            signature = self.metadata(version=version, label=label)["signatures"].get(signature_name)
+            if signature is None:
+                return arrays  # the server names the missing signature
+            self._input_dtypes[key] = {
+                name: "string" if info["dtype"] == "string" else tf.as_dtype(info["dtype"]).as_numpy_dtype
+                for name, info in signature["inputs"].items()
+            }
+        dtypes = self._input_dtypes[key]
+        try:
+            return {name: json_codec.cast_to_signature_dtype(name, array, dtypes[name]) if name in dtypes else array
+                    for name, array in arrays.items()}
+        except json_codec.JsonTensorError as error:
+            raise PredictionError("INVALID_ARGUMENT", str(error)) from None
 
     # ---- transport ------------------------------------------------------------------------------
     def _model_path(self, version: int | None, label: str | None) -> str:

@@ -69,7 +69,7 @@ import numpy as np
 import tensorflow as tf
 from tensorflow_serving.apis import predict_pb2, prediction_log_pb2
 
-from matta_tf.data.examples import parse_examples, serialize_example
+from matta_tf.data.examples import check_example, parse_example_bytes, parse_examples, serialize_example
 from matta_tf.data.preprocessing import FeaturePreprocessor
 from matta_tf.data.schema import Schema
 from matta_tf.extraction import SubmodelCost, SubmodelSpec, extract_submodel, model_cost, spec_cost
@@ -213,6 +213,12 @@ def raw_features(records: Sequence[bytes | Mapping[str, Any]], schema: Schema) -
     Returns:
         `{input name: np.ndarray}` for every input of `raw_input_signature(schema)`.
 
+    Raises:
+        RecordError: A record is not a tf.Example, or misses a model feature, or has one of the wrong
+            type, length or (numeric) a non-finite value; the error names the feature and the
+            record's index in `records`.
+        ValueError: `records` is empty.
+
     Example:
 
     ```python
@@ -223,10 +229,13 @@ def raw_features(records: Sequence[bytes | Mapping[str, Any]], schema: Schema) -
     ```
     """
     serving_schema = _serving_schema(schema)
-    serialized = [
-        record if isinstance(record, (bytes, bytearray)) else serialize_example(record, serving_schema, labels=False)
-        for record in records
-    ]
+    serialized = []
+    for index, record in enumerate(records):
+        if isinstance(record, Mapping):
+            record = serialize_example(record, serving_schema, labels=False, record_index=index)
+        # Checked here, so that a bad record is a RecordError naming it, not a ParseExampleV2 error.
+        check_example(parse_example_bytes(record, index), serving_schema, labels=False, record_index=index)
+        serialized.append(bytes(record))
     if not serialized:
         raise ValueError("`records` is empty: a request needs at least one event")
     parsed = parse_examples(tf.constant(serialized, tf.string), serving_schema, labels=False)

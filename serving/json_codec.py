@@ -16,6 +16,10 @@ The rules follow tensorflow_serving/util/json_tensor.cc:
   output whose name ends in `_bytes` is written as `{"b64": ...}` (`IsNamedTensorBytes`); other
   strings as text (here: as `{"b64": ...}` when they are not UTF-8, so the JSON stays valid).
 
+- **gRPC inputs** (`cast_to_signature_dtype`): the same type rules for typed arrays, so that the
+  client's gRPC path accepts what its REST path does (an `int32` array for an `int64` input), and
+  only exact casts.
+
 The parser refuses documents nested deeper than `MAX_JSON_DEPTH` (400) levels before decoding
 them, so a deeply nested body cannot exhaust the stack: TF Serving parses with rapidjson's
 iterative parser (`ParseJson`: `kParseIterativeFlag`), which has no recursion to exhaust.
@@ -240,6 +244,73 @@ def tensor_from_json(name: str, value: Any, dtype: np.dtype | str, row_format: b
         return np.array(leaves, dtype=dtype).reshape(shape)
     except OverflowError:
         raise JsonTensorError(f"input {name!r}: a value is out of range for {dtype.name}") from None
+
+
+# ---- arrays -> the signature's dtype (the gRPC client, which sends tensors, not JSON) -----------------------
+def cast_to_signature_dtype(name: str, value: np.ndarray, dtype: np.dtype | str) -> np.ndarray:
+    """`value` as the signature input's `dtype`, by the rules `tensor_from_json` applies to JSON, losslessly.
+
+    A REST request carries numbers, not dtypes, so an `int32` array reaches an `int64` input as JSON
+    integers and is accepted; a gRPC request carries a typed `TensorProto`, which TF Serving refuses
+    unless its dtype is the signature's. This gives the gRPC client the REST rules: integers (any
+    width, signed or not) become any integer or float dtype, floats any float dtype, booleans only
+    `bool` and strings only strings; and, since a tensor is cast rather than parsed, only when every
+    value converts exactly (REST, like TF Serving, rounds an integer beyond a float's precision).
+
+    Args:
+        name: Input name, for messages.
+        value: The array to send.
+        dtype: numpy dtype of the signature input; `object` or `"string"` for strings.
+
+    Returns:
+        `value` itself when its dtype is already `dtype`, else a converted copy.
+
+    Raises:
+        JsonTensorError: the conversion is not allowed (a float to an integer, a number to a string,
+            ...) or not exact (a value out of the dtype's range, or not representable); the message
+            names the input and the first offending value.
+    """
+    value = np.asarray(value)
+    string = dtype == "string" or np.dtype(dtype) == object
+    source = "string" if value.dtype == object or value.dtype.kind in "SU" else value.dtype.name
+    target = "string" if string else np.dtype(dtype).name
+    if source == target:
+        return value
+    kinds = {"i": "iu", "u": "iu", "f": "iuf", "b": "b"}  # target kind -> source kinds REST accepts
+    if string or value.dtype.kind not in kinds.get(np.dtype(dtype).kind, ""):
+        hint = " (a float is never sent as an integer)" if value.dtype.kind == "f" and target != "string" else ""
+        raise JsonTensorError(f"input {name!r}: {source} values are not of expected type: {target}, the "
+                              f"signature's dtype{hint}")
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iu" and value.size:
+        limits = np.iinfo(dtype)
+        outside = (value < limits.min) | (value > limits.max)
+        if outside.any():
+            raise JsonTensorError(f"input {name!r}: value {value[outside][0].item()!r} is out of range for {target} "
+                                  f"([{limits.min}, {limits.max}])")
+    with np.errstate(over="ignore", invalid="ignore"):
+        converted = value.astype(dtype)
+        if dtype.kind in "iu":
+            return converted  # in range: exact
+        if value.dtype.kind == "f":
+            back = converted.astype(value.dtype)
+            inexact = (back != value) & ~(np.isnan(back) & np.isnan(value))
+        else:
+            inexact = ~_integers_exact(value, converted)
+    if inexact.any():
+        raise JsonTensorError(f"input {name!r}: value {value[inexact][0].item()!r} cannot be represented exactly as "
+                              f"{target} (the signature's dtype)")
+    return converted
+
+
+def _integers_exact(value: np.ndarray, converted: np.ndarray) -> np.ndarray:
+    """Where the floats `converted` equal the integers `value` (float64 holds every 32-bit integer)."""
+    wide = converted.astype(np.float64)
+    if value.dtype.itemsize <= 4:
+        return wide == value.astype(np.float64)
+    bound = 2.0 ** (63 if value.dtype.kind == "i" else 64)
+    inside = np.isfinite(wide) & (wide >= -bound) & (wide < bound)  # where casting back is defined
+    return inside & (np.where(inside, wide, 0).astype(value.dtype) == value)
 
 
 # ---- arrays -> JSON (requests from the client, responses from the server) -------------------------------

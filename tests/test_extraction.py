@@ -306,3 +306,33 @@ def test_a_subclassed_nested_sub_model_is_named():
     nested = keras.Model(inputs, list(NestedDense(1, 1, name="logit")(tower(inputs))))
     with pytest.raises(SpecError, match="subclassed model 'tower' .*functional_view"):
         extract_submodel(nested, SubmodelSpec({}, name="student"))
+
+
+def _selection_table() -> pd.DataFrame:
+    specs = [SubmodelSpec({"head_0": "student"}, name="small"), SubmodelSpec({"head_0": "ta"}, name="large")]
+    return pd.DataFrame({"spec": [s.name for s in specs], "spec_json": [s.to_json() for s in specs],
+                         "parameters": [10, 100], "auc": [0.6, 0.7], "auc_loss": [0.4, 0.3],
+                         "error": [None, None]})
+
+
+def test_select_submodel_names_a_missing_quality_or_budget_column():
+    table = _selection_table()
+    assert select_submodel(table).name == "large"
+    assert select_submodel(table, max_parameters=50).name == "small"
+    assert select_submodel(table, quality="auc_loss", higher_is_better=False).name == "large"
+    with pytest.raises(SpecError, match=r"no quality column 'quality'\. Its columns: spec, spec_json, "
+                                        r"parameters, auc, auc_loss, error"):
+        select_submodel(table, quality="quality")
+    with pytest.raises(SpecError, match=r"no budget column 'latency_ms'\. Its columns: spec, spec_json"):
+        select_submodel(table, max_latency_ms=5.0)
+    # A budget column that is absent matters only when that budget is asked for.
+    assert select_submodel(table, max_parameters=1000).name == "large"
+    with pytest.raises(SpecError, match="no spec column 'spec_json'"):
+        select_submodel(table.drop(columns="spec_json"))
+    # Every spec failed to evaluate: the table has no metric columns, and the error says why.
+    failed = pd.DataFrame({"spec": ["bad"], "spec_json": [table.loc[0, "spec_json"]], "error": ["is kept"]})
+    with pytest.raises(SpecError, match=r"no quality column 'auc' \(every row of the table failed"):
+        select_submodel(failed)
+    # A real empty budget keeps its own message.
+    with pytest.raises(SpecError, match="no evaluated sub-model fits the budget: max_parameters=1,"):
+        select_submodel(table, max_parameters=1)

@@ -247,6 +247,62 @@ def test_a_failing_batch_is_dead_lettered_record_by_record(events, teacher, tmp_
     assert all("out of memory" in letter.reason for letter in letters)
 
 
+def test_a_serving_export_version_labels_records_with_its_examples_signature(events, tmp_path, capsys):
+    from tensorflow.core.protobuf import saved_model_pb2
+
+    from matta_tf.extraction import SubmodelSpec
+    from matta_tf.models.relevance import RelevanceConfig, build_relevance_network
+    from matta_tf.serving.export import ServableModel, export_for_serving
+
+    schema = Schema.load(events)
+    keras.utils.set_random_seed(5)
+    nested = build_relevance_network(schema, RelevanceConfig(embedding_dim=4, tower_units=(8,), head_units=(8,),
+                                                             num_cross_layers=1))
+    student = ServableModel.extract(nested, SubmodelSpec.uniform(nested, "student"), schema)
+    base = str(tmp_path / "serving")
+    (exported,) = export_for_serving([student], base, "relevance", verify=False)  # checked below, on real records
+    assert exported.path == os.path.join(base, "relevance", "1")
+    assert job.teacher_signature(exported.path) == "examples"
+
+    out = str(tmp_path / "labelled")
+    result = job.label_with_teacher(events, exported.path, out, splits=["test"], batching=job.Batching(batch_size=8))
+    scores = tf.saved_model.load(exported.path).signatures["examples"]  # the export's own signature, in-process
+    files = sorted(os.listdir(os.path.join(events, "test")))
+    assert result.counts["labelled"] == result.counts["read"] > 0 and result.counts["dead_lettered"] == 0
+    for name in files:
+        originals = list(read_records(os.path.join(events, "test", name)))
+        labelled = list(read_records(os.path.join(out, "test", name)))
+        expected = scores(examples=tf.constant(originals))
+        assert len(labelled) == len(originals)
+        for index, record in enumerate(labelled):
+            np.testing.assert_allclose(_floats(record, "teacher_probability"),
+                                       expected["probabilities"].numpy()[index], rtol=1e-6)
+            np.testing.assert_allclose(_floats(record, "teacher_logit"), expected["logits"].numpy()[index],
+                                       rtol=1e-6, atol=1e-7)
+    assert Schema.load(out).label("teacher_probability").task == "binary"
+
+    # Neither kind: the model folder above the versions, and a SavedModel over raw features only.
+    with pytest.raises(job.TeacherModelError, match=r"serving/relevance is a TF Serving model directory "
+                                                    r"\(versions 1\), not a SavedModel: give one version"):
+        job.teacher_signature(os.path.join(base, "relevance"))
+    raw_only = str(tmp_path / "raw_only")  # the export's graph without its `examples` signature
+    graph = saved_model_pb2.SavedModel.FromString(open(os.path.join(exported.path, "saved_model.pb"), "rb").read())
+    del graph.meta_graphs[0].signature_def["examples"]
+    os.makedirs(raw_only)
+    with open(os.path.join(raw_only, "saved_model.pb"), "wb") as handle:
+        handle.write(graph.SerializeToString())
+    with pytest.raises(job.TeacherModelError) as error:
+        job.teacher_signature(raw_only)
+    message = str(error.value)
+    assert message.startswith(f"{raw_only} cannot label records: neither a Teacher SavedModel")
+    assert "Its signatures: serving_default(day_of_week, days_since_last_event, genres, genres_length, " in message
+    assert "-> logits, probabilities" in message
+    refused = str(tmp_path / "refused")
+    assert job.main(["--input", events, "--teacher", raw_only, "--out", refused, "--splits", "test"]) == 2
+    assert "Its signatures: serving_default(" in capsys.readouterr().err
+    assert not os.path.exists(refused)  # refused before anything is written
+
+
 @pytest.mark.parametrize("width", [1, 3])
 def test_label_encoder_equals_protobuf_and_merges_into_the_record(width):
     task = {"task": "binary"} if width == 1 else {"task": "multiclass", "num_classes": width}

@@ -21,7 +21,7 @@ from google.protobuf import text_format
 from tensorflow_serving.apis import prediction_log_pb2
 from tensorflow_serving.config import model_server_config_pb2
 
-from matta_tf.data import Feature, Label, Schema, parse_examples, serialize_example
+from matta_tf.data import Feature, Label, RecordError, Schema, parse_examples, serialize_example
 from matta_tf.extraction import SubmodelSpec, extract_submodel, spec_cost
 from matta_tf.models.relevance import RelevanceConfig, build_relevance_network
 from matta_tf.serving import export as export_module
@@ -163,6 +163,34 @@ def test_serving_signature_takes_named_raw_tensors_with_padding(exports):
     one = signature(**{k: tf.constant(v) for k, v in alone.items()})["logits"].numpy()
     many = signature(**{k: tf.constant(v) for k, v in together.items()})["logits"].numpy()
     np.testing.assert_allclose(many[:1], one, rtol=1e-5, atol=1e-6)
+
+
+def test_raw_features_names_the_record_and_feature_a_record_lacks():
+    events = make_events(4, seed=2)
+    records = [serialize_example(event, SCHEMA) for event in events]
+    # The reference: each model feature as the tf.Example holds it; metadata and labels are not inputs.
+    expected = raw_features(records, SCHEMA)
+    assert "timestamp" not in expected and "label" not in expected
+    assert expected["user_id"].tolist() == [event["user_id"] for event in events]
+    lacking = {k: v for k, v in events[2].items() if k != "price"}
+    incomplete = tf.train.Example.FromString(records[2])
+    del incomplete.features.feature["price"]
+    for bad in (lacking, incomplete.SerializeToString()):
+        with pytest.raises(RecordError, match=r"^record 2: missing feature 'price'$") as caught:
+            raw_features(records[:2] + [bad] + records[3:], SCHEMA)
+        assert (caught.value.feature, caught.value.record_index) == ("price", 2)
+    # Labels and metadata features are not needed to score.
+    unlabelled = [{k: v for k, v in event.items() if k not in ("label", "timestamp")} for event in events]
+    for name, value in raw_features(unlabelled, SCHEMA).items():
+        np.testing.assert_array_equal(value, expected[name])
+    wrong_type = tf.train.Example.FromString(records[1])
+    wrong_type.features.feature["device"].CopyFrom(tf.train.Feature(int64_list=tf.train.Int64List(value=[1])))
+    with pytest.raises(RecordError, match=r"record 1: feature 'device' has the wrong type: expected bytes"):
+        raw_features([records[0], wrong_type.SerializeToString()], SCHEMA)
+    with pytest.raises(RecordError, match=r"record 1: feature 'score' \(numeric\) expects 2 value\(s\); found 1"):
+        raw_features([events[0], {**events[1], "score": [1.0]}], SCHEMA)
+    with pytest.raises(RecordError, match=r"record 0: bytes are not a tf.Example"):
+        raw_features([b"\xff\xff not a proto"], SCHEMA)
 
 
 def test_warmup_file_parses_with_serving_protos_and_replays(exports):

@@ -142,6 +142,68 @@ def _post(server, path, body):
         return error.code, json.loads(error.read())
 
 
+@pytest.mark.parametrize("dtype", ["int8", "int16", "int32", "uint8", "uint16", "uint32"])
+def test_narrow_integer_inputs_score_the_same_over_grpc_and_rest(server, clients, batch, dtype):
+    _, inputs, expected = batch
+    grpc_client = PredictionClient(f"127.0.0.1:{server.grpc_port}", MODEL_NAME, timeout=10)  # a fresh dtype cache
+    metadata_calls = []
+    grpc_client.metadata = lambda **kwargs: metadata_calls.append(kwargs) or PredictionClient.metadata(
+        grpc_client, **kwargs)
+    narrow = {**inputs, "user_id": inputs["user_id"].astype(dtype)}
+    assert narrow["user_id"].tolist() == inputs["user_id"].tolist()  # the ids fit every width tested
+    if dtype.startswith("int"):  # -1 pads histories: signed widths only
+        narrow.update(history=inputs["history"].astype(dtype), history_length=inputs["history_length"].astype(dtype),
+                      tags_length=inputs["tags_length"].astype(dtype))
+    scores = {}
+    for protocol, client in (("grpc", grpc_client), ("rest", clients["rest"]), ("rest-rows", clients["rest-rows"])):
+        scores[protocol] = client.predict(narrow, label="treatment")["probabilities"]
+        np.testing.assert_allclose(scores[protocol].astype(np.float32), expected[2]["probabilities"],
+                                   rtol=1e-5, atol=1e-6)
+    # Identical, not merely close: REST's JSON numbers decode to the float32 values gRPC returns.
+    np.testing.assert_array_equal(scores["grpc"].astype(np.float64), scores["rest"])
+    grpc_client.predict(narrow, label="treatment")
+    grpc_client.predict(inputs, label="treatment")
+    assert metadata_calls == [{"version": None, "label": "treatment"}]  # read once; int64 inputs need none
+    # A refused request drops what was read (a label may point at another version now): read again.
+    with pytest.raises(PredictionError, match="INVALID_ARGUMENT"):
+        grpc_client.predict({**narrow, "price": inputs["price"][:2]}, label="treatment")
+    grpc_client.predict(narrow, label="treatment")
+    assert len(metadata_calls) == 2
+    grpc_client.close()
+
+
+def test_float16_and_integer_inputs_to_float_features_over_grpc_and_rest(clients, batch):
+    _, inputs, expected = batch
+    rounded = {**inputs, "price": np.round(inputs["price"]), "score": inputs["score"].astype(np.float16)}
+    reference = clients["grpc"].predict({**rounded, "score": rounded["score"].astype(np.float32)}, version=1)
+    as_sent = {**rounded, "price": rounded["price"].astype(np.int32)}  # whole prices, as integers
+    for protocol in ("grpc", "rest"):
+        prediction = clients[protocol].predict(as_sent, version=1)
+        np.testing.assert_allclose(prediction["logits"].astype(np.float32), reference["logits"], rtol=1e-6, atol=0)
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "rest"])
+def test_inputs_that_do_not_convert_are_invalid_argument_naming_the_input(clients, batch, protocol):
+    _, inputs, _ = batch
+    for bad, found in (
+        ({**inputs, "user_id": inputs["user_id"].astype(np.float16)}, "not of expected type: int64"),
+        ({**inputs, "user_id": np.full_like(inputs["user_id"], 2**63, dtype=np.uint64)}, "out of range for int64"),
+    ):
+        with pytest.raises(PredictionError) as error:
+            clients[protocol].predict(bad, version=1)
+        assert error.value.code == "INVALID_ARGUMENT"
+        assert "'user_id'" in error.value.message and found in error.value.message, error.value.message
+    # gRPC casts only exactly; REST, as TF Serving does, rounds a JSON integer to the nearest float32.
+    beyond_float32 = {**inputs, "price": np.full(len(inputs["price"]), 2**24 + 1, np.int32)}
+    if protocol == "grpc":
+        with pytest.raises(PredictionError, match=r"input 'price': value 16777217 cannot be represented exactly "
+                                                  r"as float32") as error:
+            clients[protocol].predict(beyond_float32, version=1)
+        assert error.value.code == "INVALID_ARGUMENT"
+    else:
+        assert clients[protocol].predict(beyond_float32, version=1)["logits"].shape == (len(inputs["price"]), 1)
+
+
 def test_rest_errors_have_tf_serving_status_and_json_body(server, batch):
     _, inputs, _ = batch
     row = {name: _json_ready(value[0]) for name, value in inputs.items()}

@@ -107,10 +107,40 @@ def select_submodel(
     max_flops_per_example: float | None = None,
     max_latency_ms: float | None = None,
 ) -> SubmodelSpec:
-    """The best spec by `quality` within the given budgets (parameters, FLOPs, latency)."""
-    candidates = table[table[quality].notna()] if quality in table else table.iloc[0:0]
-    for column, budget in (("parameters", max_parameters), ("flops_per_example", max_flops_per_example),
-                           ("latency_ms", max_latency_ms)):
+    """The best spec by `quality` within the given budgets (parameters, FLOPs, latency).
+
+    Args:
+        table: An `evaluate_submodels` table (columns `spec_json`, the budget columns, the metrics).
+        quality: The metric column to rank by.
+        higher_is_better: Whether a larger `quality` is better (`False` for losses).
+        max_parameters: Keep rows whose `parameters` is at most this. `None`: no limit.
+        max_flops_per_example: Keep rows whose `flops_per_example` is at most this. `None`: no limit.
+        max_latency_ms: Keep rows whose `latency_ms` is at most this. `None`: no limit.
+
+    Returns:
+        The `SubmodelSpec` of the best row that fits every budget.
+
+    Raises:
+        SpecError: If the table lacks `spec_json`, the `quality` column or the column of a budget
+            that was given (the error names it and lists the table's columns), or if no evaluated row
+            fits the budget.
+    """
+    budgets = {"parameters": max_parameters, "flops_per_example": max_flops_per_example,
+               "latency_ms": max_latency_ms}
+    needed = [("quality", quality), ("spec", "spec_json")] + [
+        ("budget", column) for column, budget in budgets.items() if budget is not None]
+    missing = [(role, column) for role, column in needed if column not in table.columns]
+    if missing:
+        role, column = missing[0]
+        failed = ""
+        if "error" in table.columns and len(table) and table["error"].notna().all():
+            failed = " (every row of the table failed to evaluate: see its `error` column)"
+        raise SpecError(
+            f"select_submodel: the table has no {role} column {column!r}{failed}. "
+            f"Its columns: {', '.join(map(str, table.columns))}"
+        )
+    candidates = table[table[quality].notna()]
+    for column, budget in budgets.items():
         if budget is not None:
             candidates = candidates[candidates[column] <= budget]
     if candidates.empty:
