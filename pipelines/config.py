@@ -26,7 +26,7 @@ from typing import Any
 
 from matta_tf.data.safe_yaml import bounded_repr, load_yaml, load_yaml_text
 from matta_tf.models.relevance import RelevanceConfig
-from matta_tf.models.teacher import TeacherConfig as ModelTeacherConfig
+from matta_tf.models.teacher import TeacherConfig
 
 MAX_CONFIG_BYTES = 1 << 20
 MAX_CONFIG_VALUES = 100_000
@@ -102,7 +102,7 @@ class DataConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class TeacherConfig:
+class TeacherStepConfig:
     """The Teacher step: trained once on event labels, then labelling events through the Beam job.
 
     Args:
@@ -114,7 +114,7 @@ class TeacherConfig:
 
     enabled: bool = True
     beam_batch_size: int = 1024
-    model: ModelTeacherConfig = ModelTeacherConfig()
+    model: TeacherConfig = TeacherConfig()
 
     def validate(self, path: str) -> None:
         _check_at_least(self, path, ("beam_batch_size",), 1)
@@ -199,7 +199,7 @@ class RunConfig:
 
     run_dir: str = "runs/movielens"
     data: DataConfig = DataConfig()
-    teacher: TeacherConfig = TeacherConfig()
+    teacher: TeacherStepConfig = TeacherStepConfig()
     training: TrainingConfig = TrainingConfig()
     extraction: ExtractionConfig = ExtractionConfig()
     serving: ServingConfig = ServingConfig()
@@ -211,7 +211,7 @@ class RunConfig:
                 value.validate(field.name)
         if self.training.labels == "teacher" and not self.teacher.enabled:
             raise RunConfigError("training.labels: 'teacher' needs teacher.enabled: true. Received: 'teacher'")
-        _check(self.teacher.model.label == ModelTeacherConfig().label, "teacher.model.label",
+        _check(self.teacher.model.label == TeacherConfig().label, "teacher.model.label",
                "the run's event label is data.label (or the schema's only event label): set data.label instead",
                self.teacher.model.label)
         return self
@@ -304,7 +304,7 @@ def _build(cls: type, data: Mapping[str, Any], path: str) -> Any:
 
 
 # Model configurations nested in a run's sections, with the run's defaults (a section's default value).
-_MODEL_CONFIGS = {RelevanceConfig: TrainingConfig.model, ModelTeacherConfig: TeacherConfig.model}
+_MODEL_CONFIGS = {RelevanceConfig: TrainingConfig.model, TeacherConfig: TeacherStepConfig.model}
 
 
 def _join(path: str, name: str) -> str:
