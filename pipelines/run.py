@@ -257,6 +257,8 @@ def run_steps(config: RunConfig, steps: Sequence[str] = STEPS, force: bool = Fal
     run = RunContext(config)
     if config.data.source == "directory":
         run.data  # noqa: B018  (checks the data directory and the names before anything is written)
+    if _in_cluster(steps):
+        return _run_train_on_cluster(run, force)
     manifest = RunManifest.open(run.layout, force=force)
     manifest.claim(RunLayout.RUN_FILES)
     atomic_write(run.path(L.CONFIG), json.dumps(config.to_dict(), indent=1))
@@ -278,6 +280,54 @@ def run_steps(config: RunConfig, steps: Sequence[str] = STEPS, force: bool = Fal
         print(f"[{step}] finished in {timings[step]:.1f} s")
     with open(run.path(L.TIMINGS), "a", encoding="utf-8") as handle:
         handle.write(json.dumps(timings) + "\n")
+    return timings
+
+
+def _in_cluster(steps: Sequence[str]) -> bool:
+    """Whether `TF_CONFIG` names a cluster; then `steps` must be the train step alone.
+
+    Raises:
+        ValueError: a cluster and other steps than `train` (they run in one process).
+    """
+    from matta_tf.training.distribute import cluster_config
+
+    cluster = cluster_config()
+    if cluster is None:
+        return False
+    others = [step for step in steps if step != "train"]
+    if others:
+        tasks = sum(len(addresses) for addresses in cluster["cluster"].values())
+        raise ValueError(f"--steps: under TF_CONFIG (a cluster of {tasks} tasks) matta run runs the train step "
+                         f"only, on every worker at once; run {others} in one process (without TF_CONFIG). "
+                         f"Received: --steps {','.join(steps)}")
+    return True
+
+
+def _run_train_on_cluster(run: RunContext, force: bool) -> dict[str, float]:
+    """The train step on one worker of a cluster (`TF_CONFIG`); every worker runs this same command.
+
+    Every worker takes part in every training step's collectives, so the step always runs (a worker that
+    skipped it as done would leave the others waiting) and each worker reads the run directory's events
+    (a shared filesystem, or a copy at the same path). Only the chief claims and writes the run directory.
+    """
+    from matta_tf.training.distribute import is_chief, strategy_from_environment
+
+    strategy_from_environment()  # first, before any TensorFlow op of this process
+    chief = is_chief()
+    if chief:
+        manifest = RunManifest.open(run.layout, force=force)
+        manifest.claim(RunLayout.RUN_FILES)
+        atomic_write(run.path(L.CONFIG), json.dumps(run.config.to_dict(), indent=1))
+        manifest.prepare_step("train")
+    print(f"[train] on a cluster of workers ({'chief' if chief else 'worker'}: "
+          f"{'writes' if chief else 'writes nothing to'} {run.root})")
+    start = time.perf_counter()
+    step_train(run)
+    timings = {"train": time.perf_counter() - start}
+    print(f"[train] finished in {timings['train']:.1f} s")
+    if chief:
+        with open(run.path(L.TIMINGS), "a", encoding="utf-8") as handle:
+            handle.write(json.dumps(timings) + "\n")
     return timings
 
 

@@ -183,3 +183,48 @@ def test_train_relevance_runs_on_two_workers_and_only_the_chief_writes(tmp_path)
         assert "test AUROC" in output
     assert (tmp_path / "out0" / "metrics.json").exists() and (tmp_path / "out0" / "network.keras").exists()
     assert not (tmp_path / "out1").exists()
+
+
+def test_matta_run_under_tf_config_runs_the_train_step_only(tmp_path, monkeypatch, capsys):
+    from matta_tf.pipelines.cli import main
+
+    cluster = {"worker": ["127.0.0.1:1", "127.0.0.1:2"]}
+    monkeypatch.setenv("TF_CONFIG", json.dumps({"cluster": cluster, "task": {"type": "worker", "index": 0}}))
+    assert main(["run", "--run-dir", str(tmp_path / "run"), "--steps", "prepare,train"]) == 2
+    error = capsys.readouterr().err
+    assert "under TF_CONFIG (a cluster of 2 tasks) matta run runs the train step only" in error, error
+    assert "['prepare']" in error and not (tmp_path / "run").exists()
+
+
+RUN_CONFIG = """
+run_dir: {run_dir}
+data: {{source: synthetic, synthetic_users: 40, synthetic_items: 30, synthetic_events: 2000, num_shards: 2}}
+teacher: {{enabled: false}}
+training: {{labels: event, epochs: 1, batch_size: 128, model: {{embedding_dim: 4, tower_units: [8], head_units: [8]}},
+           distillation_ramp_steps: 5}}
+"""
+
+
+@pytest.mark.slow
+def test_matta_run_train_step_runs_on_two_workers_and_only_the_chief_writes(tmp_path):
+    from matta_tf.pipelines.cli import main
+
+    config = tmp_path / "run.yaml"
+    config.write_text(RUN_CONFIG.format(run_dir=tmp_path / "run"))
+    assert main(["run", "--config", str(config), "--steps", "prepare"]) == 0
+    before = sorted(os.listdir(tmp_path / "run"))
+    cluster = {"worker": [f"127.0.0.1:{_free_port()}" for _ in range(2)]}
+    processes = [subprocess.Popen(
+        [sys.executable, "-m", "matta_tf.pipelines.cli", "run", "--config", str(config), "--steps", "train"],
+        env={**{k: v for k, v in os.environ.items() if k != "TF_CONFIG"}, "CUDA_VISIBLE_DEVICES": "",
+             "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})},
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for index in range(2)]
+    outputs = [process.communicate(timeout=1200)[0] for process in processes]
+    for process, output in zip(processes, outputs, strict=True):
+        assert process.returncode == 0, output[-4000:]
+    assert "(chief: writes" in outputs[0] and "(worker: writes nothing to" in outputs[1]
+    run = tmp_path / "run"
+    for arm in ("matta", "baseline"):
+        metrics = json.loads((run / arm / "metrics.json").read_text())
+        assert 0.0 < metrics["test"]["label"]["student"]["auc"] <= 1.0
+    assert sorted(os.listdir(run)) == sorted({*before, "matta", "baseline", "timings.json"})

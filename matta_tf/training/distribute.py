@@ -44,6 +44,8 @@ from typing import Any
 
 import tensorflow as tf
 
+_CLUSTER_STRATEGIES: dict[str, tf.distribute.Strategy] = {}
+
 
 class DistributionConfigError(ValueError):
     """`TF_CONFIG` is malformed; the message names the field and the value."""
@@ -82,7 +84,8 @@ def strategy_from_environment() -> tf.distribute.Strategy:
     """The strategy this process's environment asks for (see the module docstring's table).
 
     Call it before any TensorFlow op runs in the process: a multi-worker strategy configures
-    TensorFlow's collective ops, which TensorFlow allows only at start-up.
+    TensorFlow's collective ops, which TensorFlow allows only at start-up. Later calls in the same
+    process return the same multi-worker strategy.
 
     Returns:
         A `MultiWorkerMirroredStrategy`, a `MirroredStrategy` or the default strategy.
@@ -91,7 +94,12 @@ def strategy_from_environment() -> tf.distribute.Strategy:
         DistributionConfigError: `TF_CONFIG` is set but malformed.
     """
     if cluster_config() is not None:
-        return tf.distribute.MultiWorkerMirroredStrategy()  # it reads TF_CONFIG itself
+        # One per process: TensorFlow configures collectives once, so a second training run in the same
+        # process (matta run trains MatTA, then the baseline) must reuse the first one's strategy.
+        text = os.environ["TF_CONFIG"]
+        if text not in _CLUSTER_STRATEGIES:
+            _CLUSTER_STRATEGIES[text] = tf.distribute.MultiWorkerMirroredStrategy()  # it reads TF_CONFIG itself
+        return _CLUSTER_STRATEGIES[text]
     gpus = tf.config.list_logical_devices("GPU")
     if len(gpus) >= 2:
         return tf.distribute.MirroredStrategy([device.name for device in gpus])
