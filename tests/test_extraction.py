@@ -222,9 +222,9 @@ def test_evaluate_pareto_plot_and_select(relevance, tmp_path):
     assert (table.loc[:1, "latency_ms"] > 0).all()
     # The evaluated AUROC is the extracted model's AUROC on the dataset.
     student_logits = extract_submodel(relevance, specs[0])(_features()).numpy().ravel()
-    auc = keras.metrics.AUC(num_thresholds=2000)
-    auc.update_state(labels, tf.sigmoid(student_logits))
-    assert table.loc[0, "auc"] == pytest.approx(float(auc.result()), abs=1e-6)
+    scores, positive = np.asarray(student_logits).reshape(-1), np.asarray(labels).reshape(-1) >= 0.5
+    pairs = scores[positive][:, None] - scores[~positive][None, :]  # the exact AUROC, pair by pair
+    assert table.loc[0, "auc"] == pytest.approx((pairs > 0).mean() + 0.5 * (pairs == 0).mean(), abs=1e-9)
     path = plot_quality_vs_size(table, str(tmp_path / "quality.png"), baseline=0.5)
     assert os.path.getsize(path) > 10_000
     budget = table.loc[0, "parameters"]
@@ -336,3 +336,21 @@ def test_select_submodel_names_a_missing_quality_or_budget_column():
     # A real empty budget keeps its own message.
     with pytest.raises(SpecError, match="no evaluated sub-model fits the budget: max_parameters=1,"):
         select_submodel(table, max_parameters=1)
+
+
+def test_exact_auroc_equals_the_pairwise_definition_with_ties_and_binary_metrics_uses_it():
+    from matta_tf.extraction import binary_metrics, exact_auroc
+
+    rng = np.random.default_rng(3)
+    for scores in (rng.normal(size=300), np.round(rng.normal(size=300), 1), np.array([40.0, 50.0, 60.0, 45.0])):
+        positive = rng.random(len(scores)) < 0.4
+        positive[:2] = [True, False]
+        # The definition: every (positive, negative) pair, a win counting 1 and a tie one half.
+        wins = (scores[positive][:, None] > scores[~positive][None, :]).mean()
+        ties = (scores[positive][:, None] == scores[~positive][None, :]).mean()
+        assert exact_auroc(positive, scores) == pytest.approx(wins + 0.5 * ties, abs=1e-12)
+    # Logits past the sigmoid's float resolution still rank: [40, 50, 60] would all be probability 1.0.
+    assert exact_auroc([False, True, True], [40.0, 50.0, 60.0]) == 1.0
+    metrics = binary_metrics(np.array([0.2, 0.9, 0.7, 0.1]), np.array([-1.0, 2.0, 0.5, 0.5]))
+    assert metrics["auc"] == pytest.approx(3.5 / 4) and metrics["auc_loss"] == pytest.approx(0.5 / 4)  # one tie
+    assert np.isnan(exact_auroc([True, True], [0.1, 0.2]))

@@ -20,6 +20,7 @@ from matta_tf.extraction.enumerate import all_specs, random_specs, wide_narrow_w
 from matta_tf.extraction.evaluate import (
     binary_metrics,
     evaluate_submodels,
+    exact_auroc,
     pareto_frontier,
     plot_quality_vs_size,
     select_submodel,
@@ -34,6 +35,7 @@ __all__ = [
     "SubmodelSpec",
     "all_specs",
     "binary_metrics",
+    "exact_auroc",
     "choosable_layers",
     "evaluate_submodels",
     "extract_submodel",
