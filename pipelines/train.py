@@ -106,6 +106,63 @@ def evaluate_streams(network: keras.Layer, dataset: tf.data.Dataset, label: str)
     return {"student": binary_metrics(y, np.concatenate(student)), "ta": binary_metrics(y, np.concatenate(ta))}
 
 
+@dataclasses.dataclass(frozen=True)
+class Plateau:
+    """Training to a plateau: the one stopping rule of every arm of a fair comparison.
+
+    After each epoch, the exact validation AucLoss (1 - AUROC, against the event label) of `stream` is
+    computed; training stops once it has not improved by more than `min_delta` for `patience` epochs
+    (or after `training.epochs`, the cap), and the network is put back to its best epoch's weights.
+
+    Args:
+        patience: Epochs without improvement before stopping. Defaults to 2.
+        min_delta: The improvement that counts. Defaults to 0.
+        stream: `"student"` or `"ta"`: the stream whose validation quality decides (an arm's reported
+            stream). Defaults to `"student"`.
+    """
+
+    patience: int = 2
+    min_delta: float = 0.0
+    stream: str = "student"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.patience, int) or self.patience < 1:
+            raise ValueError(f"`patience` must be an integer >= 1. Received: patience={self.patience!r}")
+        if not self.min_delta >= 0:
+            raise ValueError(f"`min_delta` must be >= 0. Received: min_delta={self.min_delta!r}")
+        if self.stream not in ("student", "ta"):
+            raise ValueError(f"`stream` must be 'student' or 'ta'. Received: stream={self.stream!r}")
+
+
+class ValidationPlateau(keras.callbacks.Callback):
+    """Keras callback of `Plateau`: logs `val_<stream>_exact_auc_loss`, stops at the plateau, restores the best."""
+
+    def __init__(self, network: keras.Layer, dataset: tf.data.Dataset, label: str, rule: Plateau,
+                 evaluate: Any = None):
+        super().__init__()
+        self.network, self.dataset, self.label, self.rule = network, dataset, label, rule
+        self.evaluate = evaluate or evaluate_streams  # (network, dataset, label) -> {stream: metrics}
+        self.best = float("inf")
+        self.best_epoch = -1
+        self.epochs_run = 0
+        self._best_weights: list[np.ndarray] | None = None
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        value = self.evaluate(self.network, self.dataset, self.label)[self.rule.stream]["auc_loss"]
+        if logs is not None:
+            logs[f"val_{self.rule.stream}_exact_auc_loss"] = value
+        self.epochs_run = epoch + 1
+        if value < self.best - self.rule.min_delta:
+            self.best, self.best_epoch = value, epoch
+            self._best_weights = [np.array(weight) for weight in self.network.get_weights()]
+        elif epoch - self.best_epoch >= self.rule.patience:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if self._best_weights is not None:
+            self.network.set_weights(self._best_weights)
+
+
 @dataclasses.dataclass
 class TrainingRun:
     network: keras.Layer
@@ -121,6 +178,7 @@ def train_relevance(
     optimizer: str | None = None,
     verbose: str | int = "auto",
     event_label: str | None = None,
+    plateau: Plateau | None = None,
 ) -> TrainingRun:
     """Trains one arm on `data_dir`'s training split and evaluates it on validation and test.
 
@@ -137,6 +195,8 @@ def train_relevance(
         verbose: Keras `fit` verbosity.
         event_label: The events' binary label (learnt with `training.labels="event"`, evaluated always).
             Defaults to the schema's only event label.
+        plateau: Train to a plateau of the validation quality (`Plateau`; `training.epochs` is then the
+            cap) and keep the best epoch; `None` trains `training.epochs` epochs. Needs a validation split.
 
     Training runs under the strategy the environment asks for (`TF_CONFIG` for a cluster of workers,
     several local GPUs, or one device: `matta_tf.training.distribute`); only the chief writes `out_dir`.
@@ -170,10 +230,21 @@ def train_relevance(
                                                        training.distillation_ramp_shape),
         )
         # XLA compiles Shampoo's eigendecompositions slowly on CPU (minutes); its step is fast without it.
+        # XLA has no kernels for the collectives of a multi-worker step (CollectiveGatherV2 on XLA_CPU_JIT).
+        distributed = strategy.num_replicas_in_sync > 1 or isinstance(strategy,
+                                                                      tf.distribute.MultiWorkerMirroredStrategy)
         model.compile(optimizer=make_optimizer(optimizer_name, training.learning_rate, steps),
-                      jit_compile=optimizer_name != "shampoo")
-    history = model.fit(datasets["train"], epochs=training.epochs, verbose=verbose)
+                      jit_compile=optimizer_name != "shampoo" and not distributed)
+    callbacks = []
+    if plateau is not None:
+        if "validation" not in datasets:
+            raise ValueError(f"`plateau` needs a validation split: {data_dir}/validation does not exist")
+        callbacks.append(ValidationPlateau(network, datasets["validation"], event_label, plateau))
+    history = model.fit(datasets["train"], epochs=training.epochs, verbose=verbose, callbacks=callbacks)
     metrics: dict[str, Any] = {"arm": arm, "optimizer": optimizer or training.optimizer, "labels": label_name}
+    if plateau is not None:
+        metrics["plateau"] = {"epochs_run": callbacks[0].epochs_run, "best_epoch": callbacks[0].best_epoch + 1,
+                              "validation_auc_loss": callbacks[0].best, **dataclasses.asdict(plateau)}
     for split in ("validation", "test"):
         if split in datasets:
             metrics[split] = {name: evaluate_streams(network, datasets[split], name) for name in eval_labels}

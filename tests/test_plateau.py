@@ -1,0 +1,72 @@
+"""Training to a plateau (`pipelines.train.Plateau`): the stopping rule every arm of the ablation shares."""
+
+import numpy as np
+import pytest
+
+from matta_tf.data import SyntheticConfig, generate_synthetic
+from matta_tf.models.relevance import RelevanceConfig
+from matta_tf.pipelines.config import TrainingConfig
+from matta_tf.pipelines.train import Plateau, train_relevance
+
+
+@pytest.fixture(scope="module")
+def events(tmp_path_factory):
+    directory = str(tmp_path_factory.mktemp("plateau") / "events")
+    generate_synthetic(directory, SyntheticConfig(num_users=40, num_items=30, num_events=3000, num_shards=1,
+                                                  latent_dim=4, nonlinear_units=8, seed=3), progress=False)
+    return directory
+
+
+@pytest.mark.parametrize("curve, patience, min_delta, stops_after, best", [
+    ([0.40, 0.35, 0.36, 0.37, 0.30], 2, 0.0, 4, 2),     # two epochs without a gain after epoch 2: stop
+    ([0.40, 0.35, 0.36, 0.34, 0.33], 2, 0.0, 5, 5),     # a gain in time: runs to the cap
+    ([0.40, 0.39, 0.385, 0.30, 0.2], 2, 0.02, 3, 1),    # gains below min_delta do not count
+])
+def test_the_callback_follows_the_rule_and_restores_the_best_weights(curve, patience, min_delta, stops_after, best):
+    import keras
+
+    from matta_tf.pipelines.train import ValidationPlateau
+
+    network = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    values = iter(curve)
+    callback = ValidationPlateau(network, None, "label", Plateau(patience=patience, min_delta=min_delta),
+                                 evaluate=lambda *_: {"student": {"auc_loss": next(values)}})
+    callback.set_model(network)
+    network.stop_training = False
+    weights_at = {}
+    for epoch in range(len(curve)):
+        network.set_weights([np.full_like(w, epoch + 1.0) for w in network.get_weights()])  # "training"
+        weights_at[epoch + 1] = network.get_weights()
+        logs = {}
+        callback.on_epoch_end(epoch, logs)
+        assert logs["val_student_exact_auc_loss"] == curve[epoch]
+        if network.stop_training:
+            break
+    callback.on_train_end()
+    assert callback.epochs_run == stops_after and callback.best_epoch + 1 == best
+    for restored, expected in zip(network.get_weights(), weights_at[best], strict=True):
+        np.testing.assert_array_equal(restored, expected)
+
+
+@pytest.mark.slow
+def test_training_stops_at_the_plateau_and_keeps_the_best_epoch(events):
+    training = TrainingConfig(labels="event", optimizer="adam", learning_rate=0.05, epochs=8, batch_size=128,
+                              model=RelevanceConfig(embedding_dim=4, tower_units=(8,), head_units=(8,)))
+    rule = Plateau(patience=1)
+    run = train_relevance(events, None, training, arm="student_only", verbose=0, plateau=rule)
+    curve = run.history["val_student_exact_auc_loss"]
+    plateau = run.metrics["plateau"]
+    assert plateau["epochs_run"] == len(curve) <= 8
+    best = int(np.argmin(curve))
+    assert plateau["best_epoch"] == best + 1 and plateau["validation_auc_loss"] == pytest.approx(min(curve))
+    # The rule: it ran to the cap, or stopped exactly `patience` epochs after the best one.
+    assert len(curve) == 8 or len(curve) - 1 - best == rule.patience
+    # The network was put back to the best epoch: its validation quality now is the best one seen.
+    assert run.metrics["validation"]["label"]["student"]["auc_loss"] == pytest.approx(min(curve), abs=1e-9)
+
+
+def test_plateau_arguments_are_checked():
+    for kwargs, message in (({"patience": 0}, "patience"), ({"min_delta": -1.0}, "min_delta"),
+                            ({"stream": "teacher"}, "stream")):
+        with pytest.raises(ValueError, match=f"`{message}`"):
+            Plateau(**kwargs)
