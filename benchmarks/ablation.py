@@ -1,8 +1,12 @@
 """The paper's Tables 3-4 and Figure 5 in miniature: MatTA's ablation over seeds, with the init control.
 
-Every arm trains on the same events with the same budget (epochs, batch, learning rate) through
-`matta_tf.pipelines.train.train_relevance`, the code path of the main job, and is evaluated on the held-out
-test split against the event labels (for teacher-labelled data, labels drawn from the same teacher):
+Every arm trains on the same events through `matta_tf.pipelines.train.train_relevance`, the code path of the
+main job, under one fair protocol: each arm's learning rate is chosen on the validation split from the same
+grid (`--grid`, `--tune-seeds` runs per rate; the lowest mean validation AucLoss of the arm's reported stream
+wins), and every run trains to the plateau of that validation AucLoss under the same rule (`--patience`
+epochs without a gain, `--epochs` as the cap, best epoch restored: `pipelines.train.Plateau`). Then every
+seed runs at the chosen rate and is evaluated on the held-out test split against the event labels (for
+teacher-labelled data, labels drawn from the same teacher), with the exact AUROC:
 
 | arm | network | losses | optimizer |
 |---|---|---|---|
@@ -57,7 +61,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 from matta_tf.data import MovieLensConfig, SyntheticConfig, generate_synthetic, prepare_movielens  # noqa: E402
 from matta_tf.pipelines.config import TrainingConfig  # noqa: E402
-from matta_tf.pipelines.train import evaluation_dataset, train_relevance  # noqa: E402
+from matta_tf.pipelines.train import Plateau, evaluation_dataset, train_relevance  # noqa: E402
 
 # name -> (train_relevance arm, optimizer, TrainingConfig overrides; `model` overrides its RelevanceConfig)
 ARMS = {
@@ -97,33 +101,76 @@ def training_config(args: argparse.Namespace, seed: int, overrides: dict) -> Tra
                           batch_size=args.batch_size, seed=seed, model=model, **overrides)
 
 
+def _read_rows(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _train_row(args: argparse.Namespace, data_dir: str, arm: str, seed: int, learning_rate: float,
+               phase: str) -> tuple[dict, object]:
+    """One arm trained once (to the plateau of its reported stream's validation AucLoss when `args.plateau`)."""
+    train_arm, optimizer, overrides = ARMS[arm]
+    config = dataclasses.replace(training_config(args, seed, overrides), learning_rate=learning_rate)
+    stream = "ta" if arm == "ta_alone" else "student"
+    plateau = Plateau(patience=args.patience, stream=stream) if args.plateau else None
+    started = time.perf_counter()
+    run = train_relevance(data_dir, None, config, arm=train_arm, optimizer=optimizer, verbose=0, plateau=plateau)
+    label = next(iter(run.metrics["test"]))  # the event label (evaluation), listed first
+    test, validation = run.metrics["test"][label], run.metrics.get("validation", {}).get(label)
+    row = {
+        "arm": arm, "seed": seed, "phase": phase, "learning_rate": learning_rate,
+        "seconds": round(time.perf_counter() - started, 1),
+        "student_auc_loss": test["student"]["auc_loss"], "ta_auc_loss": test["ta"]["auc_loss"],
+        "student_log_loss": test["student"]["log_loss"], "ta_log_loss": test["ta"]["log_loss"],
+        "validation_auc_loss": validation[stream]["auc_loss"] if validation else None,
+        "epochs_run": run.metrics.get("plateau", {}).get("epochs_run", config.epochs),
+        "config": dataclasses.asdict(config),
+    }
+    return row, run
+
+
+def chosen_learning_rates(rows: list[dict], arms: list[str], grid: list[float]) -> dict[str, float]:
+    """Each arm's learning rate: the grid value with the lowest mean validation AucLoss of its tuning runs."""
+    chosen = {}
+    for arm in arms:
+        tuned = pd.DataFrame([r for r in rows if r.get("phase") == "tune" and r["arm"] == arm
+                              and r["learning_rate"] in grid])
+        if tuned.empty:
+            raise ValueError(f"no tuning runs for arm {arm!r}")
+        chosen[arm] = float(tuned.groupby("learning_rate")["validation_auc_loss"].mean().idxmin())
+    return chosen
+
+
 def run_arms(args: argparse.Namespace, data_dir: str) -> list[dict]:
+    """Tuning (each arm x every grid rate x the tuning seeds, chosen on validation), then every seed at the
+    chosen rate; each run appends a JSON line, so an interrupted run resumes where it stopped."""
     path = os.path.join(args.out, "results.jsonl")
-    done = []
-    if os.path.exists(path):
-        with open(path, encoding="utf-8") as handle:
-            done = [json.loads(line) for line in handle if line.strip()]
-    finished = {(row["arm"], row["seed"]) for row in done}
-    todo = [(arm, seed) for seed in range(args.seeds) for arm in args.arms if (arm, seed) not in finished]
-    bar = tqdm(todo, desc="ablation runs", unit="run")
-    for arm, seed in bar:
-        bar.set_postfix(arm=arm, seed=seed)
-        train_arm, optimizer, overrides = ARMS[arm]
-        config = training_config(args, seed, overrides)
-        started = time.perf_counter()
-        run = train_relevance(data_dir, None, config, arm=train_arm, optimizer=optimizer, verbose=0)
-        test = run.metrics["test"]["label"]
-        row = {
-            "arm": arm, "seed": seed, "seconds": round(time.perf_counter() - started, 1),
-            "student_auc_loss": test["student"]["auc_loss"], "ta_auc_loss": test["ta"]["auc_loss"],
-            "student_log_loss": test["student"]["log_loss"], "ta_log_loss": test["ta"]["log_loss"],
-            "config": dataclasses.asdict(config),
-        }
-        if args.mixnmatch and arm == "matta_shampoo" and seed == 0:
-            row["mixnmatch"] = mix_n_match(run.network, data_dir, args)
+    done = _read_rows(path)
+
+    def record(row: dict) -> None:
         done.append(row)
         with open(path, "a", encoding="utf-8") as handle:
             handle.write(json.dumps(row) + "\n")
+
+    grid = args.grid or [args.learning_rate]
+    if len(grid) > 1:
+        finished = {(r["arm"], r["seed"], r["learning_rate"]) for r in done if r.get("phase") == "tune"}
+        todo = [(arm, seed, lr) for arm in args.arms for lr in grid for seed in range(args.tune_seeds)
+                if (arm, seed, lr) not in finished]
+        for arm, seed, lr in (bar := tqdm(todo, desc="tuning runs", unit="run")):
+            bar.set_postfix(arm=arm, seed=seed, lr=lr)
+            record(_train_row(args, data_dir, arm, seed, lr, "tune")[0])
+    rates = chosen_learning_rates(done, args.arms, grid) if len(grid) > 1 else dict.fromkeys(args.arms, grid[0])
+    finished = {(r["arm"], r["seed"]) for r in done if r.get("phase", "final") == "final"}
+    todo = [(arm, seed) for seed in range(args.seeds) for arm in args.arms if (arm, seed) not in finished]
+    for arm, seed in (bar := tqdm(todo, desc="ablation runs", unit="run")):
+        bar.set_postfix(arm=arm, seed=seed, lr=rates[arm])
+        row, run = _train_row(args, data_dir, arm, seed, rates[arm], "final")
+        if args.mixnmatch and arm == "matta_shampoo" and seed == 0:
+            row["mixnmatch"] = mix_n_match(run.network, data_dir, args)
+        record(row)
     return done
 
 
@@ -137,14 +184,15 @@ def mix_n_match(network, data_dir: str, args: argparse.Namespace) -> list[dict]:
 
 
 def summarize(rows: list[dict], args: argparse.Namespace) -> str:
+    rows = [row for row in rows if row.get("phase", "final") == "final"]
     frame = pd.DataFrame([{k: v for k, v in row.items() if k not in ("config", "mixnmatch")} for row in rows])
     frame = frame[frame["seed"] < args.seeds]
     baseline = frame[frame["arm"] == "baseline"].set_index("seed")["student_auc_loss"]
     ta_baseline = frame[frame["arm"] == "ta_alone"].set_index("seed")["ta_auc_loss"]
     lines = [f"Test AucLoss (1 - AUROC) over seeds {sorted(frame['seed'].unique().tolist())}; relative change vs the "
              "baseline (negative is better), paired t-test over seeds.", ""]
-    lines += ["| arm | stream | seeds | AucLoss mean | std | vs baseline | p (paired t) | minutes per run |",
-              "|---|---|---|---|---|---|---|---|"]
+    lines += ["| arm | stream | seeds | AucLoss mean | std | vs baseline | p (paired t) | minutes per run | learning rate "
+              "| epochs |", "|---|---|---|---|---|---|---|---|---|---|"]
     for stream, arms, reference in (("student", STUDENT_ARMS, baseline), ("ta", TA_ARMS, ta_baseline)):
         for arm in arms:
             part = frame[frame["arm"] == arm].set_index("seed")
@@ -159,8 +207,10 @@ def summarize(rows: list[dict], args: argparse.Namespace) -> str:
             else:
                 p_value = "-"
             change = "-" if is_reference or relative.empty else f"{relative.mean():+.2%} +- {relative.std():.2%}"
+            rate = f"{part['learning_rate'].iloc[0]:g}" if "learning_rate" in part else "-"
+            epochs = f"{part['epochs_run'].mean():.1f}" if "epochs_run" in part else "-"
             lines.append(f"| {arm} | {stream} | {len(values)} | {values.mean():.4f} | {values.std():.4f} | {change} "
-                         f"| {p_value} | {part['seconds'].mean() / 60:.1f} |")
+                         f"| {p_value} | {part['seconds'].mean() / 60:.1f} | {rate} | {epochs} |")
     lines.append("")
     if not baseline.empty and not ta_baseline.empty:
         common = baseline.index.intersection(ta_baseline.index)
@@ -196,7 +246,13 @@ def main() -> None:
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {list(ARMS)}")
     parser.add_argument("--epochs", type=int, default=None, help="synthetic 1, movielens 2")
     parser.add_argument("--batch-size", type=int, default=None, help="synthetic 1024, movielens 512")
-    parser.add_argument("--learning-rate", type=float, default=2e-3)
+    parser.add_argument("--learning-rate", type=float, default=2e-3, help="every arm's rate when --grid is empty")
+    parser.add_argument("--grid", default="1e-3,2e-3,5e-3,1e-2",
+                        help="learning rates each arm is tuned over on validation (comma-separated; '' for none)")
+    parser.add_argument("--tune-seeds", type=int, default=1, help="seeds per arm and rate in the tuning phase")
+    parser.add_argument("--plateau", action=argparse.BooleanOptionalAction, default=True,
+                        help="train every arm to the plateau of its validation AucLoss (--epochs is the cap)")
+    parser.add_argument("--patience", type=int, default=2, help="epochs without a validation gain before stopping")
     parser.add_argument("--mixnmatch", type=int, default=12, help="random sub-models to evaluate (0: none)")
     parser.add_argument("--events", type=int, default=1_000_000, help="synthetic events (all splits)")
     parser.add_argument("--users", type=int, default=2_000)
@@ -207,11 +263,15 @@ def main() -> None:
     args = parser.parse_args()
     args.out = args.out or os.path.join("runs", "ablation", args.data)
     args.arms = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
+    try:
+        args.grid = [float(rate) for rate in args.grid.split(",") if rate.strip()]
+    except ValueError:
+        parser.error(f"--grid: comma-separated learning rates. Received: {args.grid!r}")
     unknown = [arm for arm in args.arms if arm not in ARMS]
     if unknown:
         parser.error(f"--arms: unknown arm(s) {unknown}; choose from {list(ARMS)}")
-    if args.epochs is None:
-        args.epochs = 1 if args.data == "synthetic" else 2
+    if args.epochs is None:  # the cap when training to a plateau
+        args.epochs = (8 if args.plateau else 1) if args.data == "synthetic" else (12 if args.plateau else 2)
     if args.batch_size is None:
         args.batch_size = 1024 if args.data == "synthetic" else 512
     os.makedirs(args.out, exist_ok=True)

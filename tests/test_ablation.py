@@ -54,3 +54,21 @@ def test_summary_reports_relative_change_paired_test_and_gap(tmp_path):
     assert _table_row(report, "matta_shampoo", "ta")[5].startswith(f"{ta_relative:+.2%}")
     gap = sum((1 - t) - (1 - b) for t, b in zip(ta, baseline, strict=True)) / 3
     assert f"{gap:+.4f}" in report
+
+
+def test_each_arm_takes_the_grid_rate_with_the_best_mean_validation_auc_loss():
+    rows = []
+    for arm, best in (("baseline", 1e-2), ("matta_shampoo", 2e-3)):
+        for rate in (1e-3, 2e-3, 1e-2):
+            for seed, noise in ((0, 0.001), (1, -0.001)):
+                value = 0.30 + abs(rate - best) + noise
+                rows.append(dict(arm=arm, seed=seed, phase="tune", learning_rate=rate, validation_auc_loss=value))
+    rows.append(dict(arm="baseline", seed=0, phase="final", learning_rate=1e-3, validation_auc_loss=0.0))
+    chosen = ablation.chosen_learning_rates(rows, ["baseline", "matta_shampoo"], [1e-3, 2e-3, 1e-2])
+    assert chosen == {"baseline": 1e-2, "matta_shampoo": 2e-3}  # final rows never decide
+    with pytest.raises(ValueError, match="no tuning runs for arm 'ta_alone'"):
+        ablation.chosen_learning_rates(rows, ["ta_alone"], [1e-3])
+    report = ablation.summarize(rows + [dict(arm="baseline", seed=1, phase="final", learning_rate=1e-2, seconds=6,
+                                             student_auc_loss=0.3, ta_auc_loss=0.5, epochs_run=4)],
+                                argparse.Namespace(seeds=3, out="unused", data="synthetic"))
+    assert _table_row(report, "baseline", "student")[2] == "2"  # tuning rows are not results
