@@ -191,8 +191,8 @@ def summarize(rows: list[dict], args: argparse.Namespace) -> str:
     ta_baseline = frame[frame["arm"] == "ta_alone"].set_index("seed")["ta_auc_loss"]
     lines = [f"Test AucLoss (1 - AUROC) over seeds {sorted(frame['seed'].unique().tolist())}; relative change vs the "
              "baseline (negative is better), paired t-test over seeds.", ""]
-    lines += ["| arm | stream | seeds | AucLoss mean | std | vs baseline | p (paired t) | minutes per run | learning rate "
-              "| epochs |", "|---|---|---|---|---|---|---|---|---|---|"]
+    lines += ["| arm | stream | seeds | AucLoss mean | std | vs baseline | p (paired t) | minutes per run "
+              "| learning rate | epochs |", "|---|---|---|---|---|---|---|---|---|---|"]
     for stream, arms, reference in (("student", STUDENT_ARMS, baseline), ("ta", TA_ARMS, ta_baseline)):
         for arm in arms:
             part = frame[frame["arm"] == arm].set_index("seed")
