@@ -84,6 +84,25 @@ def _events_section(run: Any) -> list[str]:
     return [*lines, ""]
 
 
+def _verdict(run_dir: str) -> list[str]:
+    """One plain sentence: did the MatTA Student beat the baseline Student on test AucLoss (one seed)?"""
+    matta = _read_json(os.path.join(run_dir, L.MATTA, L.METRICS))
+    baseline = _read_json(os.path.join(run_dir, L.BASELINE, L.METRICS))
+    if not matta or not baseline or "test" not in matta or "test" not in baseline:
+        return []
+    label = next(iter(baseline["test"]))  # the event label, listed first
+    ours, theirs = matta["test"][label]["student"]["auc_loss"], baseline["test"][label]["student"]["auc_loss"]
+    change = ours / theirs - 1.0 if theirs > 0 else float("nan")
+    if ours < theirs:
+        verdict = (f"**MatTA helped here**: the MatTA Student's test AucLoss is {ours:.4f} against the baseline "
+                   f"Student's {theirs:.4f} ({change:+.1%}).")
+    else:
+        verdict = (f"**MatTA did not help here**: the MatTA Student's test AucLoss is {ours:.4f} against the "
+                   f"baseline Student's {theirs:.4f} ({change:+.1%}).")
+    return [verdict + " This is one seed and one learning rate per arm; `benchmarks/ablation.py` measures the "
+            "difference fairly (each arm tuned on validation, trained to a plateau, 5 seeds, paired tests)."]
+
+
 def write_report(run: Any) -> str:
     """Writes `<run_dir>/report.md` from what the steps left in the run directory; returns its path."""
     root = run.root
@@ -99,7 +118,7 @@ def write_report(run: Any) -> str:
     lines += ["## MatTA vs the baseline Student", "",
               "The baseline is the Student trained alone (Adam). The MatTA Student is the same architecture and "
               "size, co-trained inside the TA. Every Student sub-block was initialized as a standalone Student's "
-              "layer would be.", "", *_metrics_rows(root), ""]
+              "layer would be.", "", *_metrics_rows(root), "", *_verdict(root), ""]
     curves = plot_training_curves(root, os.path.join(root, L.TRAINING_CURVES))
     if curves:
         lines += [f"![training curves]({L.TRAINING_CURVES})", ""]

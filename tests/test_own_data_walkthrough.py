@@ -82,6 +82,11 @@ def _run_walkthrough(shop, run_arguments: list[str]) -> pathlib.Path:
     train_row = next(line for line in report.splitlines() if line.startswith("| train |"))
     assert train_row.startswith("| train | 2,400 | 60 | 40 |"), train_row
     assert "## A/B test" in report and "## Mix'n'Match sizes" in report
+    ours = json.loads((run / "matta" / "metrics.json").read_text())["test"]["clicked"]["student"]["auc_loss"]
+    theirs = metrics["test"]["clicked"]["student"]["auc_loss"]
+    verdict = "**MatTA helped here**" if ours < theirs else "**MatTA did not help here**"
+    assert f"{verdict}: the MatTA Student's test AucLoss is {ours:.4f} against the baseline Student's " \
+           f"{theirs:.4f}" in report
     return run
 
 
