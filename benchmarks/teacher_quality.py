@@ -1,0 +1,207 @@
+"""Is the demo's Teacher better than the baseline Student on MovieLens? (issue #16)
+
+Trains, on MovieLens events (`prepare_movielens`, default `MovieLensConfig`, prepared once into a
+temporary directory or `--data`), for every seed:
+
+- the baseline Student: `matta_tf.pipelines.train.train_relevance`, arm `"student_only"`, Adam, event
+  labels, the default `TrainingConfig` sizes (what `matta run` trains as the control);
+- the Teacher (`matta_tf.models.teacher.train_teacher`) under each setting of `SETTINGS`: the old
+  behaviour (3 epochs, last epoch exported, no regularization) and the early-stopped ones with the
+  regularization tried (dropout, kernel L2, embedding L2), all at the default Teacher size.
+
+Every model is scored here on the validation and test splits (AUROC and log loss,
+`matta_tf.extraction.binary_metrics`); a Teacher is scored through its exported SavedModel, so the
+figures are what the labelling job's Teacher gives. The table shows mean +- standard deviation over
+seeds and the mean paired difference Teacher - Student (same seed) with its standard error. The
+setting is chosen on validation AUROC only; test is reported.
+
+One JSON line per (model, setting, seed) accumulates in `--results` (default
+`benchmarks/results/teacher_quality.jsonl`), so several invocations (e.g. one group of settings each,
+to keep each under ten minutes) add up, and a finished row is never recomputed;
+`benchmarks/results/teacher_quality.csv` is rewritten from all rows. From the repository root:
+
+    nice python benchmarks/teacher_quality.py --seeds 0,1,2 --settings student,last_epoch_3,early_stop
+    nice python benchmarks/teacher_quality.py --seeds 0,1,2 --settings embedding_l2_1e-5,dropout_0.3
+    python benchmarks/teacher_quality.py --table-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("KERAS_BACKEND", "tensorflow")
+
+import numpy as np  # noqa: E402
+
+from matta_tf.data import MovieLensConfig, Schema, decode_example, prepare_movielens, read_records  # noqa: E402
+from matta_tf.extraction import binary_metrics  # noqa: E402
+from matta_tf.models.teacher import Teacher, TeacherConfig, train_teacher  # noqa: E402
+from matta_tf.pipelines.config import TrainingConfig  # noqa: E402
+from matta_tf.pipelines.train import train_relevance  # noqa: E402
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+STUDENT = "student"
+# Teacher settings: TeacherConfig fields (default size), and whether validation picks the epoch.
+SETTINGS: dict[str, dict] = {
+    "last_epoch_3": {"config": {"epochs": 3}, "early_stopping": False},  # the Teacher before issue #16
+    "early_stop": {"config": {}},
+    "embedding_l2_1e-5": {"config": {"embedding_l2": 1e-5}},
+    "embedding_l2_1e-4": {"config": {"embedding_l2": 1e-4}},
+    "dropout_0.3": {"config": {"dropout": 0.3}},
+    "dropout_0.3_l2_1e-5": {"config": {"dropout": 0.3, "l2": 1e-5, "embedding_l2": 1e-5}},
+}
+METRICS = ("validation_auc", "validation_log_loss", "test_auc", "test_log_loss")
+
+
+def _split_metrics(prefix: str, metrics: dict) -> dict:
+    return {f"{prefix}_auc": metrics["auc"], f"{prefix}_log_loss": metrics["log_loss"]}
+
+
+def run_student(data_dir: str, seed: int) -> dict:
+    training = TrainingConfig(labels="event", optimizer="adam", seed=seed)
+    run = train_relevance(data_dir, None, training, arm="student_only", optimizer="adam", verbose=0)
+    row = {"parameters": int(run.network.count_params()), "epochs": training.epochs}
+    for split in ("validation", "test"):
+        row.update(_split_metrics(split, run.metrics[split]["label"]["student"]))
+    return row
+
+
+def _saved_model_metrics(data_dir: str, saved_model: str, split: str) -> dict:
+    schema = Schema.load(data_dir)
+    records = list(read_records(os.path.join(data_dir, split)))
+    labels = np.array([decode_example(record, schema)["label"] for record in records], np.float64)
+    teacher = Teacher(saved_model)
+    logits = np.concatenate([teacher(records[i:i + 4096])["logits"] for i in range(0, len(records), 4096)])
+    return binary_metrics(labels, logits)
+
+
+def run_teacher(data_dir: str, setting: str, seed: int) -> dict:
+    spec = SETTINGS[setting]
+    config = TeacherConfig(**{**spec["config"], "seed": seed})
+    with tempfile.TemporaryDirectory() as out:
+        run = train_teacher(data_dir, out, config, verbose=0,
+                            validation_split="validation" if spec.get("early_stopping", True) else None)
+        row = {"parameters": run.summary["parameters"], "epochs": run.summary["best_epoch"],
+               "epochs_trained": run.summary["epochs_trained"]}
+        for split in ("validation", "test"):
+            row.update(_split_metrics(split, _saved_model_metrics(data_dir, run.saved_model, split)))
+        if run.summary["validation"] is not None:  # the summary's figures are the exported model's
+            assert math.isclose(run.summary["validation"]["auc"], row["validation_auc"], abs_tol=1e-4), row
+    return row
+
+
+def _load(path: str) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path) as handle:
+        return [json.loads(line) for line in handle if line.strip()]
+
+
+def _mean_sd(values: list[float]) -> str:
+    if len(values) < 2:
+        return f"{values[0]:.4f}"
+    return f"{statistics.mean(values):.4f} +- {statistics.stdev(values):.4f}"
+
+
+def _paired(rows: dict[int, dict], students: dict[int, dict], metric: str) -> str:
+    seeds = sorted(set(rows) & set(students))
+    differences = [rows[s][metric] - students[s][metric] for s in seeds]
+    if not differences:
+        return "-"
+    if len(differences) < 2:
+        return f"{differences[0]:+.4f}"
+    error = statistics.stdev(differences) / math.sqrt(len(differences))
+    return f"{statistics.mean(differences):+.4f} +- {error:.4f}"
+
+
+def table(rows: list[dict]) -> str:
+    """A Markdown table: per model and setting, metrics over seeds and paired differences to the Student."""
+    groups: dict[str, dict[int, dict]] = {}
+    for row in rows:
+        groups.setdefault(row["setting"], {})[row["seed"]] = row
+    students = groups.get(STUDENT, {})
+    order = [STUDENT] + [name for name in SETTINGS if name in groups]
+    lines = ["| model | setting | seeds | epochs (best/trained) | val AUROC | val log loss | test AUROC "
+             "| test log loss | val AUROC - Student | test AUROC - Student | test log loss - Student |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for name in order:
+        if name not in groups:
+            continue
+        by_seed = groups[name]
+        seeds = sorted(by_seed)
+        epochs = ",".join(f"{by_seed[s]['epochs']}/{by_seed[s].get('epochs_trained', by_seed[s]['epochs'])}"
+                          for s in seeds)
+        cells = [_mean_sd([by_seed[s][m] for s in seeds]) for m in METRICS]
+        if name == STUDENT:
+            paired = ["-", "-", "-"]
+        else:
+            paired = [_paired(by_seed, students, m) for m in ("validation_auc", "test_auc", "test_log_loss")]
+        model = "Student (baseline)" if name == STUDENT else "Teacher"
+        lines.append(f"| {model} | {name} | {len(seeds)} | {epochs} | " + " | ".join(cells + paired) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: list[dict], path: str) -> None:
+    fields = ["model", "setting", "seed", "parameters", "epochs", "epochs_trained", *METRICS, "seconds"]
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    temporary = f"{path}.{os.getpid()}.incomplete"
+    with open(temporary, "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for row in sorted(rows, key=lambda r: (r["setting"] != STUDENT, r["setting"], r["seed"])):
+            writer.writerow(row)
+    os.replace(temporary, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument("--settings", default=",".join([STUDENT, *SETTINGS]),
+                        help=f"comma-separated: {STUDENT} and/or Teacher settings {list(SETTINGS)}")
+    parser.add_argument("--data", help="prepared MovieLens events (default: prepared into a temporary directory)")
+    parser.add_argument("--results", default=os.path.join(RESULTS, "teacher_quality.jsonl"))
+    parser.add_argument("--csv", default=os.path.join(RESULTS, "teacher_quality.csv"))
+    parser.add_argument("--table-only", action="store_true", help="print the table of the stored rows")
+    args = parser.parse_args(argv)
+    seeds = [int(s) for s in args.seeds.split(",") if s]
+    settings = [s for s in args.settings.split(",") if s]
+    unknown = [s for s in settings if s != STUDENT and s not in SETTINGS]
+    if unknown:
+        parser.error(f"--settings: unknown setting {unknown[0]!r}; known: {[STUDENT, *SETTINGS]}")
+    rows = _load(args.results)
+    if not args.table_only:
+        done = {(row["setting"], row["seed"]) for row in rows}
+        with tempfile.TemporaryDirectory() as scratch:
+            data_dir = args.data
+            if data_dir is None:
+                data_dir = os.path.join(scratch, "movielens")
+                prepare_movielens(data_dir, MovieLensConfig(), progress=False)
+            for setting in settings:
+                for seed in seeds:
+                    if (setting, seed) in done:
+                        continue
+                    start = time.perf_counter()
+                    row = run_student(data_dir, seed) if setting == STUDENT else run_teacher(data_dir, setting, seed)
+                    row.update(model="student" if setting == STUDENT else "teacher", setting=setting, seed=seed,
+                               seconds=round(time.perf_counter() - start, 1))
+                    rows.append(row)
+                    os.makedirs(os.path.dirname(args.results), exist_ok=True)
+                    with open(args.results, "a") as handle:
+                        handle.write(json.dumps(row) + "\n")
+                    print(json.dumps(row), file=sys.stderr, flush=True)
+    write_csv(rows, args.csv)
+    print(table(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
