@@ -41,9 +41,19 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
 
-from matta_tf.data import MovieLensConfig, Schema, decode_example, prepare_movielens, read_records  # noqa: E402
+from matta_tf.data import (  # noqa: E402
+    MovieLensConfig,
+    Schema,
+    decode_example,
+    parse_examples,
+    prepare_movielens,
+    read_records,
+)
+from matta_tf.data.movielens import SPLIT_KINDS  # noqa: E402
 from matta_tf.extraction import binary_metrics  # noqa: E402
+from matta_tf.models.relevance import relevance_preprocessor  # noqa: E402
 from matta_tf.models.teacher import Teacher, TeacherConfig, train_teacher  # noqa: E402
 from matta_tf.pipelines.config import TrainingConfig  # noqa: E402
 from matta_tf.pipelines.train import train_relevance  # noqa: E402
@@ -66,22 +76,71 @@ def _split_metrics(prefix: str, metrics: dict) -> dict:
     return {f"{prefix}_auc": metrics["auc"], f"{prefix}_log_loss": metrics["log_loss"]}
 
 
+def _records(data_dir: str, split: str) -> tuple[list[bytes], np.ndarray, np.ndarray]:
+    """A split's serialized records, their event labels and user ids, in file order."""
+    schema = Schema.load(data_dir)
+    records = list(read_records(os.path.join(data_dir, split)))
+    decoded = [decode_example(record, schema) for record in records]
+    return (records, np.array([d["label"] for d in decoded], np.float64),
+            np.array([d["user_id"] for d in decoded], np.int64))
+
+
+def _auroc(labels: np.ndarray, logits: np.ndarray, weights: np.ndarray) -> float:
+    """Weighted Mann-Whitney AUROC (ties halved): records weighted by how often a bootstrap drew their user."""
+    order = np.argsort(logits, kind="stable")
+    y, z, w = labels[order] >= 0.5, logits[order], weights[order]
+    # Weighted count of negatives strictly below each score, plus half of those tied with it.
+    unique, start = np.unique(z, return_index=True)
+    negative = np.where(~y, w, 0.0)
+    below = np.concatenate([[0.0], np.cumsum(negative)])[start]
+    tied = np.add.reduceat(negative, start)
+    group = np.searchsorted(unique, z)
+    wins = np.sum(np.where(y, w, 0.0) * (below[group] + 0.5 * tied[group]))
+    return float(wins / (np.sum(np.where(y, w, 0.0)) * np.sum(negative)))
+
+
+def user_bootstrap_se(labels: np.ndarray, logits: np.ndarray, users: np.ndarray, draws: int = 200,
+                      seed: int = 0) -> float:
+    """Standard error of the AUROC over resamplings of the split's users (each user with all its events).
+
+    The evaluation noise of a split with few users: what another draw of users would change.
+    """
+    rng = np.random.default_rng(seed)
+    ids, index = np.unique(users, return_inverse=True)
+    values = []
+    for _ in range(draws):
+        counts = np.bincount(rng.integers(len(ids), size=len(ids)), minlength=len(ids))
+        values.append(_auroc(labels, logits, counts[index].astype(np.float64)))
+    return float(np.std(values, ddof=1))
+
+
+def _score(data_dir: str, split: str, predict) -> dict:
+    records, labels, users = _records(data_dir, split)
+    logits = np.concatenate([predict(records[i:i + 4096]) for i in range(0, len(records), 4096)]).reshape(-1)
+    metrics = binary_metrics(labels, logits)
+    result = {f"{split}_auc": metrics["auc"], f"{split}_log_loss": metrics["log_loss"],
+              f"{split}_users": int(len(np.unique(users)))}
+    result[f"{split}_auc_user_se"] = user_bootstrap_se(labels, logits, users)
+    return result
+
+
 def run_student(data_dir: str, seed: int) -> dict:
     training = TrainingConfig(labels="event", optimizer="adam", seed=seed)
     run = train_relevance(data_dir, None, training, arm="student_only", optimizer="adam", verbose=0)
+    schema = Schema.load(data_dir)
+    features_schema = Schema(features=schema.features)
+    preprocessor = relevance_preprocessor(schema)
+    call = tf.function(lambda x: run.network(x, training=False)[0])
+
+    def predict(records: list[bytes]) -> np.ndarray:
+        return call(preprocessor(parse_examples(tf.constant(records), features_schema, labels=False))).numpy()
+
     row = {"parameters": int(run.network.count_params()), "epochs": training.epochs}
     for split in ("validation", "test"):
-        row.update(_split_metrics(split, run.metrics[split]["label"]["student"]))
+        row.update(_score(data_dir, split, predict))
+        # The same figures as train_relevance's own evaluation (a check of this scoring path).
+        assert math.isclose(row[f"{split}_auc"], run.metrics[split]["label"]["student"]["auc"], abs_tol=1e-4), row
     return row
-
-
-def _saved_model_metrics(data_dir: str, saved_model: str, split: str) -> dict:
-    schema = Schema.load(data_dir)
-    records = list(read_records(os.path.join(data_dir, split)))
-    labels = np.array([decode_example(record, schema)["label"] for record in records], np.float64)
-    teacher = Teacher(saved_model)
-    logits = np.concatenate([teacher(records[i:i + 4096])["logits"] for i in range(0, len(records), 4096)])
-    return binary_metrics(labels, logits)
 
 
 def run_teacher(data_dir: str, setting: str, seed: int) -> dict:
@@ -92,8 +151,9 @@ def run_teacher(data_dir: str, setting: str, seed: int) -> dict:
                             validation_split="validation" if spec.get("early_stopping", True) else None)
         row = {"parameters": run.summary["parameters"], "epochs": run.summary["best_epoch"],
                "epochs_trained": run.summary["epochs_trained"]}
+        teacher = Teacher(run.saved_model)
         for split in ("validation", "test"):
-            row.update(_split_metrics(split, _saved_model_metrics(data_dir, run.saved_model, split)))
+            row.update(_score(data_dir, split, lambda records: teacher(records)["logits"]))
         if run.summary["validation"] is not None:  # the summary's figures are the exported model's
             assert math.isclose(run.summary["validation"]["auc"], row["validation_auc"], abs_tol=1e-4), row
     return row
@@ -124,15 +184,23 @@ def _paired(rows: dict[int, dict], students: dict[int, dict], metric: str) -> st
 
 
 def table(rows: list[dict]) -> str:
-    """A Markdown table: per model and setting, metrics over seeds and paired differences to the Student."""
+    """Markdown tables, one per split kind: per model and setting, metrics over seeds and paired
+    differences to the Student, and the user-bootstrap standard error of test AUROC."""
+    kinds = sorted({row.get("split", "time") for row in rows}, key=SPLIT_KINDS.index)
+    return "\n\n".join(f"split = {kind}\n\n" + _table([r for r in rows if r.get("split", "time") == kind])
+                       for kind in kinds)
+
+
+def _table(rows: list[dict]) -> str:
     groups: dict[str, dict[int, dict]] = {}
     for row in rows:
         groups.setdefault(row["setting"], {})[row["seed"]] = row
     students = groups.get(STUDENT, {})
     order = [STUDENT] + [name for name in SETTINGS if name in groups]
     lines = ["| model | setting | seeds | epochs (best/trained) | val AUROC | val log loss | test AUROC "
-             "| test log loss | val AUROC - Student | test AUROC - Student | test log loss - Student |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| test log loss | val AUROC - Student | test AUROC - Student | test log loss - Student "
+             "| test AUROC user-bootstrap SE | test users |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for name in order:
         if name not in groups:
             continue
@@ -146,19 +214,23 @@ def table(rows: list[dict]) -> str:
         else:
             paired = [_paired(by_seed, students, m) for m in ("validation_auc", "test_auc", "test_log_loss")]
         model = "Student (baseline)" if name == STUDENT else "Teacher"
-        lines.append(f"| {model} | {name} | {len(seeds)} | {epochs} | " + " | ".join(cells + paired) + " |")
+        bootstrap = [f"{statistics.mean(by_seed[s]['test_auc_user_se'] for s in seeds):.4f}",
+                     str(by_seed[seeds[0]]["test_users"])]
+        lines.append(f"| {model} | {name} | {len(seeds)} | {epochs} | " + " | ".join(cells + paired + bootstrap) + " |")
     return "\n".join(lines)
 
 
 def write_csv(rows: list[dict], path: str) -> None:
-    fields = ["model", "setting", "seed", "parameters", "epochs", "epochs_trained", *METRICS, "seconds"]
+    fields = ["split", "model", "setting", "seed", "parameters", "epochs", "epochs_trained", *METRICS,
+              "validation_users", "test_users", "validation_auc_user_se", "test_auc_user_se", "seconds"]
     os.makedirs(os.path.dirname(path), exist_ok=True)
     temporary = f"{path}.{os.getpid()}.incomplete"
     with open(temporary, "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
-        for row in sorted(rows, key=lambda r: (r["setting"] != STUDENT, r["setting"], r["seed"])):
-            writer.writerow(row)
+        for row in sorted(rows, key=lambda r: (r.get("split", "time"), r["setting"] != STUDENT, r["setting"],
+                                                r["seed"])):
+            writer.writerow({"split": "time", **row})
     os.replace(temporary, path)
 
 
@@ -168,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--settings", default=",".join([STUDENT, *SETTINGS]),
                         help=f"comma-separated: {STUDENT} and/or Teacher settings {list(SETTINGS)}")
     parser.add_argument("--data", help="prepared MovieLens events (default: prepared into a temporary directory)")
+    parser.add_argument("--split", default="time", choices=SPLIT_KINDS,
+                        help="MovieLensConfig.split of the prepared events (default time: the main job's)")
     parser.add_argument("--results", default=os.path.join(RESULTS, "teacher_quality.jsonl"))
     parser.add_argument("--csv", default=os.path.join(RESULTS, "teacher_quality.csv"))
     parser.add_argument("--table-only", action="store_true", help="print the table of the stored rows")
@@ -179,19 +253,20 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--settings: unknown setting {unknown[0]!r}; known: {[STUDENT, *SETTINGS]}")
     rows = _load(args.results)
     if not args.table_only:
-        done = {(row["setting"], row["seed"]) for row in rows}
+        done = {(row.get("split", "time"), row["setting"], row["seed"]) for row in rows}
         with tempfile.TemporaryDirectory() as scratch:
             data_dir = args.data
             if data_dir is None:
                 data_dir = os.path.join(scratch, "movielens")
-                prepare_movielens(data_dir, MovieLensConfig(), progress=False)
+                prepare_movielens(data_dir, MovieLensConfig(split=args.split), progress=False)
             for setting in settings:
                 for seed in seeds:
-                    if (setting, seed) in done:
+                    if (args.split, setting, seed) in done:
                         continue
                     start = time.perf_counter()
                     row = run_student(data_dir, seed) if setting == STUDENT else run_teacher(data_dir, setting, seed)
-                    row.update(model="student" if setting == STUDENT else "teacher", setting=setting, seed=seed,
+                    row.update(split=args.split, model="student" if setting == STUDENT else "teacher", setting=setting,
+                               seed=seed,
                                seconds=round(time.perf_counter() - start, 1))
                     rows.append(row)
                     os.makedirs(os.path.dirname(args.results), exist_ok=True)

@@ -178,13 +178,21 @@ def _exact_auroc(labels: np.ndarray, scores: np.ndarray) -> float:
     return float((ranks[positives].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
-def test_early_stopping_restores_the_best_epoch_on_noise_labels(events, tmp_path):
+@pytest.fixture(scope="module")
+def noise(events, tmp_path_factory):
+    """512 events per split whose labels are fair coin flips: nothing to learn, only to memorize."""
+    data = str(tmp_path_factory.mktemp("noise"))
+    shutil.rmtree(data)
+    shutil.copytree(events, data, ignore=shutil.ignore_patterns("train", "validation", "test"))
+    for split in ("train", "validation", "test"):
+        _relabel(events, data, split, 512, seed=len(split))
+    return data
+
+
+def test_early_stopping_restores_the_best_epoch_on_noise_labels(noise, tmp_path):
     """Random training labels: the Teacher can only memorize, so validation log loss gets worse and
     training stops early; the exported SavedModel is the best epoch's, not the last one's."""
-    data = str(tmp_path / "noise")
-    shutil.copytree(events, data, ignore=shutil.ignore_patterns("train", "validation", "test"))
-    for split, count in (("train", 512), ("validation", 512), ("test", 512)):
-        _relabel(events, data, split, count, seed=len(split))
+    data = noise
     config = TeacherConfig(**TINY, epochs=30, batch_size=32, learning_rate=1e-2, monitor="log_loss", patience=2,
                            shuffle_buffer=512)
     summary = train_teacher(data, str(tmp_path / "teacher"), config, verbose=0).summary
@@ -209,9 +217,9 @@ def test_early_stopping_restores_the_best_epoch_on_noise_labels(events, tmp_path
     assert summary["validation"]["log_loss"] == history["val_loss"][best - 1]
 
 
-def test_without_a_validation_split_every_epoch_runs(events, tmp_path):
+def test_without_a_validation_split_every_epoch_runs(noise, tmp_path):
     config = TeacherConfig(**TINY, epochs=2, batch_size=256)
-    summary = train_teacher(events, str(tmp_path / "teacher"), config, validation_split=None, test_split=None,
+    summary = train_teacher(noise, str(tmp_path / "teacher"), config, validation_split=None, test_split=None,
                             verbose=0).summary
     assert summary["epochs_trained"] == summary["best_epoch"] == 2 and not summary["stopped_early"]
     assert summary["monitor"] is None and summary["validation"] is None and summary["test"] is None
