@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 import os
@@ -60,14 +61,22 @@ from matta_tf.pipelines.train import train_relevance  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 STUDENT = "student"
-# Teacher settings: TeacherConfig fields (default size), and whether validation picks the epoch.
+# Teacher settings: TeacherConfig fields (explicit, so a later change of the defaults does not change a
+# setting), all at the default Teacher size; "early_stopping": False exports the last epoch.
+_PLAIN = {"learning_rate": 1e-3, "dropout": 0.0, "l2": 0.0, "embedding_l2": 0.0, "monitor": "auc", "patience": 1,
+          "epochs": 10}
 SETTINGS: dict[str, dict] = {
-    "last_epoch_3": {"config": {"epochs": 3}, "early_stopping": False},  # the Teacher before issue #16
-    "early_stop": {"config": {}},
-    "embedding_l2_1e-5": {"config": {"embedding_l2": 1e-5}},
-    "embedding_l2_1e-4": {"config": {"embedding_l2": 1e-4}},
-    "dropout_0.3": {"config": {"dropout": 0.3}},
-    "dropout_0.3_l2_1e-5": {"config": {"dropout": 0.3, "l2": 1e-5, "embedding_l2": 1e-5}},
+    "last_epoch_3": {"config": {**_PLAIN, "epochs": 3}, "early_stopping": False},  # the Teacher before #16
+    "early_stop": {"config": _PLAIN},
+    "embedding_l2_1e-3": {"config": {**_PLAIN, "embedding_l2": 1e-3}},
+    "lr_3e-4_embedding_l2_1e-3": {"config": {**_PLAIN, "learning_rate": 3e-4, "embedding_l2": 1e-3}},
+    "lr_1e-4": {"config": {**_PLAIN, "learning_rate": 1e-4}},
+    # Tried on seed 0 only (BENCHMARKS.md): no better than early_stop there.
+    "embedding_l2_1e-5": {"config": {**_PLAIN, "embedding_l2": 1e-5}},
+    "embedding_l2_1e-4": {"config": {**_PLAIN, "embedding_l2": 1e-4}},
+    "dropout_0.3": {"config": {**_PLAIN, "dropout": 0.3}},
+    "dropout_0.3_l2_1e-5": {"config": {**_PLAIN, "dropout": 0.3, "l2": 1e-5, "embedding_l2": 1e-5}},
+    "lr_3e-4": {"config": {**_PLAIN, "learning_rate": 3e-4}},
 }
 METRICS = ("validation_auc", "validation_log_loss", "test_auc", "test_log_loss")
 
@@ -256,7 +265,14 @@ def main(argv: list[str] | None = None) -> int:
         done = {(row.get("split", "time"), row["setting"], row["seed"]) for row in rows}
         with tempfile.TemporaryDirectory() as scratch:
             data_dir = args.data
-            if data_dir is None:
+            if data_dir is not None:
+                with open(os.path.join(data_dir, "summary.json")) as handle:
+                    prepared = json.load(handle)["config"]
+                expected = json.loads(json.dumps(dataclasses.asdict(MovieLensConfig(split=args.split))))
+                if any(prepared.get(key, value if key == "split" and value == "time" else None) != value
+                       for key, value in expected.items()):
+                    parser.error(f"--data {data_dir} was not prepared with MovieLensConfig(split={args.split!r})")
+            else:
                 data_dir = os.path.join(scratch, "movielens")
                 prepare_movielens(data_dir, MovieLensConfig(split=args.split), progress=False)
             for setting in settings:

@@ -6,7 +6,11 @@ and cannot serve live traffic; it scores logged events offline (the Beam job in
 
 The Teacher is the reference relevance architecture at Teacher size (wide embeddings, deep towers
 and head, several DCN-v2 cross layers in the keras-rs `FeatureCross` form), built as a plain
-single-stream network (`RelevanceConfig.student_config()`). It is exported as a SavedModel whose
+single-stream network (`RelevanceConfig.student_config()`), with optional dropout and L2 penalties
+(`TeacherConfig`). A big model overfits MovieLens within two epochs, so `train_teacher` stops early
+on the validation split and exports the best epoch's weights; `teacher.json` records that epoch's
+validation and test AUROC and log loss (`BENCHMARKS.md`, "Teacher vs Student (MovieLens)", compares
+them with the baseline Student's). It is exported as a SavedModel whose
 `serving_default` signature takes serialized tf.Example records, so any Beam worker (or TF Serving)
 can score raw records with no Python preprocessing:
 
@@ -576,6 +580,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m matta_tf.mode
     parser.add_argument("--batch-size", type=int, help=f"default {defaults.batch_size}")
     parser.add_argument("--learning-rate", type=float, help=f"default {defaults.learning_rate}")
     parser.add_argument("--seed", type=int, help=f"default {defaults.seed}")
+    parser.add_argument("--patience", type=int, help="epochs without validation improvement before stopping "
+                        f"(default {defaults.patience})")
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     if args.config:
@@ -583,7 +589,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m matta_tf.mode
 
         with tf.io.gfile.GFile(args.config) as handle:
             values = yaml.safe_load(handle) or {}
-    for field in ("label", "epochs", "batch_size", "learning_rate", "seed"):
+    for field in ("label", "epochs", "batch_size", "learning_rate", "seed", "patience"):
         if getattr(args, field) is not None:
             values[field] = getattr(args, field)
     try:
@@ -591,8 +597,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m matta_tf.mode
     except (SchemaError, FileExistsError, FileNotFoundError, ValueError) as error:  # ConfigError is a ValueError
         print(f"train-teacher: error: {error}", file=sys.stderr)
         return 2
-    print(json.dumps({"saved_model": run.saved_model, "parameters": run.summary["parameters"],
-                      "history": {k: v[-1] for k, v in run.summary["history"].items()}}))
+    summary = run.summary
+    print(json.dumps({"saved_model": run.saved_model, "parameters": summary["parameters"],
+                      "best_epoch": summary["best_epoch"], "epochs_trained": summary["epochs_trained"],
+                      "validation": summary["validation"], "test": summary["test"],
+                      "history": {k: v[-1] for k, v in summary["history"].items()}}))
     return 0
 
 
