@@ -80,7 +80,8 @@ class TeacherConfig:
         epochs: Most passes over the training split (early stopping usually ends sooner).
             Defaults to 10.
         batch_size: Records per training step. Defaults to 512.
-        learning_rate: Adam learning rate. Defaults to 1e-3.
+        learning_rate: Adam learning rate. Defaults to 1e-4 (chosen on MovieLens validation AUROC:
+            the big Teacher's best epoch is its first at any rate tried, and the slower rate's is best).
         shuffle_buffer: Records in the training shuffle buffer. Defaults to 20,000.
         seed: Seed of the initialization, the dropout and the shuffling. Defaults to 0.
         dropout: Dropout rate after every hidden ReLU layer (towers and head), in `[0, 1)`.
@@ -102,7 +103,7 @@ class TeacherConfig:
     label: str = "label"
     epochs: int = 10
     batch_size: int = 512
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-4
     shuffle_buffer: int = 20_000
     seed: int = 0
     dropout: float = 0.0
