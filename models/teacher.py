@@ -6,7 +6,11 @@ and cannot serve live traffic; it scores logged events offline (the Beam job in
 
 The Teacher is the reference relevance architecture at Teacher size (wide embeddings, deep towers
 and head, several DCN-v2 cross layers in the keras-rs `FeatureCross` form), built as a plain
-single-stream network (`RelevanceConfig.student_config()`). It is exported as a SavedModel whose
+single-stream network (`RelevanceConfig.student_config()`), with optional dropout and L2 penalties
+(`TeacherConfig`). A big model overfits MovieLens within two epochs, so `train_teacher` stops early
+on the validation split and exports the best epoch's weights; `teacher.json` records that epoch's
+validation and test AUROC and log loss (`BENCHMARKS.md`, "Teacher vs Student (MovieLens)", compares
+them with the baseline Student's). It is exported as a SavedModel whose
 `serving_default` signature takes serialized tf.Example records, so any Beam worker (or TF Serving)
 can score raw records with no Python preprocessing:
 
@@ -41,8 +45,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from matta_tf.data.atomic import atomic_write
 from matta_tf.data.schema import Label, Schema, SchemaError
 from matta_tf.data.tfrecords import make_dataset
+from matta_tf.extraction import binary_metrics
+from matta_tf.layers.nested_dense import NestedDense
+from matta_tf.layers.nested_embedding import NestedEmbedding
+from matta_tf.layers.nested_feature_cross import NestedFeatureCross
 from matta_tf.models.relevance import ConfigError, RelevanceConfig, build_relevance_network, relevance_preprocessor
 from matta_tf.models.signatures import EXAMPLES_INPUT, LOGITS, PROBABILITIES, serving_schema, write_scoring_saved_model
 
@@ -50,11 +59,16 @@ SIGNATURE = "serving_default"
 INPUT = EXAMPLES_INPUT
 SAVED_MODEL_DIR = "saved_model"
 SUMMARY_FILE = "teacher.json"
+MONITORS = ("auto", "auc", "log_loss")
 
 
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig:
-    """Size and training settings of the Teacher.
+    """Size, regularization and training settings of the Teacher.
+
+    Training stops early on the validation split: after each epoch the Teacher is scored on it, and
+    when `monitor` has not improved for `patience` epochs training stops and the weights of the best
+    epoch are restored (they are also restored when `epochs` runs out first).
 
     Args:
         embedding_dim: Embedding width of every feature. Defaults to 64.
@@ -63,11 +77,23 @@ class TeacherConfig:
         head_units: Hidden widths of the head MLP. Defaults to `(512, 256, 128)`.
         label: The event label the Teacher learns (its task and classes come from the schema).
             Defaults to `"label"`.
-        epochs: Passes over the training split. Defaults to 3.
+        epochs: Most passes over the training split (early stopping usually ends sooner).
+            Defaults to 10.
         batch_size: Records per training step. Defaults to 512.
-        learning_rate: Adam learning rate. Defaults to 1e-3.
+        learning_rate: Adam learning rate. Defaults to 1e-4 (chosen on MovieLens validation AUROC:
+            the big Teacher's best epoch is its first at any rate tried, and the slower rate's is best).
         shuffle_buffer: Records in the training shuffle buffer. Defaults to 20,000.
-        seed: Seed of the initialization and the shuffling. Defaults to 0.
+        seed: Seed of the initialization, the dropout and the shuffling. Defaults to 0.
+        dropout: Dropout rate after every hidden ReLU layer (towers and head), in `[0, 1)`.
+            Defaults to 0.0.
+        l2: L2 penalty (Keras `L2`: `l2 * sum(w ** 2)`) on every dense and cross kernel.
+            Defaults to 0.0.
+        embedding_l2: L2 penalty on every embedding table. Defaults to 0.0.
+        monitor: Validation metric that picks the best epoch: `"auc"` (AUROC, binary labels only),
+            `"log_loss"`, or `"auto"` (AUROC for a binary label, log loss for classes).
+            Defaults to `"auto"`.
+        patience: Training stops after this many epochs in a row without improvement of `monitor`
+            (>= 1). Defaults to 1.
     """
 
     embedding_dim: int = 64
@@ -75,11 +101,16 @@ class TeacherConfig:
     num_cross_layers: int = 3
     head_units: tuple[int, ...] = (512, 256, 128)
     label: str = "label"
-    epochs: int = 3
+    epochs: int = 10
     batch_size: int = 512
-    learning_rate: float = 1e-3
+    learning_rate: float = 1e-4
     shuffle_buffer: int = 20_000
     seed: int = 0
+    dropout: float = 0.0
+    l2: float = 0.0
+    embedding_l2: float = 0.0
+    monitor: str = "auto"
+    patience: int = 1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "tower_units", tuple(int(u) for u in self.tower_units))
@@ -87,6 +118,8 @@ class TeacherConfig:
         for field in ("embedding_dim", "epochs", "batch_size"):
             if int(getattr(self, field)) < 1:
                 raise ConfigError(f"`{field}` must be >= 1. Received: {field}={getattr(self, field)!r}")
+        if int(self.patience) < 1:
+            raise ConfigError(f"`patience` must be >= 1. Received: patience={self.patience!r}")
         for field in ("num_cross_layers", "shuffle_buffer"):
             if int(getattr(self, field)) < 0:
                 raise ConfigError(f"`{field}` must be >= 0. Received: {field}={getattr(self, field)!r}")
@@ -97,6 +130,14 @@ class TeacherConfig:
             raise ConfigError(f"`learning_rate` must be > 0. Received: learning_rate={self.learning_rate!r}")
         if not isinstance(self.label, str) or not self.label:
             raise ConfigError(f"`label` must be a label name. Received: label={self.label!r}")
+        if not 0.0 <= float(self.dropout) < 1.0:
+            raise ConfigError(f"`dropout` must be in [0, 1). Received: dropout={self.dropout!r}")
+        for field in ("l2", "embedding_l2"):
+            value = float(getattr(self, field))
+            if not (value >= 0.0 and np.isfinite(value)):
+                raise ConfigError(f"`{field}` must be a finite number >= 0. Received: {field}={getattr(self, field)!r}")
+        if self.monitor not in MONITORS:
+            raise ConfigError(f"`monitor` must be one of {list(MONITORS)}. Received: monitor={self.monitor!r}")
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> TeacherConfig:
@@ -145,8 +186,60 @@ def build_teacher(schema: Schema, config: TeacherConfig = TeacherConfig()) -> ke
     """
     label = schema.label(config.label)
     relevance = build_relevance_network(schema, config.network_config(num_logits(label)), name="teacher_relevance")
+    if config.dropout or config.l2 or config.embedding_l2:
+        relevance = keras.models.clone_model(relevance, clone_function=lambda layer: _regularized(layer, config))
     # A single-stream network returns the same logits twice; the Teacher keeps one.
     return keras.Model(relevance.inputs, relevance.outputs[0], name="teacher")
+
+
+@keras.saving.register_keras_serializable(package="matta_tf")
+class DropoutAfter(keras.layers.Layer):
+    """Runs a nested layer, then dropout on each of its output streams (once when they are one tensor).
+
+    A single-stream network passes the same tensor as both streams, and the next nested layer computes
+    once when they are identical; one dropout mask keeps it so.
+
+    Args:
+        layer: A layer returning a `(student, ta)` pair, e.g. a `NestedDense`.
+        rate: Dropout rate in `[0, 1)`.
+        **kwargs: Args passed to `keras.layers.Layer`.
+    """
+
+    def __init__(self, layer: keras.layers.Layer, rate: float, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.layer = layer
+        self.rate = float(rate)
+        self.dropout = keras.layers.Dropout(self.rate)
+
+    def call(self, inputs: Any, training: bool | None = None) -> tuple[Any, Any]:
+        student, ta = self.layer(inputs)
+        dropped = self.dropout(student, training=training)
+        return (dropped, dropped) if student is ta else (dropped, self.dropout(ta, training=training))
+
+    def compute_output_shape(self, input_shape: Any) -> Any:
+        return self.layer.compute_output_shape(input_shape)
+
+    def get_config(self) -> dict:
+        return {**super().get_config(), "layer": keras.saving.serialize_keras_object(self.layer), "rate": self.rate}
+
+    @classmethod
+    def from_config(cls, config: dict) -> DropoutAfter:
+        config = dict(config)
+        config["layer"] = keras.saving.deserialize_keras_object(config["layer"])
+        return cls(**config)
+
+
+def _regularized(layer: keras.layers.Layer, config: TeacherConfig) -> keras.layers.Layer:
+    """A fresh copy of `layer` with the Teacher's L2 penalties, and dropout after a hidden ReLU layer."""
+    layer_config = layer.get_config()
+    if isinstance(layer, NestedEmbedding) and config.embedding_l2:
+        layer_config["embeddings_regularizer"] = keras.regularizers.L2(config.embedding_l2)
+    if isinstance(layer, (NestedDense, NestedFeatureCross)) and config.l2:
+        layer_config["kernel_regularizer"] = keras.regularizers.L2(config.l2)
+    copy = layer.__class__.from_config(layer_config)
+    if isinstance(layer, NestedDense) and layer_config.get("activation") == "relu" and config.dropout:
+        return DropoutAfter(copy, config.dropout, name=f"{layer.name}_dropout")
+    return copy
 
 
 def export_teacher(network: keras.Model, schema: Schema, path: str, label: str = "label") -> str:
@@ -227,6 +320,76 @@ class TeacherRun:
     summary: dict
 
 
+def evaluate_teacher(network: keras.Model, dataset: tf.data.Dataset, task: str) -> dict[str, float]:
+    """Quality of the Teacher's logits on one split of `(features, label)` batches.
+
+    Args:
+        network: A model from `build_teacher` (preprocessed features -> logits).
+        dataset: Preprocessed features and the event label (`[batch, 1]` or `[batch]`).
+        task: `"binary"`: AUROC (`auc`), `auc_loss` and `log_loss` (as `binary_metrics`);
+            `"multiclass"`: `log_loss` (softmax cross-entropy) and `accuracy`.
+
+    Returns:
+        Metric name -> value, and `events`: how many records were scored.
+    """
+    call = tf.function(lambda x: network(x, training=False))
+    labels, logits = [], []
+    for features, targets in dataset:
+        logits.append(np.asarray(call(features), np.float64))
+        labels.append(np.asarray(targets).reshape(-1))
+    y = np.concatenate(labels)
+    z = np.concatenate(logits)
+    if task == "binary":
+        metrics = binary_metrics(y, z)
+    else:
+        shifted = z - z.max(-1, keepdims=True)
+        log_probabilities = shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+        classes = y.astype(np.int64)
+        metrics = {"log_loss": float(-log_probabilities[np.arange(len(classes)), classes].mean()),
+                   "accuracy": float((z.argmax(-1) == classes).mean())}
+    return {**metrics, "events": int(len(y))}
+
+
+class _EarlyStopping(keras.callbacks.Callback):
+    """Scores the validation split after every epoch, keeps the best weights, stops `patience` epochs after the best."""
+
+    def __init__(self, validation: tf.data.Dataset, task: str, metric: str, patience: int) -> None:
+        super().__init__()
+        self.validation, self.task, self.metric, self.patience = validation, task, metric, patience
+        self.higher_is_better = metric == "auc"
+        self.scores: list[dict[str, float]] = []
+        self.best_epoch = -1
+        self.best_weights: list[np.ndarray] | None = None
+
+    def _better(self, value: float, best: float) -> bool:
+        return value > best if self.higher_is_better else value < best
+
+    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
+        scores = evaluate_teacher(self.model, self.validation, self.task)
+        self.scores.append(scores)
+        value = scores[self.metric]
+        if not np.isfinite(value):
+            raise FloatingPointError(f"the Teacher's validation {self.metric} is {value} at epoch {epoch + 1}: "
+                                     "training diverged; lower `learning_rate`")
+        if self.best_epoch < 0 or self._better(value, self.scores[self.best_epoch][self.metric]):
+            self.best_epoch = epoch
+            self.best_weights = self.model.get_weights()
+        elif epoch - self.best_epoch >= self.patience:
+            self.model.stop_training = True
+
+    def on_train_end(self, logs: dict | None = None) -> None:
+        if self.best_weights is not None:
+            self.model.set_weights(self.best_weights)
+
+
+def _write_text(path: str, text: str) -> None:
+    if "://" in path:  # another tf.io.gfile filesystem: no rename-based atomicity there
+        with tf.io.gfile.GFile(path, "w") as handle:
+            handle.write(text)
+    else:
+        atomic_write(path, text)
+
+
 def train_teacher(
     data_dir: str,
     out_dir: str,
@@ -234,29 +397,49 @@ def train_teacher(
     *,
     train_split: str = "train",
     validation_split: str | None = "validation",
+    test_split: str | None = "test",
     verbose: str | int = "auto",
 ) -> TeacherRun:
-    """Trains the Teacher once on event labels (Adam) and exports it as a SavedModel.
+    """Trains the Teacher once on event labels (Adam) with early stopping, and exports it as a SavedModel.
+
+    After each epoch the Teacher is scored on the validation split; the best epoch by
+    `config.monitor` is kept: training stops after `config.patience` epochs without improvement and
+    the best epoch's weights are restored before export. Without a validation split every epoch
+    runs and the last one is kept.
 
     Args:
         data_dir: Prepared events: `schema.yaml` and one folder of TFRecords per split.
-        out_dir: Output directory; gets `saved_model/` and `teacher.json` (config, label, metrics).
+        out_dir: Output directory; gets `saved_model/` and `teacher.json` (config, label, history, and
+            the validation and test metrics of the exported, restored epoch).
         config: Teacher size and training settings. Defaults to `TeacherConfig()`.
         train_split: Folder of `data_dir` to train on. Defaults to `"train"`.
-        validation_split: Folder evaluated after each epoch, or `None`. Skipped when absent.
+        validation_split: Folder that picks the best epoch, or `None`. Skipped when absent.
             Defaults to `"validation"`.
+        test_split: Folder scored once with the exported weights (reported only, never used to
+            choose), or `None`. Skipped when absent. Defaults to `"test"`.
         verbose: Keras `fit` verbosity (`"auto"`: a progress bar). Defaults to `"auto"`.
 
     Returns:
-        A `TeacherRun` with the SavedModel path and the summary.
+        A `TeacherRun` with the SavedModel path and the summary. Summary keys: `config`, `label`,
+        `task`, `num_classes`, `parameters`, `history` (per epoch: `loss`, and with validation
+        `val_loss` (log loss) and `val_auc` or `val_accuracy`), `monitor` (e.g. `"val_auc"`, or `null`
+        without validation), `epochs_trained`, `best_epoch` (1-based, the exported epoch),
+        `stopped_early`, `validation` and `test` (metrics of the exported Teacher, or `null`),
+        `saved_model`.
+
+    Raises:
+        ConfigError: `config.label` is not an event label, or `monitor="auc"` with a multiclass label.
+        FileExistsError: `out_dir` already holds a SavedModel.
+        FloatingPointError: the validation metric is not finite (training diverged).
 
     Example:
 
     ```python
-    config = TeacherConfig(epochs=1, embedding_dim=8, tower_units=(16,), head_units=(16,), num_cross_layers=1)
+    config = TeacherConfig(epochs=2, embedding_dim=8, tower_units=(16,), head_units=(16,), num_cross_layers=1)
     run = train_teacher(data_dir, "runs/movielens/teacher", config, verbose=0)   # data_dir: runs/movielens/data
     history = run.summary["history"]   # per epoch: loss and metrics, `val_*` on the validation split
-    assert len(history["val_loss"]) == 1
+    assert len(history["val_loss"]) == run.summary["epochs_trained"] <= 2
+    assert history["val_auc"][run.summary["best_epoch"] - 1] == run.summary["validation"]["auc"]
     ```
     """
     saved_model = os.path.join(out_dir, SAVED_MODEL_DIR)
@@ -266,6 +449,10 @@ def train_teacher(
     label = schema.label(config.label)
     if label.source != "event":
         raise ConfigError(f"the Teacher learns an event label; {config.label!r} has source={label.source!r}")
+    metric = config.monitor if config.monitor != "auto" else ("auc" if label.task == "binary" else "log_loss")
+    if metric == "auc" and label.task != "binary":
+        raise ConfigError(f"`monitor` 'auc' needs a binary label; {config.label!r} is {label.task}: use 'log_loss'. "
+                          f"Received: monitor={config.monitor!r}")
     keras.utils.set_random_seed(config.seed)
     network = build_teacher(schema, config)
     if label.task == "binary":
@@ -278,32 +465,53 @@ def train_teacher(
 
     preprocessor = relevance_preprocessor(schema)
 
-    def dataset(split: str, shuffle: bool) -> tf.data.Dataset:
+    def dataset(split: str | None, shuffle: bool) -> tf.data.Dataset | None:
+        if not split or not tf.io.gfile.exists(os.path.join(data_dir, split)):
+            return None
         records = make_dataset(
             os.path.join(data_dir, split), schema, config.batch_size, labels=config.label,
             shuffle_buffer=config.shuffle_buffer if shuffle else 0, seed=config.seed,
         )
         if label.task == "binary":
             records = records.map(lambda x, y: (x, tf.cast(tf.reshape(y, [-1, 1]), tf.float32)))
-        return records.map(lambda x, y: (preprocessor(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+        records = records.map(lambda x, y: (preprocessor(x), y), num_parallel_calls=tf.data.AUTOTUNE)
+        return records if shuffle else records.cache()
 
-    validation = None
-    if validation_split and tf.io.gfile.exists(os.path.join(data_dir, validation_split)):
-        validation = dataset(validation_split, shuffle=False)
-    history = network.fit(dataset(train_split, shuffle=True), epochs=config.epochs, validation_data=validation,
-                          shuffle=False, verbose=verbose)
-    export_teacher(network, schema, saved_model, label=config.label)
-    summary = {
+    validation = dataset(validation_split, shuffle=False)
+    train = dataset(train_split, shuffle=True)
+    if train is None:
+        raise FileNotFoundError(f"no training split {train_split!r} in {data_dir}")
+    stopping = _EarlyStopping(validation, label.task, metric, config.patience) if validation is not None else None
+    fit = network.fit(train, epochs=config.epochs, shuffle=False, verbose=verbose,
+                      callbacks=[stopping] if stopping else [])
+    history = {name: [float(v) for v in values] for name, values in fit.history.items()}
+    epochs_trained = len(history["loss"])
+    summary: dict[str, Any] = {
         "config": dataclasses.asdict(config),
         "label": config.label,
         "task": label.task,
         "num_classes": label.num_classes,
         "parameters": int(network.count_params()),
-        "history": {name: [float(v) for v in values] for name, values in history.history.items()},
-        "saved_model": saved_model,
+        "monitor": None,
+        "epochs_trained": epochs_trained,
+        "best_epoch": epochs_trained,
+        "stopped_early": False,
+        "validation": None,
+        "test": None,
     }
-    with tf.io.gfile.GFile(os.path.join(out_dir, SUMMARY_FILE), "w") as handle:
-        handle.write(json.dumps(summary, indent=2))
+    if stopping is not None:
+        history["val_loss"] = [scores["log_loss"] for scores in stopping.scores]
+        second = "auc" if label.task == "binary" else "accuracy"
+        history[f"val_{second}"] = [scores[second] for scores in stopping.scores]
+        summary.update(monitor=f"val_{metric}", best_epoch=stopping.best_epoch + 1,
+                       stopped_early=epochs_trained < config.epochs, validation=stopping.scores[stopping.best_epoch])
+    test = dataset(test_split, shuffle=False)
+    if test is not None:
+        summary["test"] = evaluate_teacher(network, test, label.task)
+    summary["history"] = history
+    export_teacher(network, schema, saved_model, label=config.label)
+    summary["saved_model"] = saved_model
+    _write_text(os.path.join(out_dir, SUMMARY_FILE), json.dumps(summary, indent=2))
     return TeacherRun(saved_model=saved_model, summary=summary)
 
 
@@ -377,6 +585,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m matta_tf.mode
     parser.add_argument("--batch-size", type=int, help=f"default {defaults.batch_size}")
     parser.add_argument("--learning-rate", type=float, help=f"default {defaults.learning_rate}")
     parser.add_argument("--seed", type=int, help=f"default {defaults.seed}")
+    parser.add_argument("--patience", type=int, help="epochs without validation improvement before stopping "
+                        f"(default {defaults.patience})")
     args = parser.parse_args(argv)
     values: dict[str, Any] = {}
     if args.config:
@@ -384,7 +594,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m matta_tf.mode
 
         with tf.io.gfile.GFile(args.config) as handle:
             values = yaml.safe_load(handle) or {}
-    for field in ("label", "epochs", "batch_size", "learning_rate", "seed"):
+    for field in ("label", "epochs", "batch_size", "learning_rate", "seed", "patience"):
         if getattr(args, field) is not None:
             values[field] = getattr(args, field)
     try:
@@ -392,8 +602,11 @@ def main(argv: Sequence[str] | None = None, prog: str = "python -m matta_tf.mode
     except (SchemaError, FileExistsError, FileNotFoundError, ValueError) as error:  # ConfigError is a ValueError
         print(f"train-teacher: error: {error}", file=sys.stderr)
         return 2
-    print(json.dumps({"saved_model": run.saved_model, "parameters": run.summary["parameters"],
-                      "history": {k: v[-1] for k, v in run.summary["history"].items()}}))
+    summary = run.summary
+    print(json.dumps({"saved_model": run.saved_model, "parameters": summary["parameters"],
+                      "best_epoch": summary["best_epoch"], "epochs_trained": summary["epochs_trained"],
+                      "validation": summary["validation"], "test": summary["test"],
+                      "history": {k: v[-1] for k, v in summary["history"].items()}}))
     return 0
 
 

@@ -1,4 +1,4 @@
-"""MovieLens events: time split without leakage, history from earlier events only, train-only vocabularies."""
+"""MovieLens events: time split (global or per user) without leakage, earlier-only history, train-only vocabularies."""
 
 import json
 import os
@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from matta_tf.data import MovieLensConfig, Schema, build_events, decode_example, movielens_schema, read_records
-from matta_tf.data.movielens import load_ratings, prepare_movielens
+from matta_tf.data.movielens import load_ratings, prepare_movielens, split_by_user_time
 from matta_tf.data.splits import split_by_time
 
 
@@ -102,3 +102,38 @@ def test_prepare_writes_records_schema_and_summary(tmp_path, ratings):
     assert os.path.exists(tmp_path / "vocabularies" / "movie_id.txt")
     with pytest.raises(FileExistsError, match="already holds prepared events"):
         prepare_movielens(str(tmp_path), ratings=subset, progress=False)
+
+
+def test_user_time_split_orders_each_users_events(ratings):
+    subset = ratings[ratings["userId"] <= 60]
+    events = build_events(subset, MovieLensConfig(split="user_time"))
+    order = {"train": 0, "validation": 1, "test": 2}
+    for _, user in events.groupby("user_id"):
+        # Within a user, a later split never has an earlier (or equal) timestamp than an earlier split.
+        by_split = {s: user.loc[user["split"] == s, "timestamp"] for s in order}
+        for earlier, later in (("train", "validation"), ("validation", "test"), ("train", "test")):
+            if len(by_split[earlier]) and len(by_split[later]):
+                assert by_split[earlier].max() < by_split[later].min()
+        assert len(by_split["train"]) >= 0.7 * len(user)  # every MovieLens user has >= 20 ratings
+        ranks = user["split"].map(order).to_numpy()
+        assert (np.diff(ranks[np.argsort(user["timestamp"].to_numpy(), kind="stable")]) >= 0).all()
+    fractions = events["split"].value_counts(normalize=True)
+    np.testing.assert_allclose([fractions[s] for s in order], [0.8, 0.1, 0.1], atol=0.02)
+    # The same events and features as the time split; only the split column differs.
+    time_split = build_events(subset)
+    pd.testing.assert_frame_equal(events.drop(columns="split"), time_split.drop(columns="split"))
+
+
+def test_user_time_split_keeps_ties_together_and_has_no_cold_start_users(tmp_path, ratings):
+    users = np.array([1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 2, 2, 2, 2])
+    times = np.array([1, 2, 3, 4, 5, 6, 7, 8, 9, 9, 5, 5, 6, 7])
+    splits = split_by_user_time(users, times, (0.5, 0.25, 0.25))
+    assert list(splits[:10]) == ["train"] * 5 + ["validation"] * 3 + ["test"] * 2
+    assert list(splits[10:]) == ["train", "train", "validation", "test"]  # the tied pair stays together
+    subset = ratings[ratings["userId"] <= 30]
+    summary = prepare_movielens(str(tmp_path), MovieLensConfig(split="user_time"), ratings=subset, progress=False)
+    assert summary["config"]["split"] == "user_time"
+    assert summary["splits"]["test"]["users"] == summary["splits"]["train"]["users"] == 30
+    assert summary["splits"]["test"]["cold_start_user_rate"] == 0.0
+    with pytest.raises(ValueError, match="`split` must be one of.*Received: split='random'"):
+        MovieLensConfig(split="random")
