@@ -84,6 +84,35 @@ def _events_section(run: Any) -> list[str]:
     return [*lines, ""]
 
 
+def _teacher_section(teacher: dict, baseline: dict | None) -> list[str]:
+    """The Teacher's validation and test quality at its exported epoch, beside the baseline Student's."""
+    lines = ["## Teacher", "", f"{teacher.get('parameters', 0):,} parameters; trained {teacher.get('epochs_trained')} "
+             f"epochs, exported epoch {teacher.get('best_epoch')} (monitor: {teacher.get('monitor') or 'none'}"
+             f"{', stopped early' if teacher.get('stopped_early') else ''}).", "",
+             "| model | validation AUROC | validation log loss | test AUROC | test log loss |",
+             "|---|---:|---:|---:|---:|"]
+
+    def cells(metrics: dict | None) -> str:
+        if not metrics:
+            return "- | -"
+        return f"{metrics['auc']:.4f} | {metrics['log_loss']:.4f}"
+
+    lines.append(f"| Teacher | {cells(teacher.get('validation'))} | {cells(teacher.get('test'))} |")
+    student = None
+    if baseline and "test" in baseline:
+        label = next(iter(baseline["test"]))
+        student = baseline["test"][label]["student"]
+        lines.append(f"| baseline Student | {cells(baseline.get('validation', {}).get(label, {}).get('student'))} | "
+                     f"{cells(student)} |")
+    lines.append("")
+    if student and teacher.get("test"):
+        gap = teacher["test"]["auc"] - student["auc"]
+        word = "better" if gap > 0 else "worse"
+        lines += [f"The Teacher is {word} than the baseline Student by {abs(gap):.4f} test AUROC"
+                  + ("" if gap > 0 else ": its labels cannot be expected to teach the Student") + ".", ""]
+    return lines
+
+
 def _verdict(run_dir: str) -> list[str]:
     """One plain sentence: did the MatTA Student beat the baseline Student on test AucLoss (one seed)?"""
     matta = _read_json(os.path.join(run_dir, L.MATTA, L.METRICS))
@@ -111,8 +140,7 @@ def write_report(run: Any) -> str:
     teacher = _read_json(os.path.join(root, L.TEACHER, L.TEACHER_SUMMARY))
     counts = _read_json(os.path.join(root, L.LABELLED, L.COUNTS))
     if teacher:
-        lines += ["## Teacher", "", "```", json.dumps({k: v for k, v in teacher.items() if k != "config"},
-                                                       indent=1)[:1500], "```", ""]
+        lines += _teacher_section(teacher, _read_json(os.path.join(root, L.BASELINE, L.METRICS)))
     if counts:
         lines += [f"Beam labelling counters: `{json.dumps(counts)}`", ""]
     lines += ["## MatTA vs the baseline Student", "",

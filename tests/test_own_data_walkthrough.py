@@ -82,6 +82,10 @@ def _run_walkthrough(shop, run_arguments: list[str]) -> pathlib.Path:
     train_row = next(line for line in report.splitlines() if line.startswith("| train |"))
     assert train_row.startswith("| train | 2,400 | 60 | 40 |"), train_row
     assert "## A/B test" in report and "## Mix'n'Match sizes" in report
+    teacher = json.loads((run / "teacher" / "teacher.json").read_text())
+    assert f"| Teacher | {teacher['validation']['auc']:.4f} | {teacher['validation']['log_loss']:.4f} | " \
+           f"{teacher['test']['auc']:.4f} |" in report
+    assert "than the baseline Student by" in report
     ours = json.loads((run / "matta" / "metrics.json").read_text())["test"]["clicked"]["student"]["auc_loss"]
     theirs = metrics["test"]["clicked"]["student"]["auc_loss"]
     verdict = "**MatTA helped here**" if ours < theirs else "**MatTA did not help here**"
