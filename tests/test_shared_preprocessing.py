@@ -107,7 +107,7 @@ def test_mnestify_keeps_preprocessing_shared_and_extraction_reproduces_both_stre
     np.testing.assert_allclose(student_out, expected, rtol=1e-6, atol=1e-7)
     assert not np.allclose(student_out, ta_out)
     # One copy of each preprocessing layer, read by both streams; not the Student's own objects.
-    originals = [layer for layer in student._flatten_layers() if isinstance(layer, SHARED_PREPROCESSING_LAYERS)]
+    originals = [layer for layer in student.layers if isinstance(layer, SHARED_PREPROCESSING_LAYERS)]
     copies = [layer for layer in nested.layers if isinstance(layer, SHARED_PREPROCESSING_LAYERS)]
     assert sorted(layer.name for layer in copies) == sorted(layer.name for layer in originals)
     assert not {id(layer) for layer in copies} & {id(layer) for layer in originals}
@@ -121,7 +121,7 @@ def test_mnestify_keeps_preprocessing_shared_and_extraction_reproduces_both_stre
 
 
 def student_lookup_vocabulary(student: keras.Model) -> list:
-    lookup = next(layer for layer in student._flatten_layers() if isinstance(layer, keras.layers.StringLookup))
+    lookup = next(layer for layer in student.layers if isinstance(layer, keras.layers.StringLookup))
     return lookup.get_vocabulary()
 
 
@@ -189,3 +189,19 @@ def test_unsupported_preprocessing_layer_error_says_to_preprocess_in_tf_data():
     with pytest.raises(ValueError, match=r"'encode'.*CategoryEncoding.*run before the network.*FeaturePreprocessor.*"
                                          r"kept shared by both streams StringLookup, IntegerLookup"):
         matta_tf.mnestify(student)
+
+
+def test_matta_training_with_shared_lookups_then_extraction_equals_the_streams():
+    student = _functional_student()
+    nested = matta_tf.mnestify(student, width_multiplier=4)
+    batch = _batch(64, seed=5)
+    labels = tf.constant(np.random.default_rng(5).integers(0, 2, 64))
+    model = matta_tf.MatTAModel(nested)
+    model.compile(optimizer=keras.optimizers.Adam(1e-2))  # "auto" jit: off, the lookups cannot compile
+    before = nested.get_layer("hidden").kernel.numpy().copy()
+    model.fit(tf.data.Dataset.from_tensor_slices((batch, labels)).batch(16), epochs=1, verbose=0)
+    assert not np.allclose(before, nested.get_layer("hidden").kernel.numpy())
+    assert nested.get_layer("country_lookup").get_vocabulary() == student_lookup_vocabulary(student)  # not trained
+    for stream, output in zip(("student", "ta"), nested(batch), strict=True):
+        extracted = extract_submodel(nested, SubmodelSpec.uniform(nested, stream))
+        np.testing.assert_allclose(extracted(batch).numpy(), output.numpy(), rtol=1e-5, atol=1e-5)
