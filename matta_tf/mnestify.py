@@ -128,10 +128,14 @@ def mnestify(
     - `LayerNormalization` / `RMSNormalization` -> `NestedNormalization` (per-stream statistics);
     - `Concatenate` -> `NestedConcatenate` (the Student's features stay a prefix of the TA's);
     - `keras_rs.layers.FeatureCross` (full rank) -> `NestedFeatureCross` (its width follows its input);
-    - weightless layers (dropout, activations, merges, pooling) run on each stream.
+    - weightless layers (dropout, activations, merges, pooling) run on each stream;
+    - preprocessing layers (`StringLookup`, `IntegerLookup`, `Hashing`, `Discretization`,
+      `Normalization`) are kept shared, not nested: one copy with the Student's vocabulary or
+      statistics, read by both streams (they must read the Student's inputs or other shared tensors).
 
     `m` is `layer_width_multipliers[layer.name]` if given, else `width_multiplier`. The table of
-    supported layers is in `matta_tf.layers`; each nested layer's `from_plain` says how it is made.
+    supported layers (nested, kept shared, refused) is in `matta_tf.layers`; each nested layer's
+    `from_plain` says how it is made.
 
     Args:
         student: a built `keras.Sequential` or functional `keras.Model` made of the supported layers
@@ -164,8 +168,9 @@ def mnestify(
         (for a multi-output Student, `[student_outputs, ta_outputs]`).
 
     Raises:
-        ValueError: for an unsupported layer (naming it, its class and the supported layers), an
-            unknown layer name in the options, or a multiplier below 1.
+        ValueError: for an unsupported layer (naming it, its class, what to do instead and the
+            supported layers), a preprocessing layer that reads a nested activation, an unknown layer
+            name in the options, or a multiplier below 1.
 
     Example:
 
