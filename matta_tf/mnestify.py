@@ -76,11 +76,6 @@ def _unsupported_advice(layer: Any) -> str:
             "`tf.data` input (as `matta_tf.data.FeaturePreprocessor` does for a `Schema`) and give the "
             "Student its outputs as inputs."
         )
-    if layer.weights:
-        return (
-            " Build the Student from the supported layers, or wrap a layer only the TA should run in "
-            "`ta_only_after`."
-        )
     return ""
 
 
@@ -323,8 +318,8 @@ class _Mnestifier:
             )
         raise ValueError(
             f"mnestify does not support layer '{layer.name}' of class "
-            f"{layer.__class__.__module__}.{layer.__class__.__name__}.{_unsupported_advice(layer)} "
-            f"Supported: {supported_layers()}."
+            f"{layer.__class__.__module__}.{layer.__class__.__name__}. Supported: {supported_layers()}."
+            f"{_unsupported_advice(layer)}"
         )
 
     def _call_shared(self, layer: Any, args: tuple, kwargs: dict, streams: list) -> _Streams:
