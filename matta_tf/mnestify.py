@@ -328,8 +328,9 @@ class _Mnestifier:
             raise ValueError(
                 f"mnestify keeps the preprocessing layer '{layer.name}' ({layer.__class__.__name__}) shared by "
                 "the Student and the TA, so it must read tensors both streams share (the Student's inputs, or "
-                "other shared preprocessing outputs); here it reads a nested activation whose TA version is "
-                "wider. Move it before the first nested layer, or run it in `tf.data` before the network."
+                "other shared preprocessing outputs); here it reads a nested activation, which the Student and "
+                "the TA compute apart. Move it before the first nested layer, or run it in `tf.data` before the "
+                "network."
             )
         if id(layer) not in self.converted:
             # Not in `weight_pairs`: the state is copied here, whatever `copy_student_weights` says (a
