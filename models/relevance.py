@@ -9,7 +9,7 @@ every hidden layer, and optional TA-only (depth-nested) blocks after the cross l
 The network reads the `FeaturePreprocessor`'s output (indices and floats): it is pure dense math and
 compiles with `jit_compile=True`. `relevance_preprocessor(schema)` gives the preprocessor to map in
 `tf.data` and to chain in front of the network for serving. The network's inputs are named as the
-preprocessor's outputs (`"user_id_index"`, `"history_count_scaled"`, see
+preprocessor's outputs (`"user_id_index"`; a bucketized `history_count` is `"history_count_index"`, see
 `matta_tf.data.preprocessing.preprocessed_name`), never as the raw features, so a raw batch (say
 `make_dataset`'s output fed by mistake) fails at once with `Missing data for input
 "user_id_index"`, even where its raw ids would fall inside the embedding tables.
