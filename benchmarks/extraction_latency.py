@@ -25,7 +25,7 @@ import tensorflow as tf  # noqa: E402
 
 from matta_tf.data import MovieLensConfig, Schema, make_dataset, prepare_movielens  # noqa: E402
 from matta_tf.data.movielens import load_ratings  # noqa: E402
-from matta_tf.data.preprocessing import embedding_rows  # noqa: E402
+from matta_tf.data.preprocessing import embedding_rows, preprocessed_name  # noqa: E402
 from matta_tf.extraction import SubmodelSpec, extract_submodel  # noqa: E402
 from matta_tf.models.relevance import (  # noqa: E402
     ROLES,
@@ -43,12 +43,13 @@ def plain_relevance(schema: Schema, config: RelevanceConfig) -> keras.Model:
     embedded = {}
     for feature in schema.model_features:
         rows = embedding_rows(feature)
+        tensor = inputs[preprocessed_name(feature)]
         if feature.is_multi_valued:
-            weights = PaddingWeights()(inputs[feature.name])
+            weights = PaddingWeights()(tensor)
             layer = keras_rs.layers.EmbedReduce(rows, config.embedding_dim, combiner="mean")
-            embedded[feature.name] = layer(inputs[feature.name], weights)
+            embedded[feature.name] = layer(tensor, weights)
         else:
-            embedded[feature.name] = keras.layers.Embedding(rows, config.embedding_dim)(inputs[feature.name])
+            embedded[feature.name] = keras.layers.Embedding(rows, config.embedding_dim)(tensor)
     towers = []
     for role in ROLES:
         features = [f for f in schema.model_features if f.role == role]

@@ -19,7 +19,7 @@ import keras
 
 from matta_tf import _keras_graph
 from matta_tf._checks import check_at_least
-from matta_tf.layers import NestedConcatenate, TAOnly, _nesting, base
+from matta_tf.layers import NestedConcatenate, TAOnly, _nesting, base, shared
 
 # Weightless element-wise layers: they run on each stream, and a Dense still counts as an output
 # layer when its output reaches a model output through them only.
@@ -60,9 +60,23 @@ def supported_layers() -> str:
     # The most common first; the rest in registration order.
     names.sort(key=lambda name: {"Dense": 0, "Embedding": 1}.get(name, 2))
     return (
-        ", ".join(names) + ", nested Sequential/functional models, and the weightless layers "
+        ", ".join(names) + ", nested Sequential/functional models, the weightless layers "
         + ", ".join(cls.__name__ for cls in _PER_STREAM_LAYERS)
+        + ", and the preprocessing layers kept shared by both streams "
+        + ", ".join(cls.__name__ for cls in shared.SHARED_PREPROCESSING_LAYERS)
     )
+
+
+def _unsupported_advice(layer: Any) -> str:
+    """What to do instead of an unsupported layer, for the error message."""
+    module = layer.__class__.__module__
+    if ".preprocessing." in module or module.startswith("keras.layers.preprocessing"):
+        return (
+            " A preprocessing layer that is not kept shared must run before the network: map it over the "
+            "`tf.data` input (as `matta_tf.data.FeaturePreprocessor` does for a `Schema`) and give the "
+            "Student its outputs as inputs."
+        )
+    return ""
 
 
 class _Streams:
@@ -109,10 +123,14 @@ def mnestify(
     - `LayerNormalization` / `RMSNormalization` -> `NestedNormalization` (per-stream statistics);
     - `Concatenate` -> `NestedConcatenate` (the Student's features stay a prefix of the TA's);
     - `keras_rs.layers.FeatureCross` (full rank) -> `NestedFeatureCross` (its width follows its input);
-    - weightless layers (dropout, activations, merges, pooling) run on each stream.
+    - weightless layers (dropout, activations, merges, pooling) run on each stream;
+    - preprocessing layers (`StringLookup`, `IntegerLookup`, `Hashing`, `Discretization`,
+      `Normalization`) are kept shared, not nested: one copy with the Student's vocabulary or
+      statistics, read by both streams (they must read the Student's inputs or other shared tensors).
 
     `m` is `layer_width_multipliers[layer.name]` if given, else `width_multiplier`. The table of
-    supported layers is in `matta_tf.layers`; each nested layer's `from_plain` says how it is made.
+    supported layers (nested, kept shared, refused) is in `matta_tf.layers`; each nested layer's
+    `from_plain` says how it is made.
 
     Args:
         student: a built `keras.Sequential` or functional `keras.Model` made of the supported layers
@@ -145,8 +163,9 @@ def mnestify(
         (for a multi-output Student, `[student_outputs, ta_outputs]`).
 
     Raises:
-        ValueError: for an unsupported layer (naming it, its class and the supported layers), an
-            unknown layer name in the options, or a multiplier below 1.
+        ValueError: for an unsupported layer (naming it, its class, what to do instead and the
+            supported layers), a preprocessing layer that reads a nested activation, an unknown layer
+            name in the options, or a multiplier below 1.
 
     Example:
 
@@ -284,6 +303,8 @@ class _Mnestifier:
 
             call_args, call_kwargs = keras.tree.map_structure(as_input, (args, kwargs))
             return _Streams(*nested(*call_args, **call_kwargs))
+        if shared.is_shared_preprocessing(layer):
+            return self._call_shared(layer, args, kwargs, streams)
         if isinstance(layer, _keras_graph.CONCATENATE_OP):
             concatenate = self._converted(layer, lambda: NestedConcatenate(layer.axis, name=self._name(layer.name)))
             return _Streams(*concatenate([s.as_input() for s in args[0]]))
@@ -298,7 +319,30 @@ class _Mnestifier:
         raise ValueError(
             f"mnestify does not support layer '{layer.name}' of class "
             f"{layer.__class__.__module__}.{layer.__class__.__name__}. Supported: {supported_layers()}."
+            f"{_unsupported_advice(layer)}"
         )
+
+    def _call_shared(self, layer: Any, args: tuple, kwargs: dict, streams: list) -> _Streams:
+        """A preprocessing layer: one copy (with its vocabulary or statistics) that both streams read."""
+        if not all(s.shared for s in streams):
+            raise ValueError(
+                f"mnestify keeps the preprocessing layer '{layer.name}' ({layer.__class__.__name__}) shared by "
+                "the Student and the TA, so it must read tensors both streams share (the Student's inputs, or "
+                "other shared preprocessing outputs); here it reads a nested activation, which the Student and "
+                "the TA compute apart. Move it before the first nested layer, or run it in `tf.data` before the "
+                "network."
+            )
+        if id(layer) not in self.converted:
+            # Not in `weight_pairs`: the state is copied here, whatever `copy_student_weights` says (a
+            # vocabulary or a mean is data, not a trained weight).
+            self.converted[id(layer)] = shared.copy_preprocessing_layer(layer, self._name(layer.name))
+
+        def unwrap(value: Any) -> Any:
+            return value.ta if isinstance(value, _Streams) else value
+
+        call_args, call_kwargs = keras.tree.map_structure(unwrap, (args, kwargs))
+        y = self.converted[id(layer)](*call_args, **call_kwargs)
+        return _Streams(y, y)
 
     def _context(self, layer: Any, streams: list[_Streams]) -> base.NestingContext:
         layer_multiplier = self.layer_width_multipliers.get(layer.name)

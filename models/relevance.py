@@ -8,7 +8,11 @@ every hidden layer, and optional TA-only (depth-nested) blocks after the cross l
 
 The network reads the `FeaturePreprocessor`'s output (indices and floats): it is pure dense math and
 compiles with `jit_compile=True`. `relevance_preprocessor(schema)` gives the preprocessor to map in
-`tf.data` and to chain in front of the network for serving.
+`tf.data` and to chain in front of the network for serving. The network's inputs are named as the
+preprocessor's outputs (`"user_id_index"`; a bucketized `history_count` is `"history_count_index"`, see
+`matta_tf.data.preprocessing.preprocessed_name`), never as the raw features, so a raw batch (say
+`make_dataset`'s output fed by mistake) fails at once with `Missing data for input
+"user_id_index"`, even where its raw ids would fall inside the embedding tables.
 
 Example:
 
@@ -32,7 +36,7 @@ from typing import Any
 
 import keras
 
-from matta_tf.data.preprocessing import FeaturePreprocessor, embedding_rows, padded_length
+from matta_tf.data.preprocessing import FeaturePreprocessor, embedding_rows, padded_length, preprocessed_name
 from matta_tf.data.schema import Feature, Schema
 from matta_tf.layers.nested_concatenate import NestedConcatenate
 from matta_tf.layers.nested_dense import NestedDense
@@ -140,15 +144,19 @@ def relevance_preprocessor(schema: Schema) -> FeaturePreprocessor:
 
 
 def network_inputs(schema: Schema) -> dict[str, keras.KerasTensor]:
-    """Keras inputs matching `FeaturePreprocessor`'s outputs, one per model feature."""
+    """Keras inputs matching `FeaturePreprocessor`'s outputs, one per model feature.
+
+    Keyed (and named) by `preprocessed_name(feature)`, so that a dict of raw features cannot bind to them.
+    """
     inputs = {}
     for feature in schema.model_features:
+        name = preprocessed_name(feature)
         if feature.is_multi_valued:
-            inputs[feature.name] = keras.Input((padded_length(feature),), dtype="int32", name=feature.name)
+            inputs[name] = keras.Input((padded_length(feature),), dtype="int32", name=name)
         elif feature.is_categorical or feature.boundaries is not None:
-            inputs[feature.name] = keras.Input((), dtype="int32", name=feature.name)
+            inputs[name] = keras.Input((), dtype="int32", name=name)
         else:
-            inputs[feature.name] = keras.Input((feature.shape,), dtype="float32", name=feature.name)
+            inputs[name] = keras.Input((feature.shape,), dtype="float32", name=name)
     return inputs
 
 
@@ -180,9 +188,11 @@ def build_relevance_network(schema: Schema, config: RelevanceConfig = RelevanceC
     """The M-nested relevance network: preprocessed features -> `[student_logits, ta_logits]`.
 
     With `config.student_config()` both streams are the Student (a plain Student in nested layers).
+    Its inputs are `network_inputs(schema)`: the outputs of `relevance_preprocessor(schema)`, keyed by
+    `preprocessed_name`; a raw batch fails with an error naming the missing preprocessed input.
     """
     inputs = network_inputs(schema)
-    embedded = {f.name: _embed(f, inputs[f.name], config) for f in schema.model_features}
+    embedded = {f.name: _embed(f, inputs[preprocessed_name(f)], config) for f in schema.model_features}
     towers = []
     for role in ROLES:
         features = [f for f in schema.model_features if f.role == role]

@@ -210,3 +210,20 @@ def test_a_subclassed_call_traces_into_a_graph_of_its_layers():
     names = [type(op).__name__ for op in _keras_graph.operations_in_order(traced)]
     require(names == ["Relu", "Dense"], "Layer.__call__ on KerasTensors", f"the traced graph holds {names}")
     require(traced.get_layer("dense") is model.dense, "Layer.__call__ on KerasTensors", "the layer is not shared")
+
+
+# ---- the layer-state protocol of `.keras` saving (matta_tf/layers/shared.py) ----------------------------------
+def test_preprocessing_layer_state_protocol_of_keras_saving():
+    # `copy_preprocessing_layer` copies a layer as `.keras` loading restores it: `save_assets` /
+    # `load_assets` (an adapted lookup's vocabulary, in no config and no weight) and `save_own_variables`
+    # / `load_own_variables` after `build_from_config` (Normalization's mean and variance).
+    lookup = keras.layers.StringLookup()
+    lookup.adapt(np.array(["b", "a", "b"]))
+    for method in ("save_assets", "load_assets"):
+        require(callable(getattr(lookup, method, None)), f"IndexLookup.{method}", "missing")
+    norm = keras.layers.Normalization()
+    norm.adapt(np.ones((4, 2), np.float32))
+    store = {}
+    norm.save_own_variables(store)
+    require(len(store) >= 2, "Normalization.save_own_variables", f"stores {sorted(store)}")
+    require(bool(norm.get_build_config()), "Layer.get_build_config", "empty for a built Normalization")

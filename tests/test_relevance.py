@@ -46,12 +46,14 @@ def test_preprocessor_indices_padding_and_standardization():
     raw["history"] = tf.ragged.constant([[], [1, 2, 3, 4, 5, 99]], dtype=tf.int64)
     raw = {k: (v[:2] if k != "history" else v) for k, v in raw.items()}
     out = FeaturePreprocessor(SCHEMA)(raw)
-    assert "timestamp" not in out
+    # Keyed by the preprocessed names (never the raw ones); metadata ("timestamp") is dropped.
+    assert set(out) == {"user_id_index", "device_index", "history_index", "item_id_index", "tags_index",
+                        "price_index", "score_scaled"}
     # Last 4 values kept: index = vocabulary position + 1 (OOV bucket) + 1 (padding); unknown 99 -> OOV (1).
-    np.testing.assert_array_equal(out["history"].numpy(), [[0, 0, 0, 0], [5, 6, 7, 1]])
-    np.testing.assert_allclose(out["score"].numpy(), (raw["score"].numpy() - 1.0) / 2.0, rtol=1e-6)
+    np.testing.assert_array_equal(out["history_index"].numpy(), [[0, 0, 0, 0], [5, 6, 7, 1]])
+    np.testing.assert_allclose(out["score_scaled"].numpy(), (raw["score"].numpy() - 1.0) / 2.0, rtol=1e-6)
     dense = FeaturePreprocessor(SCHEMA)({**raw, "history": tf.constant([[-1, -1], [5, 99]], tf.int64)})
-    np.testing.assert_array_equal(dense["history"].numpy(), [[0, 0, 0, 0], [7, 1, 0, 0]])
+    np.testing.assert_array_equal(dense["history_index"].numpy(), [[0, 0, 0, 0], [7, 1, 0, 0]])
 
 
 def _student_twin(nested: keras.Model) -> keras.Model:

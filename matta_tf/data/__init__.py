@@ -1,5 +1,9 @@
 """Relevance data: the feature schema, tf.Example records, TFRecord shards and `tf.data` input.
 
+`make_dataset` yields *raw* features (ids, strings, floats, keyed by feature name); a network reads
+them after `FeaturePreprocessor` (vocabulary lookups, OOV buckets, bucketization, padding,
+standardization), whose outputs are keyed `preprocessed_name(feature)` (`"user_id_index"`).
+
 Also builds real MovieLens events offline (`prepare_movielens`), synthetic events at scale
 (`generate_synthetic`), and time-ordered item histories for next-item models (`sequences`).
 """
@@ -18,6 +22,7 @@ from matta_tf.data.examples import (
     serialize_example,
 )
 from matta_tf.data.movielens import MovieLensConfig, build_events, movielens_schema, prepare_movielens
+from matta_tf.data.preprocessing import FeaturePreprocessor, preprocessed_name
 from matta_tf.data.schema import Feature, Label, Schema, SchemaError
 from matta_tf.data.synthetic import SyntheticConfig, generate_synthetic, synthetic_schema
 from matta_tf.data.tfrecords import (
@@ -33,6 +38,7 @@ from matta_tf.data.vocabulary import build_vocabulary, lookup_layer
 
 __all__ = [
     "Feature",
+    "FeaturePreprocessor",
     "Label",
     "MovieLensConfig",
     "RecordError",
@@ -58,6 +64,7 @@ __all__ = [
     "movielens_schema",
     "parse_example_bytes",
     "parse_examples",
+    "preprocessed_name",
     "prepare_movielens",
     "read_records",
     "serialize_example",

@@ -5,11 +5,19 @@ network is pure dense math (it compiles with XLA, `jit_compile=True`: hash-table
 tensors do not), while the exported serving model chains the two, so TF Serving takes raw ids and
 strings and needs no Python.
 
+Its outputs are keyed by `preprocessed_name(feature)`, never by the raw feature's name: a network
+built on them (`matta_tf.models.relevance`) cannot be fed a raw batch by mistake. A raw id that
+happens to lie inside an embedding table would otherwise train silently on the wrong row; this way
+the call fails at once, naming the input (`Missing data for input "user_id_index"`).
+
 Output per model feature (metadata features are dropped):
-- categorical and bucketized numeric: int32 indices, shape `(batch,)`, in `[0, cardinality)`;
-- multi-valued: int32 indices, shape `(batch, max_length)`: index `k + 1` for lookup index `k` and
-  0 for padding (the last `max_length` values are kept, the rest padded on the right);
-- raw numeric: float32 `(x - mean) / std` (identity without them), shape `(batch, shape)`.
+- categorical and bucketized numeric: `"<name>_index"`, int32 indices, shape `(batch,)`, in
+  `[0, cardinality)`;
+- multi-valued: `"<name>_index"`, int32 indices, shape `(batch, max_length)`: index `k + 1` for
+  lookup index `k` and 0 for padding (the last `max_length` values are kept, the rest padded on the
+  right);
+- raw numeric: `"<name>_scaled"`, float32 `(x - mean) / std` (identity without them), shape
+  `(batch, shape)`.
 """
 
 from __future__ import annotations
@@ -24,6 +32,14 @@ from matta_tf.data.vocabulary import lookup_layer
 
 DEFAULT_MAX_LENGTH = 16
 PADDING_INDEX = 0
+INDEX_SUFFIX = "_index"
+SCALED_SUFFIX = "_scaled"
+
+
+def preprocessed_name(feature: Feature) -> str:
+    """The key of `feature`'s preprocessed tensor: `"<name>_index"` (indices) or `"<name>_scaled"` (floats)."""
+    is_index = feature.is_categorical or feature.boundaries is not None
+    return feature.name + (INDEX_SUFFIX if is_index else SCALED_SUFFIX)
 
 
 def padded_length(feature: Feature) -> int:
@@ -53,14 +69,27 @@ class FeaturePreprocessor(keras.layers.Layer):
     dataset = make_dataset(f"{data_dir}/train", schema, 512, labels="label")
     dataset = dataset.map(lambda x, y: (preprocessor(x), y))
     features, labels = next(iter(dataset))   # model-ready tensors, one per model feature
-    assert set(features) == {feature.name for feature in schema.model_features}
+    assert set(features) == {preprocessed_name(feature) for feature in schema.model_features}
+    assert features["user_id_index"].dtype == tf.int32           # raw "user_id" -> its lookup index
     ```
+
+    Raises:
+        ValueError: a preprocessed name equals a raw feature's name in the schema (say features `"x"`
+            and `"x_index"`), which would let a raw batch bind to the network's inputs.
     """
 
     def __init__(self, schema: Schema | dict, **kwargs: Any) -> None:
         super().__init__(trainable=False, **kwargs)
         self.schema = schema if isinstance(schema, Schema) else Schema.from_dict(schema)
         self.features = self.schema.model_features
+        raw_names = {f.name for f in self.schema.features}
+        for feature in self.features:
+            if preprocessed_name(feature) in raw_names:
+                raise ValueError(
+                    f"FeaturePreprocessor: feature {feature.name!r} is preprocessed to "
+                    f"{preprocessed_name(feature)!r}, which is also the name of a raw feature of the schema; a raw "
+                    "batch could then bind to a network input. Rename one of them."
+                )
         self.lookups = {
             f.name: lookup_layer(f, name=f"{f.name}_lookup")
             for f in self.features
@@ -73,17 +102,18 @@ class FeaturePreprocessor(keras.layers.Layer):
             if feature.name not in inputs:
                 raise KeyError(f"missing feature {feature.name!r}; the schema has {[f.name for f in self.features]}")
             value = inputs[feature.name]
+            key = preprocessed_name(feature)
             if feature.is_multi_valued:
-                outputs[feature.name] = self._pad(feature, value)
+                outputs[key] = self._pad(feature, value)
             elif feature.name in self.lookups:
-                outputs[feature.name] = tf.cast(self.lookups[feature.name](tf.reshape(value, [-1])), tf.int32)
+                outputs[key] = tf.cast(self.lookups[feature.name](tf.reshape(value, [-1])), tf.int32)
             else:
                 value = tf.reshape(tf.cast(value, tf.float32), [-1, feature.shape])
                 if feature.mean is not None:
                     value = value - feature.mean
                 if feature.std is not None:
                     value = value / feature.std
-                outputs[feature.name] = value
+                outputs[key] = value
         return outputs
 
     def _pad(self, feature: Feature, value: Any) -> tf.Tensor:

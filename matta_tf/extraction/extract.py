@@ -23,6 +23,7 @@ import numpy as np
 from matta_tf import _keras_graph
 from matta_tf.extraction.spec import SpecError, SubmodelSpec, choosable_layers, nested_layers_in_order
 from matta_tf.layers.base import NestedLayer, is_prefix
+from matta_tf.layers.shared import copy_preprocessing_layer, is_shared_preprocessing
 
 
 class _Skip:
@@ -152,6 +153,11 @@ class _Extractor:
             # A plain layer the nested model calls again (e.g. a tied embedding read back as the output
             # projection) is one layer of the sub-model too: its weights stay shared.
             output = clone(*call_args, **call_kwargs)
+        elif is_shared_preprocessing(layer):
+            # A lookup's vocabulary (adapted or from a file) is not in its config or weights: copy its state.
+            clone = self.plain_clones[id(layer)] = copy_preprocessing_layer(layer)
+            output = clone(*call_args, **call_kwargs)
+            self.created.append(clone)
         else:
             clone = self.plain_clones[id(layer)] = layer.__class__.from_config(layer.get_config())
             output = clone(*call_args, **call_kwargs)
@@ -189,7 +195,8 @@ def extract_submodel(nested_model: keras.Model, spec: SubmodelSpec, name: str | 
     Returns:
         A `keras.Model` with the nested model's inputs and one output, made of plain Keras layers
         (`Dense`, `Embedding`, `keras_rs` layers, `matta_tf.layers.GAU`/`TransformerBlock`) with their
-        own weights: it saves as `.keras` and exports as a SavedModel without any nesting code.
+        own weights, and copies of its shared preprocessing layers with their vocabularies and statistics
+        (`matta_tf.layers.shared`): it saves as `.keras` and exports as a SavedModel without any nesting code.
 
     Raises:
         SpecError: the spec does not fit the model (a missing or unknown layer, an invalid choice, or a

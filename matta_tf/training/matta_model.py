@@ -74,6 +74,14 @@ class MatTAModel(_keras_compat.PerReplicaSymbolicBuild, keras.Model):
       (the two sides of 0.5 for a binary task, the argmax otherwise), `"matta"` mode only;
     - `invalid_labels`: examples with an invalid label so far in the epoch (skipped, see above).
 
+    **Early stopping and model selection.** Do not monitor `val_loss`: it is the weighted total, and
+    while the distillation ramp raises `w_D(t)` it rises even as the Student improves, so Keras'
+    default `EarlyStopping(monitor="val_loss", restore_best_weights=True)` keeps the first epoch.
+    Monitor the Student's own validation quality: `val_student_log_loss` (its log loss on the event
+    labels; `early_stopping_monitor`), or `val_student_auc_loss` (AucLoss). Keras cannot tell the
+    direction of these metrics by itself (it only reads compiled metrics), so pass `mode="min"`;
+    `model.early_stopping(patience=...)` returns the callback set up that way.
+
     AUROC and log loss need a hard target: for soft (teacher) labels it is `y >= 0.5` (binary) or
     the argmax class (multi-class). Multi-class AUROC is the one-vs-rest macro average over classes
     (`keras.metrics.AUC(multi_label=True)`; a class without positives in the data counts as 0).
@@ -194,6 +202,39 @@ class MatTAModel(_keras_compat.PerReplicaSymbolicBuild, keras.Model):
             for stream in self.streams
         ]
         self.churn_tracker = keras.metrics.Mean(name="churn") if self.mode == "matta" else None
+
+    @property
+    def early_stopping_monitor(self) -> str:
+        """The log to monitor for early stopping: the Student's validation log loss (the TA's in `"ta_only"`)."""
+        return f"val_{self.streams[0]}_log_loss"
+
+    def early_stopping(
+        self, patience: int = 2, monitor: str | None = None, **kwargs: Any
+    ) -> keras.callbacks.EarlyStopping:
+        """A `keras.callbacks.EarlyStopping` that keeps the Student's best epoch, not the ramped total's.
+
+        Args:
+            patience: Epochs without improvement before training stops. Defaults to 2.
+            monitor: A validation log of this model to minimize (e.g. `"val_student_auc_loss"`).
+                Defaults to `early_stopping_monitor` (`"val_student_log_loss"`).
+            **kwargs: Args passed to `keras.callbacks.EarlyStopping` (`restore_best_weights`
+                defaults to `True`, `mode` is `"min"`).
+
+        Returns:
+            The callback, to pass to `fit(..., validation_data=..., callbacks=[...])`.
+
+        Raises:
+            ValueError: `monitor` is not a validation loss of this model (names it and the choices).
+        """
+        monitor = monitor or self.early_stopping_monitor
+        choices = [f"val_{stream}_{name}" for stream in self.streams for name in ("log_loss", "auc_loss", "loss")]
+        if monitor not in choices:
+            raise ValueError(
+                f"`monitor` must be one of this model's validation losses {choices} (`val_loss`, the ramped "
+                f"total, rises with the distillation weight). Received: monitor={monitor!r}"
+            )
+        kwargs.setdefault("restore_best_weights", True)
+        return keras.callbacks.EarlyStopping(monitor=monitor, mode="min", patience=patience, **kwargs)
 
     # ---- forward -----------------------------------------------------------------------------------
     def call(self, inputs: Any, training: bool | None = None) -> dict[str, Any]:
