@@ -152,8 +152,11 @@ class Shampoo(keras.optimizers.Optimizer):
     blocks, each preconditioned as a tensor of its own, which bounds a factor at `block_size ** 2`
     entries. Embedding tables (rank-2 variables whose path contains "embedding", as Keras's and the
     nested layers' `embeddings` do) follow `embedding_tables`: by default they take the grafted
-    method's step and keep no factors. Factors of a parameter that share a size are stored stacked
-    and rooted in one batched call.
+    method's step and keep no factors. Factors of a parameter that share a size are stored stacked;
+    with `batch_roots=True` (the default) the full factors of all parameters that share a size and a
+    root order are rooted in one batched call per size (many are `block_size x block_size`), which
+    saves per-op overhead in graph mode and under XLA; the roots equal the per-parameter ones up to
+    rounding.
 
     **Grafting.** `grafting` runs a diagonal method alongside (SGD, AdaGrad, RMSprop or Adam, with
     Keras's formulas and epsilon placement) and gives Shampoo's direction that method's norm, per
@@ -197,10 +200,19 @@ class Shampoo(keras.optimizers.Optimizer):
     per-parameter counters, optimizer variables checkpointed with the rest of the state;
     `fault_counts()` reads them and the `ShampooFaultCounters` callback logs them each epoch.
 
-    **Distribution.** `update_step` receives gradients that Keras has already all-reduced, so every
-    replica computes identical statistics and roots; there is no Python-side state per step, and
-    the update runs under `MirroredStrategy`, `MultiWorkerMirroredStrategy` and in
-    `jit_compile=True` functions. Under XLA, `tf.linalg.eigh` is a slow Jacobi iteration on CPU and
+    **Distribution.** The optimizer receives gradients that Keras has already all-reduced, so every
+    replica computes identical statistics. With `batch_roots=True` and several replicas in sync
+    (`MirroredStrategy`, `MultiWorkerMirroredStrategy`), each full factor's root is computed by one
+    replica only, the factors dealt out largest first to the least-loaded replica
+    (`assign_root_owners`), and shared by a sum over replicas in which the other replicas contribute
+    zeros, one all-reduce per root step: every replica then holds the root the owner computed, equal to
+    what it would have computed itself. (Keras applies the update in cross-replica context, in
+    `TFOptimizer._distributed_tf_update_step`, which Shampoo overrides for its three passes:
+    statistics, batched roots, steps.) With `batch_roots=False` every replica computes every root, as
+    in Keras's per-parameter `update_step`, and so does each replica where Keras runs the update in
+    replica context (no `merge_call`: XLA on GPUs). There is no Python-side state per step, and the update runs
+    under `MirroredStrategy`, `MultiWorkerMirroredStrategy` and in `jit_compile=True` functions.
+    Under XLA, `tf.linalg.eigh` is a slow Jacobi iteration on CPU and
     TPU: prefer `root_method="newton"` there (and `retry_float64=False` on TPU).
 
     **Cost.** Per step and per full factor of size `n` on a parameter with `N` entries: about
