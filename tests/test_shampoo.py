@@ -796,6 +796,7 @@ def test_model_fit_with_jit_compile_matches_graph_mode(root_method):
     "kwargs, message",
     [
         (dict(grafting="foo"), "`grafting` should be one of"),
+        (dict(batch_roots="yes"), "`batch_roots` should be True, False or 'auto'"),
         (dict(beta2=0.0), "`beta2`"),
         (dict(beta2=1.5), "`beta2`"),
         (dict(momentum=1.0), "`momentum`"),
@@ -1097,3 +1098,42 @@ def test_keras_update_step_internal_is_as_shampoo_overrides_it():
     ]
     source = inspect.getsource(TFOptimizer._backend_update_step)
     assert "_distributed_tf_update_step" in source and "maybe_merge_call" in source
+
+
+def make_sine_step(variable, optimizer):
+    def step():
+        optimizer.apply([tf.sin(variable.value)], [variable])
+
+    return step
+
+
+def test_batch_roots_auto_batches_except_under_xla(monkeypatch):
+    from matta_tf.optimizers.shampoo import Shampoo as ShampooClass
+
+    calls = []
+    original = ShampooClass._batched_roots
+
+    def recording(self, distribution):
+        calls.append(self.name)
+        return original(self, distribution)
+
+    monkeypatch.setattr(ShampooClass, "_batched_roots", recording)
+    config = dict(learning_rate=0.1, start_preconditioning_step=1, preconditioning_compute_steps=1,
+                  root_method="newton", eigenbasis_compute_steps=None, epsilon=0.1, relative_epsilon=False)
+    results = {}
+    for name, jit_compile, batch_roots in [("eager_auto", None, "auto"), ("xla_auto", True, "auto"),
+                                           ("xla_true", True, True)]:
+        calls.clear()
+        variable = keras.Variable(np.arange(12.0).reshape(4, 3) / 10, dtype="float32")
+        optimizer = Shampoo(batch_roots=batch_roots, **config)
+        optimizer.build([variable])
+
+        step = make_sine_step(variable, optimizer)
+        step = step if jit_compile is None else tf.function(step, jit_compile=True)
+        for _ in range(2):
+            step()
+        results[name] = (bool(calls), variable.numpy())
+    assert results["eager_auto"][0] and not results["xla_auto"][0] and results["xla_true"][0]
+    # Well-conditioned factors (absolute damping 0.1), so XLA's float32 rounding stays small.
+    np.testing.assert_allclose(results["xla_auto"][1], results["eager_auto"][1], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(results["xla_true"][1], results["xla_auto"][1], rtol=1e-4, atol=1e-6)

@@ -5,6 +5,7 @@ import re
 
 import keras
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
 
 from matta_tf._checks import check_in_interval, check_non_negative_int, check_positive_int
 from matta_tf.optimizers import grafting as grafting_lib
@@ -153,10 +154,9 @@ class Shampoo(keras.optimizers.Optimizer):
     entries. Embedding tables (rank-2 variables whose path contains "embedding", as Keras's and the
     nested layers' `embeddings` do) follow `embedding_tables`: by default they take the grafted
     method's step and keep no factors. Factors of a parameter that share a size are stored stacked;
-    with `batch_roots=True` (the default) the full factors of all parameters that share a size and a
-    root order are rooted in one batched call per size (many are `block_size x block_size`), which
-    saves per-op overhead in graph mode and under XLA; the roots equal the per-parameter ones up to
-    rounding.
+    with `batch_roots` (by default outside XLA) the full factors of all parameters that share a size and a
+    root order are rooted in one batched call per size (many are `block_size x block_size`); the
+    roots equal the per-parameter ones up to rounding.
 
     **Grafting.** `grafting` runs a diagonal method alongside (SGD, AdaGrad, RMSprop or Adam, with
     Keras's formulas and epsilon placement) and gives Shampoo's direction that method's norm, per
@@ -201,19 +201,19 @@ class Shampoo(keras.optimizers.Optimizer):
     `fault_counts()` reads them and the `ShampooFaultCounters` callback logs them each epoch.
 
     **Distribution.** The optimizer receives gradients that Keras has already all-reduced, so every
-    replica computes identical statistics. With `batch_roots=True` and several replicas in sync
-    (`MirroredStrategy`, `MultiWorkerMirroredStrategy`), each full factor's root is computed by one
-    replica only, the factors dealt out largest first to the least-loaded replica
+    replica computes identical statistics. With `batch_roots` (`True`, or `"auto"`) and several
+    replicas in sync (`MirroredStrategy`, `MultiWorkerMirroredStrategy`), each full factor's root is
+    computed by one replica only, the factors dealt out largest first to the least-loaded replica
     (`assign_root_owners`), and shared by a sum over replicas in which the other replicas contribute
-    zeros, one all-reduce per root step: every replica then holds the root the owner computed, equal to
-    what it would have computed itself. (Keras applies the update in cross-replica context, in
+    zeros, one all-reduce per root step: every replica then holds the root the owner computed, equal
+    to what it would have computed itself. (Keras applies the update in cross-replica context, in
     `TFOptimizer._distributed_tf_update_step`, which Shampoo overrides for its three passes:
     statistics, batched roots, steps.) With `batch_roots=False` every replica computes every root, as
     in Keras's per-parameter `update_step`, and so does each replica where Keras runs the update in
-    replica context (no `merge_call`: XLA on GPUs). There is no Python-side state per step, and the update runs
-    under `MirroredStrategy`, `MultiWorkerMirroredStrategy` and in `jit_compile=True` functions.
-    Under XLA, `tf.linalg.eigh` is a slow Jacobi iteration on CPU and
-    TPU: prefer `root_method="newton"` there (and `retry_float64=False` on TPU).
+    replica context (no `merge_call`: XLA on GPUs). There is no Python-side state per step, and the
+    update runs under `MirroredStrategy`, `MultiWorkerMirroredStrategy` and in `jit_compile=True`
+    functions. Under XLA, `tf.linalg.eigh` is a slow Jacobi iteration on CPU and TPU: prefer
+    `root_method="newton"` there (and `retry_float64=False` on TPU).
 
     **Cost.** Per step and per full factor of size `n` on a parameter with `N` entries: about
     `2 n N` multiply-adds for the statistics and as many to precondition (on top of the grafted
@@ -323,9 +323,11 @@ class Shampoo(keras.optimizers.Optimizer):
             the relative bound off (non-finite norms are still skipped). Defaults to `100.0`.
         gradient_norm_decay: Decay of the running gradient norm's moving average.
             Defaults to `0.99`.
-        batch_roots: Root the full factors of all parameters that share a size and a root order
-            in one batched call per size (see Distribution), rather than parameter by parameter.
-            Equal to the unbatched roots up to rounding. Defaults to `True`.
+        batch_roots: `True`: root the full factors of all parameters that share a size and a root
+            order in one batched call per size, and with several replicas in sync share the roots
+            out between them (see Distribution); `False`: parameter by parameter, every replica
+            every root. Equal up to rounding. `"auto"`: `True`, except in an XLA-compiled step with
+            one replica, where batched roots measured slower (BENCHMARKS.md). Defaults to `"auto"`.
         weight_decay: Decoupled weight decay: before each step, `w <- w - learning_rate *
             weight_decay * w` (Keras's base-optimizer behaviour; exclude variables with
             `exclude_from_weight_decay`). Defaults to `None`.
@@ -382,7 +384,7 @@ class Shampoo(keras.optimizers.Optimizer):
         root_error_threshold=0.1,
         gradient_norm_bound=100.0,
         gradient_norm_decay=0.99,
-        batch_roots=True,
+        batch_roots="auto",
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -478,8 +480,10 @@ class Shampoo(keras.optimizers.Optimizer):
         self.embedding_tables = embedding_tables
         self.gradient_norm_bound = None if gradient_norm_bound is None else float(gradient_norm_bound)
         self.gradient_norm_decay = float(gradient_norm_decay)
-        if not isinstance(batch_roots, bool):
-            raise ValueError(f"`batch_roots` should be a bool. Received: `batch_roots={batch_roots!r}`")
+        if not (isinstance(batch_roots, bool) or batch_roots == "auto"):
+            raise ValueError(
+                f"`batch_roots` should be True, False or 'auto'. Received: `batch_roots={batch_roots!r}`"
+            )
         self.batch_roots = batch_roots
 
     def build(self, var_list):
@@ -661,7 +665,13 @@ class Shampoo(keras.optimizers.Optimizer):
         grafted, preconditioned steps, per parameter. The values are those of the per-parameter
         step up to rounding.
         """
-        if not (self.batch_roots and self._root_plan):
+        batched = self.batch_roots
+        if batched == "auto":
+            # Under XLA the batched roots measured slower; across replicas they are what shares them out.
+            batched = distribution.num_replicas_in_sync > 1 or not control_flow_util.GraphOrParentsInXlaContext(
+                tf.compat.v1.get_default_graph()
+            )
+        if not (batched and self._root_plan):
             return super()._distributed_tf_update_step(distribution, grads_and_vars, learning_rate)
         prepared = [
             distribution.extended.update(variable, self._prepare_update, args=(gradient, learning_rate), group=True)
