@@ -17,7 +17,11 @@ Run:
 
 ```
 python benchmarks/distributed_throughput.py --events 20000 --work /tmp/distributed_bench
+python benchmarks/distributed_throughput.py --only training --batch-roots both --training-repeats 2
 ```
+
+`--batch-roots off` is Shampoo before issues #19/#20 (every worker computes every root, parameter by
+parameter); `on` (the default) batches the roots and gives each factor's to one worker.
 """
 
 from __future__ import annotations
@@ -51,7 +55,7 @@ TRAIN_WORKER = textwrap.dedent(
     from matta_tf.training import DistillationSchedule, MatTAModel
     from matta_tf.training.distribute import strategy_from_environment
 
-    data, batch_size, out = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    data, batch_size, out, batch_roots = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4] == "on"
     strategy = strategy_from_environment()  # before any TensorFlow op (collectives are configured at start-up)
     schema = Schema.load(data)
     training = TrainingConfig(labels="event", batch_size=batch_size)
@@ -61,7 +65,11 @@ TRAIN_WORKER = textwrap.dedent(
         network = build_network(schema(training), "matta")
         model = MatTAModel(network, label=schema.label("label"),
                            distillation_schedule=DistillationSchedule(0, 200))
-        model.compile(optimizer=make_optimizer("shampoo", training.learning_rate, 2 * steps), jit_compile=False)
+        optimizer = make_optimizer("shampoo", training.learning_rate, 2 * steps)
+        # Before the first step builds it: batched roots, shared out between the workers (issue #19), or
+        # every parameter's roots computed by every worker.
+        optimizer.batch_roots = batch_roots
+        model.compile(optimizer=optimizer, jit_compile=False)
 
     class Clock(keras.callbacks.Callback):
         def on_epoch_begin(self, epoch, logs=None):
@@ -144,26 +152,32 @@ def training(args: argparse.Namespace) -> dict:
         handle.write(TRAIN_WORKER)
     env = {key: value for key, value in os.environ.items() if key != "TF_CONFIG"}
 
-    def run(tf_configs: list[dict | None]) -> list[dict]:
+    def run(tf_configs: list[dict | None], batch_roots: str) -> list[dict]:
         processes = []
         for index, tf_config in enumerate(tf_configs):
             process_env = dict(env, **({"TF_CONFIG": json.dumps(tf_config)} if tf_config else {}))
             processes.append(subprocess.Popen([sys.executable, script, data, str(args.batch_size),
-                                               os.path.join(work, f"out{index}.json")], env=process_env))
+                                               os.path.join(work, f"out{index}.json"), batch_roots], env=process_env))
         for process in processes:
             if process.wait() != 0:
                 raise RuntimeError(f"a training process failed with {process.returncode}")
         return [json.load(open(os.path.join(work, f"out{index}.json"))) for index in range(len(tf_configs))]
 
-    one = run([None])[0]
-    cluster = {"worker": [f"127.0.0.1:{_free_port()}" for _ in range(2)]}
-    two = run([{"cluster": cluster, "task": {"type": "worker", "index": i}} for i in range(2)])
-    return {
-        "global_batch": args.batch_size, "steps_per_epoch": one["steps"],
-        "one_process_ms_per_step": round(1000 * one["epoch_s"] / one["steps"], 1),
-        "two_workers_ms_per_step": round(1000 * max(w["epoch_s"] for w in two) / two[0]["steps"], 1),
-        "ratio": round(max(w["epoch_s"] for w in two) / one["epoch_s"], 3),
-    }
+    report = {}
+    settings = ["off", "on"] if args.batch_roots == "both" else [args.batch_roots]
+    for _ in range(args.training_repeats):  # the settings alternate
+        for batch_roots in settings:
+            one = run([None], batch_roots)[0]
+            cluster = {"worker": [f"127.0.0.1:{_free_port()}" for _ in range(2)]}
+            two = run([{"cluster": cluster, "task": {"type": "worker", "index": i}} for i in range(2)], batch_roots)
+            report.setdefault(f"batch_roots_{batch_roots}", []).append({
+                "global_batch": args.batch_size, "steps_per_epoch": one["steps"],
+                "one_process_ms_per_step": round(1000 * one["epoch_s"] / one["steps"], 1),
+                "two_workers_ms_per_step": round(1000 * max(w["epoch_s"] for w in two) / two[0]["steps"], 1),
+                "ratio": round(max(w["epoch_s"] for w in two) / one["epoch_s"], 3),
+            })
+            print(json.dumps({f"batch_roots_{batch_roots}": report[f"batch_roots_{batch_roots}"][-1]}), flush=True)
+    return report
 
 
 def main() -> None:
@@ -175,6 +189,9 @@ def main() -> None:
     parser.add_argument("--label-batch-size", type=int, default=Batching().batch_size)
     parser.add_argument("--batch-size", type=int, default=512, help="global training batch")
     parser.add_argument("--only", choices=("labelling", "training"))
+    parser.add_argument("--batch-roots", choices=("on", "off", "both"), default="on",
+                        help="Shampoo's batch_roots: on (roots shared out between workers), off, or both in turn")
+    parser.add_argument("--training-repeats", type=int, default=1, help="training runs per --batch-roots setting")
     args = parser.parse_args()
     report = {}
     if args.only != "training":

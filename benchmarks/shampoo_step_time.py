@@ -29,6 +29,7 @@ Run from the repository root:
 
     python benchmarks/shampoo_step_time.py --jit off --tuned --batch-sizes 512,2048
     python benchmarks/shampoo_step_time.py --model __main__:relevance_shaped_model --jit both
+    python benchmarks/shampoo_step_time.py --jit off --batching --no-previous --rounds 3 --steps 100
 """
 
 from __future__ import annotations
@@ -197,7 +198,7 @@ CANDIDATES = {
 
 
 def make_configs(
-    jit: bool, tuned: bool, names: str = "", previous: bool = True
+    jit: bool, tuned: bool, names: str = "", previous: bool = True, batching: bool = False
 ) -> dict[str, tuple[Callable[[], keras.optimizers.Optimizer], int]]:
     """name -> (optimizer factory, root period: timed steps must be a multiple of it)."""
     shampoo = dict(start_preconditioning_step=1)
@@ -220,12 +221,20 @@ def make_configs(
                 **({"root_method": "newton"} if jit else {}))
     for name in filter(None, names.split(",")):
         add(f"{name} k=10", 10, **CANDIDATES[name])
+    if batching:
+        # Issue #20: roots batched across parameters (the default) against parameter by parameter, with
+        # the defaults and with exact roots on every step (where the roots dominate the step).
+        add("Shampoo() k=10 unbatched", 10, batch_roots=False)
+        exact = dict(eigenbasis_compute_steps=None, statistics_compute_steps=1)
+        exact.update({"root_method": "newton"} if jit else {})
+        add("exact k=1", 1, **exact)
+        add("exact k=1 unbatched", 1, batch_roots=False, **exact)
     return configs
 
 
 def run(args: argparse.Namespace, jit: bool, batch_size: int) -> list[dict[str, Any]]:
     factory = load_hook(args.model)
-    configs = make_configs(jit, args.tuned, args.configs, not args.no_previous)
+    configs = make_configs(jit, args.tuned, args.configs, not args.no_previous, args.batching)
     trained = {}
     for name, (make_optimizer, period) in configs.items():
         model, dataset, loss = factory(batch_size)
@@ -283,6 +292,8 @@ def main() -> None:
     parser.add_argument("--tuned", action="store_true", help="add the previous defaults at k=1 and k=100")
     parser.add_argument("--no-previous", action="store_true", help="leave out the previous defaults")
     parser.add_argument("--configs", default="", help="comma-separated names from CANDIDATES to add")
+    parser.add_argument("--batching", action="store_true",
+                        help="add batch_roots=False twins and exact roots every step (issue #20)")
     args = parser.parse_args()
 
     print(

@@ -796,6 +796,7 @@ def test_model_fit_with_jit_compile_matches_graph_mode(root_method):
     "kwargs, message",
     [
         (dict(grafting="foo"), "`grafting` should be one of"),
+        (dict(batch_roots="yes"), "`batch_roots` should be True, False or 'auto'"),
         (dict(beta2=0.0), "`beta2`"),
         (dict(beta2=1.5), "`beta2`"),
         (dict(momentum=1.0), "`momentum`"),
@@ -939,3 +940,200 @@ def test_grafted_tables_take_adams_dense_step():
         adam.apply([gradient], [reference])
     assert "embedding" in table.path.lower()
     np.testing.assert_allclose(table.numpy(), reference.numpy(), rtol=2e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batched roots across parameters (issue #20) and roots shared out between replicas (issue #19).
+# ---------------------------------------------------------------------------------------------
+BATCHED_SHAPES = {"W1": (6, 4), "W2": (4, 4), "b": (4,), "T": (4, 3, 2), "U": (3, 4, 2)}
+
+
+def run_batched_problem(batch_roots, steps=6, dtype="float64", jit_compile=None, **config):
+    """Shampoo on parameters whose factors share sizes across parameters; returns (variables, optimizer)."""
+    rng = np.random.default_rng(7)
+    variables = [
+        keras.Variable(rng.normal(size=shape) * 0.5, dtype=dtype, name=name) for name, shape in BATCHED_SHAPES.items()
+    ]
+    targets = [tf.constant(rng.normal(size=shape), dtype) for shape in BATCHED_SHAPES.values()]
+    optimizer = Shampoo(batch_roots=batch_roots, **config)
+    optimizer.build(variables)
+
+    def step():
+        with tf.GradientTape() as tape:
+            loss = tf.add_n([tf.reduce_sum(tf.square(tf.tanh(v) - t)) for v, t in zip(variables, targets, strict=True)])
+        optimizer.apply(tape.gradient(loss, variables), variables)
+
+    train_step = step if jit_compile is None else tf.function(step, jit_compile=jit_compile)
+    for _ in range(steps):
+        train_step()
+    return variables, optimizer
+
+
+BATCHED_CONFIGURATIONS = {
+    "exact_eigh": dict(
+        learning_rate=0.05, start_preconditioning_step=2, preconditioning_compute_steps=2, statistics_compute_steps=1,
+        eigenbasis_compute_steps=None, momentum=0.5,
+    ),
+    "stored_basis": dict(
+        learning_rate=0.05, start_preconditioning_step=2, preconditioning_compute_steps=1, statistics_compute_steps=1,
+        eigenbasis_compute_steps=3, grafting="rmsprop",
+    ),
+    "newton_blocks": dict(
+        learning_rate=0.05, start_preconditioning_step=1, preconditioning_compute_steps=2, statistics_compute_steps=2,
+        root_method="newton", block_size=3, relative_epsilon=False, epsilon=1e-2,
+    ),
+}
+
+
+def test_root_plan_batches_equal_sized_factors_across_parameters():
+    _, optimizer = run_batched_problem(True, steps=0, **BATCHED_CONFIGURATIONS["exact_eigh"])
+    plan = {(batch.size, batch.order): batch for batch in optimizer._root_plan}
+    # W1 (6, 4) and W2 (4, 4): the three 4 x 4 factors of order 4 form one batch; T and U (rank 3,
+    # order 6) share their 4-, 3- and 2-factors. The bias is diagonal (no full factor).
+    assert set(plan) == {(6, 4), (4, 4), (4, 6), (3, 6), (2, 6)}
+    assert plan[(4, 4)].members == ((0, 1, 1), (1, 0, 2))  # W1's 4-group, W2's (two factors)
+    assert plan[(4, 4)].count == 3
+    assert [index for index, *_ in plan[(3, 6)].members] == [3, 4]
+
+
+# The trajectory tests above check the batched path (the default) against numpy in every configuration.
+@pytest.mark.parametrize(
+    "name", ["exact_eigh", pytest.param("stored_basis", marks=pytest.mark.slow),
+             pytest.param("newton_blocks", marks=pytest.mark.slow)],
+)
+def test_batched_roots_equal_per_parameter_roots(name):
+    config = BATCHED_CONFIGURATIONS[name]
+    batched, batched_optimizer = run_batched_problem(True, steps=5, **config)
+    separate, separate_optimizer = run_batched_problem(False, steps=5, **config)
+    for a, b in zip(batched, separate, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-12)
+    for a, b in zip(batched_optimizer.variables, separate_optimizer.variables, strict=True):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-9, atol=1e-11, err_msg=a.path)
+    assert batched_optimizer.fault_counts() == separate_optimizer.fault_counts()
+    assert int(batched_optimizer.preconditioner_failures) == 0
+
+
+def test_batched_roots_are_the_numpy_inverse_roots_of_the_statistics():
+    # Statistics and roots on every step, so the roots held after the last step are those of the
+    # statistics held then: each factor's (F + eps lambda_max I)^(-1/p), p = 2 * rank.
+    config = dict(BATCHED_CONFIGURATIONS["exact_eigh"], preconditioning_compute_steps=1)
+    variables, optimizer = run_batched_problem(True, steps=4, dtype="float32", **config)
+    checked = 0
+    for index, variable in enumerate(variables):
+        for group, statistics, roots in zip(
+            optimizer._factor_groups[index], optimizer._statistics[index], optimizer._roots[index], strict=True
+        ):
+            for factor, root in zip(statistics.numpy(), roots.numpy(), strict=True):
+                if group.diagonal:
+                    expected = diagonal_inverse_root(factor.astype("float64"), 2 * len(variable.shape), 1e-6, True)
+                else:
+                    expected = inverse_root(factor.astype("float64"), 2 * len(variable.shape), 1e-6, True)
+                    checked += 1
+                scale = np.abs(expected).max()
+                np.testing.assert_allclose(root, expected, rtol=0, atol=2e-4 * scale)
+    assert checked == 10  # W1: 6, 4; W2: 4, 4; T: 4, 3, 2; U: 3, 4, 2 (the bias's factor is diagonal)
+
+
+def test_root_owners_deal_equal_sizes_round_robin_and_balance_cost():
+    from matta_tf.optimizers.shampoo import assign_root_owners
+
+    assert assign_root_owners([8, 8, 8, 8, 8], 2) == [0, 1, 0, 1, 0]
+    assert assign_root_owners([4, 4], 1) == [0, 0]
+    # Largest first, each to the least-loaded replica: 256^3 outweighs four 128^3 and a 64^3.
+    assert assign_root_owners([128, 128, 256, 128, 64, 128], 2) == [1, 1, 0, 1, 1, 1]
+    sizes = [128] * 7 + [64] * 5 + [96, 200]
+    owners = assign_root_owners(sizes, 3)
+    loads = [sum(s**3 for s, o in zip(sizes, owners, strict=True) if o == r) for r in range(3)]
+    assert max(loads) - min(loads) <= max(sizes) ** 3  # the greedy bound
+
+
+def test_mirrored_replicas_share_out_the_roots(monkeypatch):
+    """Each factor's root is computed on one replica's device only, and the training equals one device's."""
+    calls = []
+    original = matrix_functions.matrix_inverse_root
+
+    def recording(matrix, *args, **kwargs):
+        result = original(matrix, *args, **kwargs)
+        calls.append((result.root.device, int(matrix.shape[0])))
+        return result
+
+    monkeypatch.setattr(matrix_functions, "matrix_inverse_root", recording)
+    initial = small_model(dtype="float64").get_weights()
+    expected = fit(Shampoo(**DISTRIBUTED), model=small_model(dtype="float64"))
+    strategy = tf.distribute.MirroredStrategy(
+        ["/cpu:0", "/cpu:1"], cross_device_ops=tf.distribute.ReductionToOneDevice()
+    )
+    with strategy.scope():
+        model = small_model(dtype="float64")
+        optimizer = Shampoo(**DISTRIBUTED)
+    calls.clear()
+    fit(optimizer, model=model, run_eagerly=False)
+    assert_same_training(model.get_weights(), expected.get_weights(), initial, 1e-9)
+    # Full factors: Dense(10 -> 8) has a 10 and an 8, Dense(8 -> 1) an 8 and a 1 (the table is
+    # grafted, biases diagonal); the two 8s form one batch.
+    factors = sum(batch.count for batch in optimizer._root_plan)
+    assert factors == 4 and len(optimizer._root_plan) == 3
+    per_device = {}
+    for device, count in calls:
+        key = "cpu:1" if device.lower().endswith("cpu:1") else "cpu:0"
+        per_device[key] = per_device.get(key, 0) + count
+    traces = sum(per_device.values()) // factors
+    assert traces >= 1 and sum(per_device.values()) == traces * factors  # each factor rooted once a trace
+    assert per_device["cpu:0"] > 0 and per_device["cpu:1"] > 0  # ... by either replica
+    for variable in optimizer.variables:
+        replicas = [value.numpy() for value in variable.value.values]
+        np.testing.assert_array_equal(replicas[0], replicas[1])
+    for a, e in zip(optimizer.variables, expected.optimizer.variables, strict=True):
+        np.testing.assert_allclose(a.numpy(), e.numpy(), rtol=1e-7, atol=1e-9)
+
+
+def test_keras_update_step_internal_is_as_shampoo_overrides_it():
+    """Canary: Shampoo's batched step overrides this private method of Keras's TensorFlow optimizer."""
+    import inspect
+
+    from keras.src.backend.tensorflow.optimizer import TFOptimizer
+
+    assert list(inspect.signature(TFOptimizer._distributed_tf_update_step).parameters) == [
+        "self", "distribution", "grads_and_vars", "learning_rate",
+    ]
+    source = inspect.getsource(TFOptimizer._backend_update_step)
+    assert "_distributed_tf_update_step" in source and "maybe_merge_call" in source
+
+
+def make_sine_step(variable, optimizer):
+    def step():
+        optimizer.apply([tf.sin(variable.value)], [variable])
+
+    return step
+
+
+def test_batch_roots_auto_batches_except_under_xla(monkeypatch):
+    from matta_tf.optimizers.shampoo import Shampoo as ShampooClass
+
+    calls = []
+    original = ShampooClass._batched_roots
+
+    def recording(self, distribution):
+        calls.append(self.name)
+        return original(self, distribution)
+
+    monkeypatch.setattr(ShampooClass, "_batched_roots", recording)
+    config = dict(learning_rate=0.1, start_preconditioning_step=1, preconditioning_compute_steps=1,
+                  root_method="newton", eigenbasis_compute_steps=None, epsilon=0.1, relative_epsilon=False)
+    results = {}
+    for name, jit_compile, batch_roots in [("eager_auto", None, "auto"), ("xla_auto", True, "auto"),
+                                           ("xla_true", True, True)]:
+        calls.clear()
+        variable = keras.Variable(np.arange(12.0).reshape(4, 3) / 10, dtype="float32")
+        optimizer = Shampoo(batch_roots=batch_roots, **config)
+        optimizer.build([variable])
+
+        step = make_sine_step(variable, optimizer)
+        step = step if jit_compile is None else tf.function(step, jit_compile=True)
+        for _ in range(2):
+            step()
+        results[name] = (bool(calls), variable.numpy())
+    assert results["eager_auto"][0] and not results["xla_auto"][0] and results["xla_true"][0]
+    # Well-conditioned factors (absolute damping 0.1), so XLA's float32 rounding stays small.
+    np.testing.assert_allclose(results["xla_auto"][1], results["eager_auto"][1], rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(results["xla_true"][1], results["xla_auto"][1], rtol=1e-4, atol=1e-6)

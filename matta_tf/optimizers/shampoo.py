@@ -5,6 +5,7 @@ import re
 
 import keras
 import tensorflow as tf
+from tensorflow.python.ops import control_flow_util
 
 from matta_tf._checks import check_in_interval, check_non_negative_int, check_positive_int
 from matta_tf.optimizers import grafting as grafting_lib
@@ -24,6 +25,59 @@ class _FactorGroup:
     diagonal: bool
     size: int
     members: tuple[tuple[int, int], ...]  # (block index, dimension) of each stacked factor
+
+
+@dataclasses.dataclass(frozen=True)
+class _RootBatch:
+    """Full factors of every parameter that share a size, a root order and a dtype: rooted in one call.
+
+    `members` lists the stacked statistics variables it gathers, as `(parameter index, group
+    position, count)`, in order; the batch stacks their `count` factors one after the other.
+    """
+
+    size: int
+    order: int
+    dtype: str
+    members: tuple[tuple[int, int, int], ...]
+
+    @property
+    def count(self) -> int:
+        return sum(count for *_, count in self.members)
+
+
+def _root_batches(factor_groups, root_orders, dtypes) -> list[_RootBatch]:
+    """Groups the full factors of all parameters by `(size, root order, dtype)`, in parameter order."""
+    grouped: dict[tuple[int, int, str], list[tuple[int, int, int]]] = {}
+    for index, groups in enumerate(factor_groups):
+        if not groups:
+            continue
+        for position, group in enumerate(groups):
+            if not group.diagonal:
+                key = (group.size, root_orders[index], dtypes[index])
+                grouped.setdefault(key, []).append((index, position, len(group.members)))
+    return [_RootBatch(size, order, dtype, tuple(members)) for (size, order, dtype), members in grouped.items()]
+
+
+def assign_root_owners(sizes: list[int], replicas: int) -> list[int]:
+    """Which replica computes each factor's root: the largest first, each to the least-loaded replica.
+
+    The cost of a root is taken as `size ** 3`; ties go to the lowest replica, so factors of one size
+    are dealt round robin. Deterministic, so every worker derives the same assignment.
+
+    Args:
+        sizes: the size `n` of each `n x n` factor.
+        replicas: the number of replicas in sync.
+
+    Returns:
+        The owning replica of each factor, in the order of `sizes`.
+    """
+    loads = [0] * replicas
+    owners = [0] * len(sizes)
+    for position in sorted(range(len(sizes)), key=lambda p: (-sizes[p], p)):
+        owner = min(range(replicas), key=lambda r: (loads[r], r))
+        owners[position] = owner
+        loads[owner] += sizes[position] ** 3
+    return owners
 
 
 def _factor_groups(layout: PreconditionerLayout) -> list[_FactorGroup]:
@@ -99,8 +153,10 @@ class Shampoo(keras.optimizers.Optimizer):
     blocks, each preconditioned as a tensor of its own, which bounds a factor at `block_size ** 2`
     entries. Embedding tables (rank-2 variables whose path contains "embedding", as Keras's and the
     nested layers' `embeddings` do) follow `embedding_tables`: by default they take the grafted
-    method's step and keep no factors. Factors of a parameter that share a size are stored stacked
-    and rooted in one batched call.
+    method's step and keep no factors. Factors of a parameter that share a size are stored stacked;
+    with `batch_roots` (by default outside XLA) the full factors of all parameters that share a size and a
+    root order are rooted in one batched call per size (many are `block_size x block_size`); the
+    roots equal the per-parameter ones up to rounding.
 
     **Grafting.** `grafting` runs a diagonal method alongside (SGD, AdaGrad, RMSprop or Adam, with
     Keras's formulas and epsilon placement) and gives Shampoo's direction that method's norm, per
@@ -144,11 +200,20 @@ class Shampoo(keras.optimizers.Optimizer):
     per-parameter counters, optimizer variables checkpointed with the rest of the state;
     `fault_counts()` reads them and the `ShampooFaultCounters` callback logs them each epoch.
 
-    **Distribution.** `update_step` receives gradients that Keras has already all-reduced, so every
-    replica computes identical statistics and roots; there is no Python-side state per step, and
-    the update runs under `MirroredStrategy`, `MultiWorkerMirroredStrategy` and in
-    `jit_compile=True` functions. Under XLA, `tf.linalg.eigh` is a slow Jacobi iteration on CPU and
-    TPU: prefer `root_method="newton"` there (and `retry_float64=False` on TPU).
+    **Distribution.** The optimizer receives gradients that Keras has already all-reduced, so every
+    replica computes identical statistics. With `batch_roots` (`True`, or `"auto"`) and several
+    replicas in sync (`MirroredStrategy`, `MultiWorkerMirroredStrategy`), each full factor's root is
+    computed by one replica only, the factors dealt out largest first to the least-loaded replica
+    (`assign_root_owners`), and shared by a sum over replicas in which the other replicas contribute
+    zeros, one all-reduce per root step: every replica then holds the root the owner computed, equal
+    to what it would have computed itself. (Keras applies the update in cross-replica context, in
+    `TFOptimizer._distributed_tf_update_step`, which Shampoo overrides for its three passes:
+    statistics, batched roots, steps.) With `batch_roots=False` every replica computes every root, as
+    in Keras's per-parameter `update_step`, and so does each replica where Keras runs the update in
+    replica context (no `merge_call`: XLA on GPUs). There is no Python-side state per step, and the
+    update runs under `MirroredStrategy`, `MultiWorkerMirroredStrategy` and in `jit_compile=True`
+    functions. Under XLA, `tf.linalg.eigh` is a slow Jacobi iteration on CPU and TPU: prefer
+    `root_method="newton"` there (and `retry_float64=False` on TPU).
 
     **Cost.** Per step and per full factor of size `n` on a parameter with `N` entries: about
     `2 n N` multiply-adds for the statistics and as many to precondition (on top of the grafted
@@ -258,6 +323,11 @@ class Shampoo(keras.optimizers.Optimizer):
             the relative bound off (non-finite norms are still skipped). Defaults to `100.0`.
         gradient_norm_decay: Decay of the running gradient norm's moving average.
             Defaults to `0.99`.
+        batch_roots: `True`: root the full factors of all parameters that share a size and a root
+            order in one batched call per size, and with several replicas in sync share the roots
+            out between them (see Distribution); `False`: parameter by parameter, every replica
+            every root. Equal up to rounding. `"auto"`: `True`, except in an XLA-compiled step with
+            one replica, where batched roots measured slower (BENCHMARKS.md). Defaults to `"auto"`.
         weight_decay: Decoupled weight decay: before each step, `w <- w - learning_rate *
             weight_decay * w` (Keras's base-optimizer behaviour; exclude variables with
             `exclude_from_weight_decay`). Defaults to `None`.
@@ -314,6 +384,7 @@ class Shampoo(keras.optimizers.Optimizer):
         root_error_threshold=0.1,
         gradient_norm_bound=100.0,
         gradient_norm_decay=0.99,
+        batch_roots="auto",
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -409,6 +480,11 @@ class Shampoo(keras.optimizers.Optimizer):
         self.embedding_tables = embedding_tables
         self.gradient_norm_bound = None if gradient_norm_bound is None else float(gradient_norm_bound)
         self.gradient_norm_decay = float(gradient_norm_decay)
+        if not (isinstance(batch_roots, bool) or batch_roots == "auto"):
+            raise ValueError(
+                f"`batch_roots` should be True, False or 'auto'. Received: `batch_roots={batch_roots!r}`"
+            )
+        self.batch_roots = batch_roots
 
     def build(self, var_list):
         """Creates the factor statistics, their inverse roots, grafting and momentum state.
@@ -483,6 +559,11 @@ class Shampoo(keras.optimizers.Optimizer):
             self._gradient_norms.append(
                 self.add_variable((), initializer="zeros", dtype=dtype, name=f"{prefix}_gradient_norm")
             )
+        self._root_plan = _root_batches(
+            self._factor_groups, self._root_orders,
+            [None if layout is None else _state_dtype(variable) for layout, variable in zip(
+                self._layouts, var_list, strict=True)],
+        )
 
         slot_names = grafting_lib.grafting_slot_names(self.grafting)
         self._grafting_slots = []
@@ -546,15 +627,7 @@ class Shampoo(keras.optimizers.Optimizer):
     def update_step(self, gradient, variable, learning_rate):
         """Update step given gradient and the associated model variable."""
         index = self._get_variable_index(variable)
-        dtype = _state_dtype(variable)
-        touched = None
-        if isinstance(gradient, tf.IndexedSlices):
-            gradient = tf.IndexedSlices(tf.cast(gradient.values, dtype), gradient.indices, gradient.dense_shape)
-            if self._layouts[index].diagonal[0]:
-                touched = gradient.indices
-            gradient = tf.convert_to_tensor(gradient)
-        else:
-            gradient = tf.cast(gradient, dtype)
+        gradient, touched = self._dense_gradient(index, gradient, _state_dtype(variable))
         accept, outlier = self._guard_gradient(index, gradient)
 
         def update():
@@ -564,6 +637,209 @@ class Shampoo(keras.optimizers.Optimizer):
             self._add_failures(index, failures=0, skipped=1, outliers=tf.cast(outlier, tf.int64))
 
         tf.cond(accept, update, skip)
+
+    def _dense_gradient(self, index, gradient, dtype):
+        """The gradient, dense and in the state dtype, and the rows an embedding's sparse gradient touched.
+
+        The touched rows are returned (else `None`) only for a table whose vocabulary factor is
+        diagonal, whose statistics then change on those rows alone.
+        """
+        touched = None
+        if isinstance(gradient, tf.IndexedSlices):
+            gradient = tf.IndexedSlices(tf.cast(gradient.values, dtype), gradient.indices, gradient.dense_shape)
+            if self._layouts[index].diagonal[0]:
+                touched = gradient.indices
+            gradient = tf.convert_to_tensor(gradient)
+        else:
+            gradient = tf.cast(gradient, dtype)
+        return gradient, touched
+
+    def _distributed_tf_update_step(self, distribution, grads_and_vars, learning_rate):
+        """One step of every parameter; overrides Keras's TensorFlow optimizer (`keras/src/backend/tensorflow`).
+
+        Keras calls `update_step` once per parameter, inside `distribution.extended.update` (in
+        cross-replica context under `MirroredStrategy` and `MultiWorkerMirroredStrategy`, so that
+        each replica updates its own copy of the variables). With `batch_roots`, the step runs in
+        three passes instead: the gradient guard and the statistics, per parameter; the inverse roots
+        of every full factor of every parameter, batched by size (`_batched_roots`); then the
+        grafted, preconditioned steps, per parameter. The values are those of the per-parameter
+        step up to rounding.
+        """
+        batched = self.batch_roots
+        if batched == "auto":
+            # Under XLA the batched roots measured slower; across replicas they are what shares them out.
+            batched = distribution.num_replicas_in_sync > 1 or not control_flow_util.GraphOrParentsInXlaContext(
+                tf.compat.v1.get_default_graph()
+            )
+        if not (batched and self._root_plan):
+            return super()._distributed_tf_update_step(distribution, grads_and_vars, learning_rate)
+        prepared = [
+            distribution.extended.update(variable, self._prepare_update, args=(gradient, learning_rate), group=True)
+            for gradient, variable in grads_and_vars
+        ]
+        roots = self._batched_roots(distribution)
+        for (_, variable), (accept, gradient) in zip(grads_and_vars, prepared, strict=True):
+            index = self._get_variable_index(variable)
+            if self._root_orders[index]:
+                distribution.extended.update(
+                    variable, self._finish_update, args=(accept, gradient, learning_rate, roots.get(index, {})),
+                    group=False,
+                )
+
+    def _prepare_update(self, variable, gradient, learning_rate):
+        """Pass 1 of a batched step: the guard, then the statistics (or a factorless parameter's whole step)."""
+        index = self._get_variable_index(variable)
+        gradient, touched = self._dense_gradient(index, gradient, _state_dtype(variable))
+        accept, outlier = self._guard_gradient(index, gradient)
+
+        def update():
+            if self._root_orders[index]:
+                self._maybe_update_statistics(index, gradient, touched, self.iterations + 1)
+            else:
+                self._shampoo_update(index, gradient, touched, variable, learning_rate)
+
+        def skip():
+            self._add_failures(index, failures=0, skipped=1, outliers=tf.cast(outlier, tf.int64))
+
+        tf.cond(accept, update, skip)
+        return accept, gradient
+
+    def _finish_update(self, variable, accept, gradient, learning_rate, batched_roots):
+        """Pass 3 of a batched step: on root steps take the batched roots, then step the parameter."""
+        index = self._get_variable_index(variable)
+        step = self.iterations + 1
+
+        def update():
+            tf.cond(self._is_root_step(step), lambda: self._assign_roots(index, batched_roots), lambda: None)
+            self._preconditioned_step(index, gradient, variable, learning_rate, step)
+
+        tf.cond(accept, update, lambda: None)
+
+    def _is_root_step(self, step):
+        start = self.start_preconditioning_step
+        return (step >= start) & ((step - start) % self.preconditioning_compute_steps == 0)
+
+    def _batched_roots(self, distribution):
+        """Pass 2 of a batched step: the roots of every full factor, one batched call per `_RootBatch`.
+
+        On root steps only (one `tf.cond` for all parameters). With several replicas in sync, in
+        cross-replica context, each factor's root is computed by one replica (`assign_root_owners`),
+        the others contribute zeros, and a sum over replicas gives every replica every root, equal
+        to the root each would have computed itself.
+
+        Returns:
+            `{parameter index: {group position: RootResult}}` for the parameters with full factors.
+        """
+        step = self.iterations + 1
+        replicas = distribution.num_replicas_in_sync if tf.distribute.in_cross_replica_context() else 1
+
+        def compute():
+            if replicas > 1:
+                return self._sharded_root_batches(distribution, step, replicas)
+            return [
+                self._root_batch(batch, step, self._stacked(batch, self._statistics), self._stacked_basis(batch))
+                for batch in self._root_plan
+            ]
+
+        def skip():
+            return [self._no_roots(batch) for batch in self._root_plan]
+
+        results = tf.cond(self._is_root_step(step), compute, skip)
+        roots = {}
+        for batch, result in zip(self._root_plan, results, strict=True):
+            offset = 0
+            for index, position, count in batch.members:
+                parts = [x[offset : offset + count] for x in result]
+                roots.setdefault(index, {})[position] = matrix_functions.RootResult(*parts)
+                offset += count
+        return roots
+
+    def _stacked(self, batch, store):
+        values = [store[index][position].value for index, position, _ in batch.members]
+        return values[0] if len(values) == 1 else tf.concat(values, axis=0)
+
+    def _stacked_basis(self, batch):
+        return self._stacked(batch, self._eigenvectors) if self.eigenbasis_compute_steps is not None else None
+
+    def _no_roots(self, batch):
+        """A batch's results on steps without roots: zeros, none of them to be used."""
+        zeros = tf.zeros((batch.count, batch.size, batch.size), batch.dtype)
+        ok = tf.zeros((batch.count,), tf.bool)
+        return (zeros, ok, zeros) if self.eigenbasis_compute_steps is not None else (zeros, ok)
+
+    def _root_batch(self, batch, step, statistics, eigenvectors):
+        """`(roots, ok)` of a stack of factors, or `(roots, ok, eigenvectors)` with a stored eigenbasis."""
+        if eigenvectors is None:
+            result = matrix_functions.matrix_inverse_root(
+                statistics, batch.order, self.epsilon, self.relative_epsilon, method=self.root_method,
+                retry_float64=self.retry_float64, error_threshold=self.root_error_threshold,
+            )
+            return result.root, result.ok
+
+        def root(method):
+            result = matrix_functions.matrix_inverse_root(
+                statistics, batch.order, self.epsilon, self.relative_epsilon, method=method,
+                retry_float64=self.retry_float64, eigenvectors=eigenvectors, return_eigenvectors=True,
+            )
+            return result.root, result.ok, result.eigenvectors
+
+        is_basis_step = (step - self.start_preconditioning_step) % self.eigenbasis_compute_steps == 0
+        return tf.cond(is_basis_step, lambda: root("eigh"), lambda: root("basis"))
+
+    def _sharded_root_batches(self, distribution, step, replicas):
+        """Every batch's roots, each factor's computed by its owning replica, summed over replicas."""
+        owners = assign_root_owners([batch.size for batch in self._root_plan for _ in range(batch.count)], replicas)
+        batch_owners, offset = [], 0
+        for batch in self._root_plan:
+            batch_owners.append(owners[offset : offset + batch.count])
+            offset += batch.count
+        devices = distribution.extended.worker_devices
+        local_calls = []
+
+        def share(context):
+            # Called once per local replica, in order: `local_calls` counts them to find the device.
+            replica = context.replica_id_in_sync_group
+            device = devices[len(local_calls)]
+            local_calls.append(replica)
+            with tf.device(device):
+                leaves = []
+                for batch, mine in zip(self._root_plan, batch_owners, strict=True):
+                    positions = [p for p, owner in enumerate(mine) if owner == replica]
+                    if not positions:
+                        leaves.extend(tf.cast(x, batch.dtype) for x in self._no_roots(batch))
+                        continue
+                    statistics = self._stacked(batch, self._statistics)
+                    eigenvectors = self._stacked_basis(batch)
+                    if len(positions) < batch.count:
+                        statistics = tf.gather(statistics, positions)
+                        eigenvectors = None if eigenvectors is None else tf.gather(eigenvectors, positions)
+                    indices = tf.constant([[p] for p in positions])
+                    for x in self._root_batch(batch, step, statistics, eigenvectors):
+                        x = tf.cast(x, batch.dtype)
+                        leaves.append(tf.scatter_nd(indices, x, (batch.count,) + tuple(x.shape[1:])))
+                return _pack(leaves)
+
+        packed = distribution.experimental_distribute_values_from_function(share)
+        summed = {
+            dtype: distribution.reduce(tf.distribute.ReduceOp.SUM, vector, axis=None)
+            for dtype, vector in packed.items()
+        }
+        leaves = iter(_unpack(summed, self._leaf_specs()))
+        results = []
+        for _ in self._root_plan:
+            result = [next(leaves) for _ in range(3 if self.eigenbasis_compute_steps is not None else 2)]
+            result[1] = result[1] > 0.5  # one owner per factor: the sum of the `ok`s is 0 or 1
+            results.append(tuple(result))
+        return results
+
+    def _leaf_specs(self):
+        specs = []
+        for batch in self._root_plan:
+            matrices = (batch.count, batch.size, batch.size)
+            specs.extend([(matrices, batch.dtype), ((batch.count,), batch.dtype)])
+            if self.eigenbasis_compute_steps is not None:
+                specs.append((matrices, batch.dtype))
+        return specs
 
     def _guard_gradient(self, index, gradient):
         """The gradient guard: whether this parameter's update is taken, and whether it is an outlier.
@@ -596,6 +872,11 @@ class Shampoo(keras.optimizers.Optimizer):
             direction, _ = self._graft(index, gradient, step)
             self._apply_update(index, direction, variable, learning_rate)
             return
+        self._maybe_update_statistics(index, gradient, touched, step)
+        tf.cond(self._is_root_step(step), lambda: self._compute_roots(index, step), lambda: None)
+        self._preconditioned_step(index, gradient, variable, learning_rate, step)
+
+    def _maybe_update_statistics(self, index, gradient, touched, step):
         if self.statistics_compute_steps == 1:  # static: no branch to pay for
             self._update_statistics(index, gradient, touched)
         else:
@@ -605,16 +886,16 @@ class Shampoo(keras.optimizers.Optimizer):
                 lambda: None,
             )
 
-        start = self.start_preconditioning_step
-        is_root_step = (step >= start) & ((step - start) % self.preconditioning_compute_steps == 0)
-        tf.cond(is_root_step, lambda: self._compute_roots(index, step), lambda: None)
-
+    def _preconditioned_step(self, index, gradient, variable, learning_rate, step):
+        """The grafted method's step and Shampoo's (from `start_preconditioning_step`), applied."""
         direction, shampoo_input = self._graft(index, gradient, step)
-        if start <= 1:  # static: no branch to pay for
+        if self.start_preconditioning_step <= 1:  # static: no branch to pay for
             update = self._precondition(index, shampoo_input, direction)
         else:
             update = tf.cond(
-                step >= start, lambda: self._precondition(index, shampoo_input, direction), lambda: direction
+                step >= self.start_preconditioning_step,
+                lambda: self._precondition(index, shampoo_input, direction),
+                lambda: direction,
             )
         self._apply_update(index, update, variable, learning_rate)
 
@@ -709,6 +990,28 @@ class Shampoo(keras.optimizers.Optimizer):
             failures.append(tf.reduce_sum(tf.cast(tf.logical_not(result.ok), tf.int64)))
         self._add_failures(index, tf.add_n(failures))
 
+    def _assign_roots(self, index, batched_roots):
+        """Takes a parameter's roots from the batched results (computing its diagonal ones here)."""
+        order = self._root_orders[index]
+        failures = []
+        for position, (group, statistics, roots, eigenvectors) in enumerate(zip(
+            self._factor_groups[index], self._statistics[index], self._roots[index], self._eigenvectors[index],
+            strict=True,
+        )):
+            if group.diagonal:
+                result = matrix_functions.diagonal_inverse_root(
+                    statistics.value, order, self.epsilon, self.relative_epsilon
+                )
+            else:
+                result = batched_roots[position]
+                if eigenvectors is not None:
+                    old = eigenvectors.value
+                    self.assign(eigenvectors, tf.where(_expand_like(result.ok, old), result.eigenvectors, old))
+            old = roots.value
+            self.assign(roots, tf.where(_expand_like(result.ok, old), tf.cast(result.root, old.dtype), old))
+            failures.append(tf.reduce_sum(tf.cast(tf.logical_not(result.ok), tf.int64)))
+        self._add_failures(index, tf.add_n(failures))
+
     def _root_with_stored_basis(self, statistics, eigenvectors, order, step):
         """A full eigendecomposition on eigenbasis steps (stored), else the root in the stored basis."""
 
@@ -784,6 +1087,7 @@ class Shampoo(keras.optimizers.Optimizer):
                 "embedding_tables": self.embedding_tables,
                 "gradient_norm_bound": self.gradient_norm_bound,
                 "gradient_norm_decay": self.gradient_norm_decay,
+                "batch_roots": self.batch_roots,
             }
         )
         return config
@@ -813,6 +1117,27 @@ def _touched_row_blocks(gradient, layout, indices):
         shape=(-1,) + layout.shape[1:], diagonal=layout.diagonal, splits=((-1,),) + layout.splits[1:]
     )
     return split_blocks(rows, row_layout)
+
+
+def _pack(leaves: list[tf.Tensor]) -> dict[str, tf.Tensor]:
+    """Flattens tensors into one vector per dtype (one all-reduce each)."""
+    by_dtype: dict[str, list[tf.Tensor]] = {}
+    for leaf in leaves:
+        by_dtype.setdefault(leaf.dtype.name, []).append(tf.reshape(leaf, [-1]))
+    return {dtype: tf.concat(parts, axis=0) for dtype, parts in by_dtype.items()}
+
+
+def _unpack(vectors: dict[str, tf.Tensor], specs: list[tuple[tuple[int, ...], str]]) -> list[tf.Tensor]:
+    """Inverse of `_pack`, given each leaf's `(shape, dtype)` in order."""
+    offsets = dict.fromkeys(vectors, 0)
+    leaves = []
+    for shape, dtype in specs:
+        size = 1
+        for d in shape:
+            size *= d
+        leaves.append(tf.reshape(vectors[dtype][offsets[dtype] : offsets[dtype] + size], shape))
+        offsets[dtype] += size
+    return leaves
 
 
 def _expand_like(mask: tf.Tensor, target: tf.Tensor) -> tf.Tensor:
