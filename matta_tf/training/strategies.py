@@ -59,8 +59,9 @@ from matta_tf.extraction.extract import extract_submodel, is_extractable
 from matta_tf.extraction.spec import SpecError, SubmodelSpec, choosable_layers
 from matta_tf.training import losses
 
-# Flat indices are encoded in float32 weights in two exact parts: index = high * _BASE + low.
-_BASE = 4096
+# Element indices are encoded in float32 weights: exact up to 2^24, else in two parts (low + _BASE * high).
+_EXACT = 2**24
+_BASE = 2**20
 
 
 # ---- which nested elements a spec's plain weights hold ----------------------------------------------
@@ -115,11 +116,11 @@ def _block_shape(flat_indices: np.ndarray, shape: tuple[int, ...], full: tuple[i
 def weight_sources(network: keras.Model, spec: SubmodelSpec) -> tuple[keras.Model, list[WeightSource | None]]:
     """The plain sub-model of `spec` and where each of its variables lives in `network.variables`.
 
-    The spec is extracted three times from encoded weights (every element of nested variable `j`
-    set to `j`, then to the low and the high part of its flat index), and once from random weights,
-    against which every element is checked; the network's weights are restored afterwards, whatever
-    happens. Non-float plain variables (e.g. a dropout seed state) have no source (`None`): they are
-    the plain model's own.
+    The spec is extracted from encoded weights (every nested element set to its index in the
+    concatenation of all float variables, exact in float32; in two parts beyond 2^24 elements), and
+    once from random weights, against which every element is checked; the network's weights are
+    restored afterwards, whatever happens. Non-float plain variables (e.g. a dropout seed state)
+    have no source (`None`): they are the plain model's own.
 
     Args:
         network: a functional nested network (`mnestify`'s result, `matta_tf.models.relevance`'s
@@ -143,13 +144,20 @@ def weight_sources(network: keras.Model, spec: SubmodelSpec) -> tuple[keras.Mode
             variable.assign(value)
         return extract_submodel(network, spec, name=f"{network.name}_sources")
 
-    rng = np.random.default_rng(0)
+    sizes = np.array([v.size for v in saved], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(sizes)])
+    total = int(offsets[-1])
+    # Global flat index g of every nested element, encoded exactly in float32 (in two parts if large).
+    encoded = np.arange(total, dtype=np.int64)
+    parts = [encoded] if total <= _EXACT else [encoded % _BASE, encoded // _BASE]
+    probes = np.random.default_rng(0).normal(size=total).astype(np.float32)
+
+    def split(flat: np.ndarray) -> list[np.ndarray]:
+        return [flat[a:b].reshape(v.shape) for a, b, v in zip(offsets[:-1], offsets[1:], saved, strict=True)]
+
     try:
-        ids = extracted([np.full(v.shape, j, np.float32) for j, v in enumerate(saved)])
-        low = extracted([(np.arange(v.size) % _BASE).reshape(v.shape).astype(np.float32) for v in saved])
-        high = extracted([(np.arange(v.size) // _BASE).reshape(v.shape).astype(np.float32) for v in saved])
-        probes = [rng.normal(size=v.shape).astype(np.float32) for v in saved]
-        plain = extracted(probes)
+        coded = [extracted(split(part.astype(np.float32))) for part in parts]
+        plain = extracted(split(probes))
     finally:
         for variable, value in zip(nested, saved, strict=True):
             variable.assign(value)
@@ -159,25 +167,20 @@ def weight_sources(network: keras.Model, spec: SubmodelSpec) -> tuple[keras.Mode
         if not _is_float(variable):
             sources.append(None)
             continue
-        value = keras.ops.convert_to_numpy(variable)
-        source_id = keras.ops.convert_to_numpy(ids.variables[k]).reshape(-1)
-        index = (keras.ops.convert_to_numpy(high.variables[k]).reshape(-1).astype(np.int64) * _BASE
-                 + keras.ops.convert_to_numpy(low.variables[k]).reshape(-1).astype(np.int64))
-        j = source_id.astype(np.int64)
-        ok = np.array_equal(j, source_id) and j.size > 0 and j.min() >= 0 and j.max() < len(saved)
-        if ok:
-            sizes = np.array([v.size for v in saved])
-            ok = bool(np.all(index >= 0) and np.all(index < sizes[j]))
-        if ok:
-            probe = np.array([probes[a].reshape(-1)[b] for a, b in zip(j, index, strict=True)], np.float32)
-            ok = np.array_equal(probe, value.reshape(-1))
+        value = keras.ops.convert_to_numpy(variable).reshape(-1)
+        read = [keras.ops.convert_to_numpy(model.variables[k]).reshape(-1).astype(np.float64) for model in coded]
+        ok = all(np.array_equal(r, np.round(r)) for r in read)
+        g = read[0].astype(np.int64) if len(read) == 1 else read[0].astype(np.int64) + _BASE * read[1].astype(np.int64)
+        ok = ok and g.size > 0 and g.min() >= 0 and g.max() < total and np.array_equal(probes[g], value)
         if not ok:
             raise SpecError(
                 f"spec {spec.name!r}: the extracted weight '{variable.path}' is not a copy of elements of "
                 f"'{network.name}''s weights, so the spec cannot run on the nested weights in place"
             )
+        j = np.searchsorted(offsets, g, side="right") - 1
+        index = g - offsets[j]
         shape = tuple(int(d) for d in variable.shape)
-        used = list(dict.fromkeys(j.tolist()))
+        used = np.unique(j).tolist()
         if len(used) == 1:
             full = tuple(saved[used[0]].shape)
             sources.append(WeightSource(shape, (position[id(nested[used[0]])],), (index,),
@@ -310,8 +313,10 @@ class Sandwich(TrainingStrategy):
     (`random_specs(..., extractable_only=True, mixed_only=True)`), or `specs` given. Each step draws
     `k` distinct pool members in-graph from `(seed, optimizer.iterations)` (a stateless draw: the same
     on every replica, and the same after resuming); each pool member's forward pass is traced once and
-    the step runs the drawn ones (`tf.switch_case`). With `k >= len(pool)` every member runs every
-    step. Evaluation steps run no spec.
+    the step runs the drawn ones (one `tf.cond` per member). Under `jit_compile=True` every member
+    runs and those not drawn get weight 0 (same loss and gradients; a step costs `len(pool)` spec
+    passes, so keep the pool small there). With `k >= len(pool)` every member runs every step.
+    Evaluation steps run no spec.
 
     Metrics: `sandwich_loss` (the mean `L_D(spec_j)` of the step; `sandwich_label_loss` too with
     `label_weight > 0`).
@@ -396,13 +401,6 @@ class Sandwich(TrainingStrategy):
         draws = tf.random.stateless_uniform((size,), seed=seed)
         return tf.cast(tf.argsort(draws)[: self.k], tf.int32)
 
-    def run_spec(self, index: Any, x: Any, training: bool) -> tf.Tensor:
-        """The logits of pool member `index` (a tensor or an int) on `x`."""
-        if isinstance(index, int):
-            return self.passes[index](x, training=training)
-        branches = [lambda p=p: p(x, training=training) for p in self.passes]
-        return tf.switch_case(index, branches)
-
     def extra_losses(self, model: Any, x: Any, targets: Any, ta_logits: Any, training: bool) -> dict[str, Any]:
         if not training:
             return {}
@@ -411,18 +409,35 @@ class Sandwich(TrainingStrategy):
         task = model.label.task
         step = model.optimizer.iterations if getattr(model, "optimizer", None) is not None else 0
         size = len(self.pool)
-        indices = self.sampled(step)
         teacher = tf.stop_gradient(ta_logits)
-        distill, label = [], []
-        for slot in range(min(self.k, size)):
-            index = slot if self.k >= size else indices[slot]
-            logits = self.run_spec(index, x, training)
-            distill.append(losses.distillation_loss(logits, teacher, task))
-            if self.label_weight:
-                label.append(losses.cross_entropy(targets, logits, task))
-        terms = {"sandwich": (self.loss_weight * model.distillation_weight(), tf.add_n(distill) / len(distill))}
+        drawn = tf.reduce_any(tf.equal(tf.range(size)[:, None], self.sampled(step)[None, :]), axis=1)
+
+        def spec_losses(in_place: InPlaceSubmodel) -> tuple[Any, Any]:
+            logits = in_place(x, training=training)
+            label = losses.cross_entropy(targets, logits, task) if self.label_weight else tf.zeros_like(teacher[:, 0])
+            return losses.distillation_loss(logits, teacher, task), label
+
+        def skipped() -> tuple[Any, Any]:
+            return tf.zeros_like(teacher[:, 0]), tf.zeros_like(teacher[:, 0])
+
+        # Each member's pass is traced once. Outside XLA one conditional per member runs it when drawn;
+        # under XLA (where TF 2.21 recompiled such a step-dependent conditional at every step) every
+        # member runs and the ones not drawn get weight 0: the same loss and gradients, `len(pool)` passes.
+        conditional = self.k < size and not _is_jit_compiled(model)
+        distill, label = tf.zeros_like(teacher[:, 0]), tf.zeros_like(teacher[:, 0])
+        for member, in_place in enumerate(self.passes):
+            if conditional:
+                member_distill, member_label = tf.cond(drawn[member], lambda p=in_place: spec_losses(p), skipped)
+            else:
+                member_distill, member_label = spec_losses(in_place)
+                if self.k < size:
+                    weight = tf.cast(drawn[member], member_distill.dtype)
+                    member_distill, member_label = weight * member_distill, weight * member_label
+            distill, label = distill + member_distill, label + member_label
+        distill, label = distill / min(self.k, size), label / min(self.k, size)
+        terms = {"sandwich": (self.loss_weight * model.distillation_weight(), distill)}
         if self.label_weight:
-            terms["sandwich_label"] = (self.label_weight, tf.add_n(label) / len(label))
+            terms["sandwich_label"] = (self.label_weight, label)
         return terms
 
     def get_config(self) -> dict[str, Any]:
@@ -434,6 +449,10 @@ class Sandwich(TrainingStrategy):
             "label_weight": self.label_weight,
             "specs": None if self.specs is None else [spec.to_dict() for spec in self.specs],
         }
+
+
+def _is_jit_compiled(model: Any) -> bool:
+    return getattr(model, "jit_compile", False) is True
 
 
 def get(strategy: TrainingStrategy | str | Mapping[str, Any] | None) -> TrainingStrategy:
