@@ -62,6 +62,7 @@ from matta_tf.training import losses
 # Element indices are encoded in float32 weights: exact up to 2^24, else in two parts (low + _BASE * high).
 _EXACT = 2**24
 _BASE = 2**20
+_HASH_MODULUS = 2**31 - 1
 
 
 # ---- which nested elements a spec's plain weights hold ----------------------------------------------
@@ -311,8 +312,8 @@ class Sandwich(TrainingStrategy):
 
     The pool: `pool_size` distinct extractable mixed specs drawn with `seed` when the strategy is bound
     (`random_specs(..., extractable_only=True, mixed_only=True)`), or `specs` given. Each step draws
-    `k` distinct pool members in-graph from `(seed, optimizer.iterations)` (a stateless draw: the same
-    on every replica, and the same after resuming); each pool member's forward pass is traced once and
+    `k` distinct pool members in-graph from `(seed, optimizer.iterations)` (an integer hash: the same
+    on every replica and backend, and the same after resuming); each pool member's forward pass is traced once and
     the step runs the drawn ones (one `tf.cond` per member). Under `jit_compile=True` every member
     runs and those not drawn get weight 0 (same loss and gradients; a step costs `len(pool)` spec
     passes, so keep the pool small there). With `k >= len(pool)` every member runs every step.
@@ -397,9 +398,16 @@ class Sandwich(TrainingStrategy):
         size = len(self.pool)
         if self.k >= size:
             return tf.range(size, dtype=tf.int32)
-        seed = tf.stack([tf.constant(self.seed, tf.int64), tf.cast(step, tf.int64)])
-        draws = tf.random.stateless_uniform((size,), seed=seed)
-        return tf.cast(tf.argsort(draws)[: self.k], tf.int32)
+        # An integer hash of (seed, step, member), not `tf.random`: stateless random ops give other
+        # numbers under XLA than on the CPU kernels, and every replica and backend must draw alike.
+        modulus = tf.constant(_HASH_MODULUS, tf.int64)
+        step = tf.math.floormod(tf.cast(step, tf.int64), modulus)
+        base = tf.math.floormod(self.seed * 7919 + step * 104729 + 1, modulus)
+        score = tf.math.floormod(base + tf.range(size, dtype=tf.int64) * 1299709, modulus)
+        for _ in range(3):  # values < 2^31: the products fit in int64 exactly
+            score = tf.math.floormod(score * 48271, modulus)
+            score = tf.bitwise.bitwise_xor(score, tf.bitwise.right_shift(score, 13))
+        return tf.cast(tf.argsort(score, stable=True)[: self.k], tf.int32)
 
     def extra_losses(self, model: Any, x: Any, targets: Any, ta_logits: Any, training: bool) -> dict[str, Any]:
         if not training:
