@@ -183,7 +183,7 @@ def test_in_place_distillation_sends_no_gradient_into_the_ta():
 def test_fixed_matta_is_bit_identical_to_the_default_model_and_matches_a_hand_written_step():
     x, y = binary_data(96)
     states = []
-    for strategy in (None, FixedMatTA(), "fixed"):
+    for strategy in (None, FixedMatTA()):
         model = MatTAModel(dense_network("relu"), training_strategy=strategy, loss_weights=(1.0, 0.5, 2.0))
         model.compile(optimizer=keras.optimizers.Adam(0.01))
         history = model.fit(x, y, batch_size=32, epochs=2, shuffle=False, verbose=0).history

@@ -507,6 +507,8 @@ def _scale_updates(variables: Sequence[Any], before: Sequence[Any], scales: Sequ
 
     def merged(distribution: tf.distribute.Strategy, before: Sequence[Any]) -> None:
         for variable, old, scale in zip(variables, before, scales, strict=True):
+            # The tf.Variable (a MirroredVariable under MirroredStrategy), as Keras' optimizers pass it.
+            variable = variable.value if isinstance(variable, keras.Variable) else variable
             distribution.extended.update(variable, update, args=(old, scale), group=False)
 
     # As Keras' optimizers apply their updates: in a merge call, per replica's copy of each variable.
