@@ -13,9 +13,10 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from matta_tf import _keras_compat
+from matta_tf import _keras_compat, _keras_graph
 from matta_tf._checks import check_choice
 from matta_tf.data.schema import Label
+from matta_tf.extraction.spec import SubmodelSpec
 from matta_tf.training import losses
 from matta_tf.training import strategies as training_strategies
 from matta_tf.training.metrics import AUCLoss, LatestValue
@@ -480,9 +481,6 @@ def _ta_only_masks(network: keras.layers.Layer, multiplier: Any) -> list[tuple[A
             "`ta_learning_rate_multiplier` must be a finite number > 0. "
             f"Received: ta_learning_rate_multiplier={multiplier!r}"
         )
-    from matta_tf import _keras_graph
-    from matta_tf.extraction.spec import SubmodelSpec
-
     if not (isinstance(network, keras.Model) and _keras_graph.is_functional(network) and network.built):
         raise ValueError(
             "`ta_learning_rate_multiplier` finds the Student's weights by extraction: `network` must be a "
