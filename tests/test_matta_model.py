@@ -288,3 +288,23 @@ def test_compile_rejects_a_loss_or_metrics():
         model.compile(optimizer="adam", loss="mse")
     with pytest.raises(ValueError, match=r"takes no `metrics`"):
         model.compile(optimizer="adam", metrics=["auc"])
+
+
+def test_training_strategy_and_ta_learning_rate_multiplier_round_trip_through_the_config():
+    from matta_tf.training import FixedMatTA, Sandwich
+
+    default = MatTAModel(nested_network())
+    assert isinstance(default.training_strategy, FixedMatTA) and default.ta_learning_rate_multiplier is None
+    assert isinstance(MatTAModel.from_config(default.get_config()).training_strategy, FixedMatTA)
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((FEATURES,))
+    hidden = NestedDense(4, 8, name="hidden_1")(NestedDense(4, 8, name="hidden_0")(inputs))
+    two_layers = keras.Model(inputs, list(NestedDense(1, 1, name="logits")(hidden)))
+    model = MatTAModel(two_layers, training_strategy=Sandwich(k=1, pool_size=1), ta_learning_rate_multiplier=0.5)
+    restored = MatTAModel.from_config(model.get_config())
+    assert restored.training_strategy.get_config() == model.training_strategy.get_config()
+    assert [s.choices for s in restored.training_strategy.pool] == [s.choices for s in model.training_strategy.pool]
+    assert restored.ta_learning_rate_multiplier == 0.5
+    # One choosable layer has no mixed spec: Sandwich says so instead of training nothing more.
+    with pytest.raises(ValueError, match="no extractable mixed spec"):
+        MatTAModel(nested_network(), training_strategy=Sandwich())

@@ -71,7 +71,12 @@ def wide_narrow_wide_specs(
 
 
 def random_specs(
-    model: keras.Model, count: int, seed: int = 0, include_ends: bool = True, extractable_only: bool = True
+    model: keras.Model,
+    count: int,
+    seed: int = 0,
+    include_ends: bool = True,
+    extractable_only: bool = True,
+    mixed_only: bool = False,
 ) -> list[SubmodelSpec]:
     """`count` distinct random specs (uniform choice per layer), plus the Student and the TA if asked.
 
@@ -83,6 +88,8 @@ def random_specs(
         extractable_only: Whether to skip draws that `extract_submodel` refuses (e.g. a TA-only layer
             kept after a layer at Student width): each draw is checked by extracting it. Defaults to
             `True`.
+        mixed_only: Whether to skip draws that are the Student or the TA (every layer at one choice),
+            e.g. for training the mixed sizes (`matta_tf.training.Sandwich`). Defaults to `False`.
 
     Returns:
         The specs, the ends first, then `random-<n>` in draw order.
@@ -99,6 +106,9 @@ def random_specs(
         attempts += 1
         combination = tuple(rng.choice(("student", "ta")) for _ in names)
         if combination in specs or combination in rejected:
+            continue
+        if mixed_only and len(set(combination)) < 2:
+            rejected.add(combination)
             continue
         spec = SubmodelSpec(dict(zip(names, combination, strict=True)), name=f"random-{len(specs)}")
         if extractable_only and not is_extractable(model, spec):

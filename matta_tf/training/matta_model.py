@@ -9,13 +9,16 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import keras
+import numpy as np
 import tensorflow as tf
 from keras import ops
 
-from matta_tf import _keras_compat
+from matta_tf import _keras_compat, _keras_graph
 from matta_tf._checks import check_choice
 from matta_tf.data.schema import Label
+from matta_tf.extraction.spec import SubmodelSpec
 from matta_tf.training import losses
+from matta_tf.training import strategies as training_strategies
 from matta_tf.training.metrics import AUCLoss, LatestValue
 from matta_tf.training.schedules import DistillationSchedule
 
@@ -64,6 +67,21 @@ class MatTAModel(_keras_compat.PerReplicaSymbolicBuild, keras.Model):
     The no-parameter-sharing ablation (paper Table 4) is a property of the network: wrap two
     independent networks with `IndependentStudentTA`.
 
+    A `training_strategy` (`matta_tf.training.strategies`) adds forward passes and their loss terms
+    to each training step: `FixedMatTA()` (the default) adds none, `Sandwich(k)` also trains `k`
+    sampled Mix'n'Match specs per step by in-place distillation from the detached TA.
+
+    `ta_learning_rate_multiplier=m` gives the TA-only weights (the elements of the nested variables
+    that the extracted Student does not read: the TA-only blocks of each kernel, TA-only layers) `m`
+    times the learning rate of the Student's weights. It acts on the optimizer's *update*, not on the
+    gradient: after the optimizer's step `u = v_new - v_old`, TA-only elements become `v_old + m u`.
+    The optimizer's state (moments, preconditioners) is what it would be without the multiplier.
+    For optimizers whose update is the learning rate times a function of the gradients (SGD with or
+    without momentum, Adam, AdamW's decoupled decay, Shampoo) this is exactly training the TA-only
+    elements at learning rate `m * lr`; scaling the gradient instead would be exact for SGD only
+    (Adam's update is invariant to a gradient scale). Constraints run before the scaling. It needs a
+    functional nested network (the Student is found by extraction).
+
     Metrics (prefixed `val_` on validation data), for the streams the mode trains:
 
     - `loss`, `student_loss`, `ta_loss`, `distillation_loss` (unweighted batch means of each term),
@@ -105,6 +123,10 @@ class MatTAModel(_keras_compat.PerReplicaSymbolicBuild, keras.Model):
         auc_num_thresholds: Thresholds of the AUROC metrics. Defaults to 200.
         invalid_labels: `"raise"` (default): an invalid label fails the step (where TensorFlow runs
             assertions: not under XLA, where it is skipped); `"skip"`: give it weight 0, counted.
+        training_strategy: A `TrainingStrategy`, `"fixed"` or `"sandwich"` (`Sandwich()`). Defaults
+            to `FixedMatTA()`. (Not `strategy`, which is `tf.distribute`'s.)
+        ta_learning_rate_multiplier: Optional positive number `m`: TA-only weights' updates are scaled
+            by `m` (see above). Defaults to `None` (one learning rate).
         **kwargs: Args passed to `keras.Model` (e.g. `name`).
 
     Example:
@@ -139,6 +161,8 @@ class MatTAModel(_keras_compat.PerReplicaSymbolicBuild, keras.Model):
         predictions: str = "probabilities",
         auc_num_thresholds: int = 200,
         invalid_labels: str = "raise",
+        training_strategy: training_strategies.TrainingStrategy | str | Mapping[str, Any] | None = None,
+        ta_learning_rate_multiplier: float | None = None,
         **kwargs: Any,
     ) -> None:
         if not isinstance(network, keras.layers.Layer):
@@ -162,7 +186,13 @@ class MatTAModel(_keras_compat.PerReplicaSymbolicBuild, keras.Model):
             raise ValueError(
                 f"`auc_num_thresholds` must be an integer > 1. Received: auc_num_thresholds={auc_num_thresholds!r}"
             )
+        training_strategy = training_strategies.get(training_strategy)
+        training_strategy.bind(network, mode)
+        ta_masks = _ta_only_masks(network, ta_learning_rate_multiplier)
         super().__init__(**kwargs)
+        self.training_strategy = training_strategy
+        self.ta_learning_rate_multiplier = ta_learning_rate_multiplier
+        self._ta_only_scales = ta_masks
         self.network = network
         self.label = label
         self.mode = mode
@@ -177,6 +207,8 @@ class MatTAModel(_keras_compat.PerReplicaSymbolicBuild, keras.Model):
         self._create_metrics()
         # Outside `_create_metrics`, which subclasses override (e.g. the next-item model's metrics).
         self.invalid_label_tracker = keras.metrics.Sum(name="invalid_labels")
+        self.strategy_term_trackers = [keras.metrics.Mean(name=f"{term}_loss")
+                                       for term in training_strategy.extra_terms]
         # The model has no variables of its own: it is built when its network is (e.g. a functional
         # network), so `BackupAndRestore` and weight loading work before the first call.
         self.built = network.built
@@ -327,7 +359,6 @@ class MatTAModel(_keras_compat.PerReplicaSymbolicBuild, keras.Model):
         As Keras' own `compute_loss` on the TensorFlow backend, the total is divided by the number of
         replicas in sync, so that summing gradients over replicas gives the global-batch mean.
         """
-        del x, training
         student_logits, ta_logits = y_pred["student"], y_pred["ta"]
         targets, valid = self.checked_targets(y, check=True)
         self.invalid_label_tracker.update_state(ops.sum(1.0 - ops.cast(valid, "float32")))
@@ -348,6 +379,13 @@ class MatTAModel(_keras_compat.PerReplicaSymbolicBuild, keras.Model):
             value = _batch_mean(per_example[term](), sample_weight)
             tracker.update_state(value, sample_weight=batch_size)
             total = total + weights[term] * value
+        extra = self.training_strategy.extra_losses(self, x, targets, ta_logits, training)
+        for term, tracker in zip(self.training_strategy.extra_terms, self.strategy_term_trackers, strict=True):
+            if term in extra:
+                weight, per_example = extra[term]
+                value = _batch_mean(per_example, sample_weight)
+                tracker.update_state(value, sample_weight=batch_size)
+                total = total + weight * value
         total = _per_replica(total)
         for loss in self.losses:
             total = total + _per_replica(ops.sum(ops.cast(loss, "float32")))
@@ -373,7 +411,13 @@ class MatTAModel(_keras_compat.PerReplicaSymbolicBuild, keras.Model):
         return self.get_metrics_result()
 
     def train_step(self, data: Any) -> dict[str, Any]:
-        return self._per_step_logs(super().train_step(data))
+        if not self._ta_only_scales:
+            return self._per_step_logs(super().train_step(data))
+        variables = [variable for variable, _ in self._ta_only_scales]
+        before = [tf.identity(variable.value) for variable in variables]
+        logs = super().train_step(data)
+        _scale_updates(variables, before, [scale for _, scale in self._ta_only_scales])
+        return self._per_step_logs(logs)
 
     def test_step(self, data: Any) -> dict[str, Any]:
         return self._per_step_logs(super().test_step(data))
@@ -424,6 +468,8 @@ class MatTAModel(_keras_compat.PerReplicaSymbolicBuild, keras.Model):
             predictions=self.predictions,
             auc_num_thresholds=self.auc_num_thresholds,
             invalid_labels=self.invalid_labels,
+            training_strategy=keras.saving.serialize_keras_object(self.training_strategy),
+            ta_learning_rate_multiplier=self.ta_learning_rate_multiplier,
         )
         return config
 
@@ -463,6 +509,49 @@ def _check_loss_weights(loss_weights: Any, mode: str) -> tuple[float, float, flo
             f"Received: mode={mode!r}, loss_weights={loss_weights!r}"
         )
     return weights
+
+
+def _ta_only_masks(network: keras.layers.Layer, multiplier: Any) -> list[tuple[Any, Any]]:
+    """`(variable, scale)` per trainable variable with TA-only elements: `scale` is `m` there, 1 elsewhere."""
+    if multiplier is None:
+        return []
+    if not isinstance(multiplier, numbers.Real) or isinstance(multiplier, bool) or not (
+        math.isfinite(multiplier) and multiplier > 0
+    ):
+        raise ValueError(
+            "`ta_learning_rate_multiplier` must be a finite number > 0. "
+            f"Received: ta_learning_rate_multiplier={multiplier!r}"
+        )
+    if not (isinstance(network, keras.Model) and _keras_graph.is_functional(network) and network.built):
+        raise ValueError(
+            "`ta_learning_rate_multiplier` finds the Student's weights by extraction: `network` must be a "
+            f"built functional nested model. Received: {type(network).__name__} '{network.name}'"
+        )
+    student = training_strategies.used_elements(network, SubmodelSpec.uniform(network, "student"))
+    trainable = {id(v) for v in network.trainable_variables}
+    scales = []
+    for variable, used in zip(network.variables, student, strict=True):
+        if used is None or id(variable) not in trainable or used.all():
+            continue
+        scale = np.where(used, 1.0, float(multiplier)).astype(keras.backend.standardize_dtype(variable.dtype))
+        scales.append((variable, tf.constant(scale)))
+    return scales
+
+
+def _scale_updates(variables: Sequence[Any], before: Sequence[Any], scales: Sequence[Any]) -> None:
+    """`v = before + scale * (v - before)` for each variable, as an optimizer update (any replica context)."""
+
+    def update(variable: Any, old: Any, scale: Any) -> Any:
+        return variable.assign(old + scale * (variable - old))
+
+    def merged(distribution: tf.distribute.Strategy, before: Sequence[Any]) -> None:
+        for variable, old, scale in zip(variables, before, scales, strict=True):
+            # The tf.Variable (a MirroredVariable under MirroredStrategy), as Keras' optimizers pass it.
+            variable = variable.value if isinstance(variable, keras.Variable) else variable
+            distribution.extended.update(variable, update, args=(old, scale), group=False)
+
+    # As Keras' optimizers apply their updates: in a merge call, per replica's copy of each variable.
+    tf.distribute.get_replica_context().merge_call(merged, args=(list(before),))
 
 
 def _describe(outputs: Any) -> str:
