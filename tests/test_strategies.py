@@ -7,7 +7,7 @@ import tensorflow as tf
 from keras import ops
 from test_relevance import CONFIG, SCHEMA, _raw_batch
 
-from matta_tf.data.preprocessing import FeaturePreprocessor
+from matta_tf.data.preprocessing import FeaturePreprocessor, preprocessed_name
 from matta_tf.extraction import SubmodelSpec, extract_submodel, is_extractable, random_specs
 from matta_tf.layers.nested_dense import NestedDense
 from matta_tf.models.relevance import build_relevance_network
@@ -215,7 +215,7 @@ def test_sandwich_trains_the_relevance_network_and_round_trips(tmp_path):
     model = MatTAModel(network, training_strategy=Sandwich(k=1, pool_size=2, seed=1, label_weight=0.5))
     model.compile(optimizer=keras.optimizers.Adam(0.01))
     features = relevance_features(64, seed=3)
-    y = (ops.convert_to_numpy(features["price"]) > 1).astype("int64")
+    y = (ops.convert_to_numpy(features[preprocessed_name(SCHEMA.feature("price"))]) > 1).astype("int64")
     spec = model.training_strategy.pool[0]
     before = ops.convert_to_numpy(model.training_strategy.passes[0](features))
     history = model.fit(features, y, batch_size=16, epochs=3, verbose=0).history
@@ -250,7 +250,11 @@ def test_sandwich_under_jit_compile_takes_the_same_steps():
 def test_sandwich_under_a_mirrored_strategy_matches_one_device():
     x, y = binary_data(64, seed=2)
     states = []
-    for distribution in (tf.distribute.get_strategy(), tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])):
+    # ReductionToOneDevice: CPU collectives keep instance keys per process, so another test's MirroredStrategy
+    # run in the same pytest process would collide with this one (as tests/test_shampoo.py notes).
+    mirrored = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"],
+                                              cross_device_ops=tf.distribute.ReductionToOneDevice())
+    for distribution in (tf.distribute.get_strategy(), mirrored):
         with distribution.scope():
             model = MatTAModel(dense_network(), training_strategy=Sandwich(k=1, seed=4),
                                ta_learning_rate_multiplier=0.25)
