@@ -31,10 +31,8 @@ def walkthrough_blocks() -> tuple[str, list[str]]:
     return python, commands
 
 
-@pytest.fixture(scope="module")
-def shop(tmp_path_factory):
-    """The walk-through's events, written by its own Python block, in a fresh directory."""
-    directory = tmp_path_factory.mktemp("walkthrough")
+def write_walkthrough_events(directory: pathlib.Path) -> pathlib.Path:
+    """Runs the walk-through's own Python block in `directory` (it writes `shop/`); returns `directory`."""
     python, _ = walkthrough_blocks()
     cwd = os.getcwd()
     os.chdir(directory)
@@ -43,6 +41,12 @@ def shop(tmp_path_factory):
     finally:
         os.chdir(cwd)
     return directory
+
+
+@pytest.fixture(scope="module")
+def shop(tmp_path_factory):
+    """The walk-through's events, written by its own Python block, in a fresh directory."""
+    return write_walkthrough_events(tmp_path_factory.mktemp("walkthrough"))
 
 
 def _matta(directory, command: str) -> int:
@@ -110,14 +114,7 @@ def test_the_readme_walkthrough_runs_on_events_with_other_names_at_tiny_sizes(sh
 
 @pytest.mark.slow
 def test_the_readme_walkthrough_runs_as_written(tmp_path):
-    python, _ = walkthrough_blocks()
-    cwd = os.getcwd()
-    os.chdir(tmp_path)
-    try:
-        exec(compile(python, "README.md (walk-through)", "exec"), {"__name__": "walkthrough"})
-    finally:
-        os.chdir(cwd)
-    _run_walkthrough(tmp_path, [])
+    _run_walkthrough(write_walkthrough_events(tmp_path), [])
 
 
 def test_describe_events_counts_against_a_direct_count(shop):
