@@ -71,7 +71,8 @@ def train(network: keras.Model, mode: str, train_data, validation_data) -> dict[
 STREAM_METRICS = ("auc", "auc_loss", "log_loss", "loss")
 
 
-@pytest.mark.parametrize("variant", ["matta", "student_only", "ta_only", "matta_no_sharing"])
+@pytest.mark.parametrize("variant", ["matta", pytest.param("student_only", marks=pytest.mark.slow),
+                                     pytest.param("ta_only", marks=pytest.mark.slow), "matta_no_sharing"])
 def test_movielens_run_trains_and_reports_every_metric(movielens, variant):
     schema, train_data, validation_data = movielens
     keras.utils.set_random_seed(0)

@@ -150,6 +150,10 @@ def test_gpt2_medium_preset_shapes_and_parameter_counts():
     # With GPT-2's 50,257 tokens and 1,024 positions the Student is GPT-2 Medium's 354,823,168 parameters.
     assert counts.student == 354_823_168
 
+
+
+@pytest.mark.slow  # builds and extracts the 36-block network (15-50 s); the analytic counts stay in the default run
+def test_gpt2_medium_preset_built_at_a_64th_of_its_width_has_the_analytic_counts():
     # The same preset at 1/64 width: the analytic counts are the built models' counts.
     tiny = SequentialConfig.gpt2_medium(vocabulary_size=30, max_length=6, width_divisor=64)
     widths = (tiny.model_dim, tiny.num_heads, tiny.head_dim, tiny.student_ffn_dim, tiny.ta_ffn_dim)
