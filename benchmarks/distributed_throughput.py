@@ -62,7 +62,7 @@ TRAIN_WORKER = textwrap.dedent(
     datasets = input_datasets(data, schema, "label", batch_size, 0, ("label",))
     steps = sum(1 for _ in datasets["train"])
     with strategy.scope():
-        network = build_network(schema(training), "matta")
+        network = build_network(schema, training.model, "matta")
         model = MatTAModel(network, label=schema.label("label"),
                            distillation_schedule=DistillationSchedule(0, 200))
         optimizer = make_optimizer("shampoo", training.learning_rate, 2 * steps)

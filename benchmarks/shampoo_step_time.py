@@ -136,7 +136,7 @@ def movielens_relevance(batch_size: int) -> tuple[keras.Model, tf.data.Dataset, 
     # Up to 64 whole batches held in memory as tensors: the input pipeline costs (almost) nothing per step.
     events = next(iter(train.unbatch().batch(64 * batch_size)))
     train = tf.data.Dataset.from_tensor_slices(events).batch(batch_size, drop_remainder=True).cache().repeat()
-    network = build_network(schema(training), "matta")
+    network = build_network(schema, training.model, "matta")
     return MatTAModel(network, label=schema.label("label"), mode="matta"), train, None
 
 
