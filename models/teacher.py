@@ -54,6 +54,7 @@ from matta_tf.layers.nested_embedding import NestedEmbedding
 from matta_tf.layers.nested_feature_cross import NestedFeatureCross
 from matta_tf.models.relevance import ConfigError, RelevanceConfig, build_relevance_network, relevance_preprocessor
 from matta_tf.models.signatures import EXAMPLES_INPUT, LOGITS, PROBABILITIES, serving_schema, write_scoring_saved_model
+from matta_tf.training.plateau import PlateauStopping
 
 SIGNATURE = "serving_default"
 INPUT = EXAMPLES_INPUT
@@ -350,38 +351,6 @@ def evaluate_teacher(network: keras.Model, dataset: tf.data.Dataset, task: str) 
     return {**metrics, "events": int(len(y))}
 
 
-class _EarlyStopping(keras.callbacks.Callback):
-    """Scores the validation split after every epoch, keeps the best weights, stops `patience` epochs after the best."""
-
-    def __init__(self, validation: tf.data.Dataset, task: str, metric: str, patience: int) -> None:
-        super().__init__()
-        self.validation, self.task, self.metric, self.patience = validation, task, metric, patience
-        self.higher_is_better = metric == "auc"
-        self.scores: list[dict[str, float]] = []
-        self.best_epoch = -1
-        self.best_weights: list[np.ndarray] | None = None
-
-    def _better(self, value: float, best: float) -> bool:
-        return value > best if self.higher_is_better else value < best
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        scores = evaluate_teacher(self.model, self.validation, self.task)
-        self.scores.append(scores)
-        value = scores[self.metric]
-        if not np.isfinite(value):
-            raise FloatingPointError(f"the Teacher's validation {self.metric} is {value} at epoch {epoch + 1}: "
-                                     "training diverged; lower `learning_rate`")
-        if self.best_epoch < 0 or self._better(value, self.scores[self.best_epoch][self.metric]):
-            self.best_epoch = epoch
-            self.best_weights = self.model.get_weights()
-        elif epoch - self.best_epoch >= self.patience:
-            self.model.stop_training = True
-
-    def on_train_end(self, logs: dict | None = None) -> None:
-        if self.best_weights is not None:
-            self.model.set_weights(self.best_weights)
-
-
 def _write_text(path: str, text: str) -> None:
     if "://" in path:  # another tf.io.gfile filesystem: no rename-based atomicity there
         with tf.io.gfile.GFile(path, "w") as handle:
@@ -481,7 +450,10 @@ def train_teacher(
     train = dataset(train_split, shuffle=True)
     if train is None:
         raise FileNotFoundError(f"no training split {train_split!r} in {data_dir}")
-    stopping = _EarlyStopping(validation, label.task, metric, config.patience) if validation is not None else None
+    stopping = None
+    if validation is not None:
+        stopping = PlateauStopping(lambda: evaluate_teacher(network, validation, label.task), metric,
+                                   patience=config.patience, higher_is_better=metric == "auc")
     fit = network.fit(train, epochs=config.epochs, shuffle=False, verbose=verbose,
                       callbacks=[stopping] if stopping else [])
     history = {name: [float(v) for v in values] for name, values in fit.history.items()}

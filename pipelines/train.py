@@ -25,7 +25,7 @@ from matta_tf.optimizers import Shampoo
 from matta_tf.pipelines.config import TrainingConfig
 from matta_tf.pipelines.layout import RunLayout
 from matta_tf.pipelines.run_data import event_label_name
-from matta_tf.training import DistillationSchedule, IndependentStudentTA, MatTAModel
+from matta_tf.training import DistillationSchedule, IndependentStudentTA, MatTAModel, PlateauStopping
 from matta_tf.training.distribute import is_chief, strategy_from_environment
 
 ARMS = ("matta", "student_only", "ta_only", "no_sharing", "nested_student_only")
@@ -108,7 +108,7 @@ def evaluate_streams(network: keras.Layer, dataset: tf.data.Dataset, label: str)
 
 @dataclasses.dataclass(frozen=True)
 class Plateau:
-    """Training to a plateau: the one stopping rule of every arm of a fair comparison.
+    """Training to a plateau: the one stopping rule of every arm of a fair comparison (`PlateauStopping`).
 
     After each epoch, the exact validation AucLoss (1 - AUROC, against the event label) of `stream` is
     computed; training stops once it has not improved by more than `min_delta` for `patience` epochs
@@ -132,35 +132,6 @@ class Plateau:
             raise ValueError(f"`min_delta` must be >= 0. Received: min_delta={self.min_delta!r}")
         if self.stream not in ("student", "ta"):
             raise ValueError(f"`stream` must be 'student' or 'ta'. Received: stream={self.stream!r}")
-
-
-class ValidationPlateau(keras.callbacks.Callback):
-    """Keras callback of `Plateau`: logs `val_<stream>_exact_auc_loss`, stops at the plateau, restores the best."""
-
-    def __init__(self, network: keras.Layer, dataset: tf.data.Dataset, label: str, rule: Plateau,
-                 evaluate: Any = None):
-        super().__init__()
-        self.network, self.dataset, self.label, self.rule = network, dataset, label, rule
-        self.evaluate = evaluate or evaluate_streams  # (network, dataset, label) -> {stream: metrics}
-        self.best = float("inf")
-        self.best_epoch = -1
-        self.epochs_run = 0
-        self._best_weights: list[np.ndarray] | None = None
-
-    def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
-        value = self.evaluate(self.network, self.dataset, self.label)[self.rule.stream]["auc_loss"]
-        if logs is not None:
-            logs[f"val_{self.rule.stream}_exact_auc_loss"] = value
-        self.epochs_run = epoch + 1
-        if value < self.best - self.rule.min_delta:
-            self.best, self.best_epoch = value, epoch
-            self._best_weights = [np.array(weight) for weight in self.network.get_weights()]
-        elif epoch - self.best_epoch >= self.rule.patience:
-            self.model.stop_training = True
-
-    def on_train_end(self, logs: dict | None = None) -> None:
-        if self._best_weights is not None:
-            self.network.set_weights(self._best_weights)
 
 
 @dataclasses.dataclass
@@ -231,20 +202,22 @@ def train_relevance(
         )
         # XLA compiles Shampoo's eigendecompositions slowly on CPU (minutes); its step is fast without it.
         # XLA has no kernels for the collectives of a multi-worker step (CollectiveGatherV2 on XLA_CPU_JIT).
-        distributed = strategy.num_replicas_in_sync > 1 or isinstance(strategy,
-                                                                      tf.distribute.MultiWorkerMirroredStrategy)
         model.compile(optimizer=make_optimizer(optimizer_name, training.learning_rate, steps),
-                      jit_compile=optimizer_name != "shampoo" and not distributed)
+                      jit_compile=optimizer_name != "shampoo" and strategy.num_replicas_in_sync == 1)
     callbacks = []
     if plateau is not None:
         if "validation" not in datasets:
             raise ValueError(f"`plateau` needs a validation split: {data_dir}/validation does not exist")
-        callbacks.append(ValidationPlateau(network, datasets["validation"], event_label, plateau))
+        callbacks.append(PlateauStopping(
+            lambda: evaluate_streams(network, datasets["validation"], event_label)[plateau.stream], "auc_loss",
+            patience=plateau.patience, min_delta=plateau.min_delta, weights_of=network,
+            log_name=f"val_{plateau.stream}_exact_auc_loss"))
     history = model.fit(datasets["train"], epochs=training.epochs, verbose=verbose, callbacks=callbacks)
     metrics: dict[str, Any] = {"arm": arm, "optimizer": optimizer or training.optimizer, "labels": label_name}
     if plateau is not None:
-        metrics["plateau"] = {"epochs_run": callbacks[0].epochs_run, "best_epoch": callbacks[0].best_epoch + 1,
-                              "validation_auc_loss": callbacks[0].best, **dataclasses.asdict(plateau)}
+        stopping = callbacks[0]
+        metrics["plateau"] = {"epochs_run": stopping.epochs_run, "best_epoch": stopping.best_epoch + 1,
+                              "validation_auc_loss": stopping.best, **dataclasses.asdict(plateau)}
     for split in ("validation", "test"):
         if split in datasets:
             metrics[split] = {name: evaluate_streams(network, datasets[split], name) for name in eval_labels}

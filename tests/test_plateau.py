@@ -25,12 +25,12 @@ def events(tmp_path_factory):
 def test_the_callback_follows_the_rule_and_restores_the_best_weights(curve, patience, min_delta, stops_after, best):
     import keras
 
-    from matta_tf.pipelines.train import ValidationPlateau
+    from matta_tf.training import PlateauStopping
 
     network = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     values = iter(curve)
-    callback = ValidationPlateau(network, None, "label", Plateau(patience=patience, min_delta=min_delta),
-                                 evaluate=lambda *_: {"student": {"auc_loss": next(values)}})
+    callback = PlateauStopping(lambda: {"auc_loss": next(values)}, "auc_loss", patience=patience, min_delta=min_delta,
+                               weights_of=network, log_name="val_student_exact_auc_loss")
     callback.set_model(network)
     network.stop_training = False
     weights_at = {}

@@ -11,6 +11,7 @@ from matta_tf.training.backup import MidEpochBackupAndRestore
 from matta_tf.training.matta_model import MODES, MatTAModel
 from matta_tf.training.metrics import AUCLoss, LatestValue
 from matta_tf.training.networks import IndependentStudentTA
+from matta_tf.training.plateau import PlateauStopping
 from matta_tf.training.schedules import DistillationSchedule
 from matta_tf.training.strategies import FixedMatTA, InPlaceSubmodel, Sandwich, TrainingStrategy
 
@@ -24,6 +25,7 @@ __all__ = [
     "MODES",
     "MatTAModel",
     "MidEpochBackupAndRestore",
+    "PlateauStopping",
     "Sandwich",
     "TrainingStrategy",
 ]
