@@ -113,10 +113,8 @@ def _teacher_section(teacher: dict, baseline: dict | None) -> list[str]:
     return lines
 
 
-def _verdict(run_dir: str) -> list[str]:
+def _verdict(matta: dict | None, baseline: dict | None) -> list[str]:
     """One plain sentence: did the MatTA Student beat the baseline Student on test AucLoss (one seed)?"""
-    matta = _read_json(os.path.join(run_dir, L.MATTA, L.METRICS))
-    baseline = _read_json(os.path.join(run_dir, L.BASELINE, L.METRICS))
     if not matta or not baseline or "test" not in matta or "test" not in baseline:
         return []
     label = next(iter(baseline["test"]))  # the event label, listed first
@@ -138,15 +136,16 @@ def write_report(run: Any) -> str:
     lines = ["# MatTA run report", "", f"Run directory: `{root}`. Configuration: `config.json`.", ""]
     lines += _events_section(run)
     teacher = _read_json(os.path.join(root, L.TEACHER, L.TEACHER_SUMMARY))
+    matta, baseline = (_read_json(os.path.join(root, arm, L.METRICS)) for arm in (L.MATTA, L.BASELINE))
     counts = _read_json(os.path.join(root, L.LABELLED, L.COUNTS))
     if teacher:
-        lines += _teacher_section(teacher, _read_json(os.path.join(root, L.BASELINE, L.METRICS)))
+        lines += _teacher_section(teacher, baseline)
     if counts:
         lines += [f"Beam labelling counters: `{json.dumps(counts)}`", ""]
     lines += ["## MatTA vs the baseline Student", "",
               "The baseline is the Student trained alone (Adam). The MatTA Student is the same architecture and "
               "size, co-trained inside the TA. Every Student sub-block was initialized as a standalone Student's "
-              "layer would be.", "", *_metrics_rows(root), "", *_verdict(root), ""]
+              "layer would be.", "", *_metrics_rows(root), "", *_verdict(matta, baseline), ""]
     curves = plot_training_curves(root, os.path.join(root, L.TRAINING_CURVES))
     if curves:
         lines += [f"![training curves]({L.TRAINING_CURVES})", ""]

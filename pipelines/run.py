@@ -259,9 +259,7 @@ def run_steps(config: RunConfig, steps: Sequence[str] = STEPS, force: bool = Fal
         run.data  # noqa: B018  (checks the data directory and the names before anything is written)
     if _in_cluster(steps):
         return _run_train_on_cluster(run, force)
-    manifest = RunManifest.open(run.layout, force=force)
-    manifest.claim(RunLayout.RUN_FILES)
-    atomic_write(run.path(L.CONFIG), json.dumps(config.to_dict(), indent=1))
+    manifest = _claim(run, force)
     timings = {}
     for step in steps:
         if step in ("teacher", "label") and not config.teacher.enabled:
@@ -278,9 +276,21 @@ def run_steps(config: RunConfig, steps: Sequence[str] = STEPS, force: bool = Fal
         _STEP_FUNCTIONS[step](run)
         timings[step] = time.perf_counter() - start
         print(f"[{step}] finished in {timings[step]:.1f} s")
+    _append_timings(run, timings)
+    return timings
+
+
+def _claim(run: RunContext, force: bool) -> RunManifest:
+    """Claims the run directory (its manifest) and writes the configuration of this run into it."""
+    manifest = RunManifest.open(run.layout, force=force)
+    manifest.claim(RunLayout.RUN_FILES)
+    atomic_write(run.path(L.CONFIG), json.dumps(run.config.to_dict(), indent=1))
+    return manifest
+
+
+def _append_timings(run: RunContext, timings: dict[str, float]) -> None:
     with open(run.path(L.TIMINGS), "a", encoding="utf-8") as handle:
         handle.write(json.dumps(timings) + "\n")
-    return timings
 
 
 def _in_cluster(steps: Sequence[str]) -> bool:
@@ -315,10 +325,7 @@ def _run_train_on_cluster(run: RunContext, force: bool) -> dict[str, float]:
     strategy_from_environment()  # first, before any TensorFlow op of this process
     chief = is_chief()
     if chief:
-        manifest = RunManifest.open(run.layout, force=force)
-        manifest.claim(RunLayout.RUN_FILES)
-        atomic_write(run.path(L.CONFIG), json.dumps(run.config.to_dict(), indent=1))
-        manifest.prepare_step("train")
+        _claim(run, force).prepare_step("train")
     print(f"[train] on a cluster of workers ({'chief' if chief else 'worker'}: "
           f"{'writes' if chief else 'writes nothing to'} {run.root})")
     start = time.perf_counter()
@@ -326,8 +333,7 @@ def _run_train_on_cluster(run: RunContext, force: bool) -> dict[str, float]:
     timings = {"train": time.perf_counter() - start}
     print(f"[train] finished in {timings['train']:.1f} s")
     if chief:
-        with open(run.path(L.TIMINGS), "a", encoding="utf-8") as handle:
-            handle.write(json.dumps(timings) + "\n")
+        _append_timings(run, timings)
     return timings
 
 
