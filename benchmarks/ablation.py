@@ -17,12 +17,17 @@ teacher-labelled data, labels drawn from the same teacher), with the exact AUROC
 | `no_sharing` | independent Student and TA | MatTA's three | Shampoo |
 | `init_control` | nested, Student sub-block drawn at TA size (`student_init="ta_slice"`) | CE(S, y) only | Adam |
 | `ta_alone` | nested network, TA stream | CE(TA, y) only | Adam |
+| `matta_sandwich` | nested Student+TA | MatTA's three + 2 sampled mixed sizes per step (`Sandwich(k=2)`) | Shampoo |
+| `offline_distill` | plain Student | CE(S, p_TA), p_TA from the same seed's trained `ta_alone` | Adam |
 
 `init_control` is a Student trained alone whose weights were initialized as a slice of a TA-sized
 draw: if it matches MatTA, MatTA's gain is initialization, not co-training (a first measurement on
 MovieLens found exactly that). The nested arms initialize the Student sub-block like a standalone
 Student (`student_init="standalone"`, the library default). `ta_alone` measures the capacity gap
-(the TA trained alone vs the baseline Student) and is the baseline for MatTA's TA.
+(the TA trained alone vs the baseline Student) and is the baseline for MatTA's TA. `offline_distill`
+is the ceiling of distillation from the TA: a Student trained on the probabilities of the same seed's
+fully trained `ta_alone` (to its plateau, at its chosen rate) instead of the labels; if it does not
+beat the baseline, the data leaves MatTA's distillation no room.
 
 Reported: test AucLoss (1 - AUROC) of the Student (and TA) per arm, mean and standard deviation over
 seeds, the relative change against the baseline Student (negative is better) with a paired t-test
@@ -62,6 +67,7 @@ from tqdm.auto import tqdm  # noqa: E402
 from matta_tf.data import MovieLensConfig, SyntheticConfig, generate_synthetic, prepare_movielens  # noqa: E402
 from matta_tf.pipelines.config import TrainingConfig  # noqa: E402
 from matta_tf.pipelines.train import Plateau, evaluation_dataset, train_relevance  # noqa: E402
+from matta_tf.training import Sandwich  # noqa: E402
 
 # name -> (train_relevance arm, optimizer, TrainingConfig overrides; `model` overrides its RelevanceConfig)
 ARMS = {
@@ -72,9 +78,14 @@ ARMS = {
     "no_sharing": ("no_sharing", "shampoo", {}),
     "init_control": ("nested_student_only", "adam", {"model": {"student_init": "ta_slice"}}),
     "ta_alone": ("ta_only", "adam", {}),
+    "matta_sandwich": ("matta", "shampoo", {}),  # with STRATEGIES below
+    "offline_distill": ("student_only", "adam", {}),  # labels: the trained ta_alone's probabilities
 }
-STUDENT_ARMS = ("baseline", "shampoo_only", "matta_adam", "matta_shampoo", "no_sharing", "init_control")
-TA_ARMS = ("ta_alone", "matta_adam", "matta_shampoo", "no_sharing")
+STRATEGIES = {"matta_sandwich": lambda: Sandwich(k=2)}  # arm -> its MatTAModel training strategy
+MIXNMATCH_ARMS = ("matta_shampoo", "matta_sandwich")
+STUDENT_ARMS = ("baseline", "shampoo_only", "matta_adam", "matta_shampoo", "matta_sandwich", "no_sharing",
+                "init_control", "offline_distill")
+TA_ARMS = ("ta_alone", "matta_adam", "matta_shampoo", "matta_sandwich", "no_sharing")
 
 
 def prepare_data(args: argparse.Namespace) -> str:
@@ -94,7 +105,7 @@ def prepare_data(args: argparse.Namespace) -> str:
 
 
 def training_config(args: argparse.Namespace, seed: int, overrides: dict) -> TrainingConfig:
-    labels = "teacher" if args.data == "synthetic" else "event"
+    labels = args.labels or ("teacher" if args.data == "synthetic" else "event")
     overrides = dict(overrides)
     model = dataclasses.replace(TrainingConfig.model, **overrides.pop("model", {}))
     return TrainingConfig(labels=labels, learning_rate=args.learning_rate, epochs=args.epochs,
@@ -109,14 +120,16 @@ def _read_rows(path: str) -> list[dict]:
 
 
 def _train_row(args: argparse.Namespace, data_dir: str, arm: str, seed: int, learning_rate: float,
-               phase: str) -> tuple[dict, object]:
+               phase: str, distill_from=None) -> tuple[dict, object]:
     """One arm trained once (to the plateau of its reported stream's validation AucLoss when `args.plateau`)."""
     train_arm, optimizer, overrides = ARMS[arm]
     config = dataclasses.replace(training_config(args, seed, overrides), learning_rate=learning_rate)
     stream = "ta" if arm == "ta_alone" else "student"
     plateau = Plateau(patience=args.patience, stream=stream) if args.plateau else None
     started = time.perf_counter()
-    run = train_relevance(data_dir, None, config, arm=train_arm, optimizer=optimizer, verbose=0, plateau=plateau)
+    run = train_relevance(data_dir, None, config, arm=train_arm, optimizer=optimizer, verbose=0, plateau=plateau,
+                          distill_from=distill_from,
+                          training_strategy=STRATEGIES[arm]() if arm in STRATEGIES else None)
     label = next(iter(run.metrics["test"]))  # the event label (evaluation), listed first
     test, validation = run.metrics["test"][label], run.metrics.get("validation", {}).get(label)
     row = {
@@ -155,20 +168,47 @@ def run_arms(args: argparse.Namespace, data_dir: str) -> list[dict]:
             handle.write(json.dumps(row) + "\n")
 
     grid = args.grid or [args.learning_rate]
+    teachers: dict[int, object] = {}  # seed -> trained ta_alone network (offline_distill's teacher)
+
+    def rates_so_far() -> dict[str, float]:
+        return chosen_learning_rates(done, args.arms, grid) if len(grid) > 1 else dict.fromkeys(args.arms, grid[0])
+
+    def teacher(seed: int):
+        """The seed's ta_alone at its chosen rate, trained to its plateau (recorded as its final run)."""
+        if seed not in teachers:
+            rate = chosen_learning_rates(done, ["ta_alone"], grid)["ta_alone"] if len(grid) > 1 else grid[0]
+            row, run = _train_row(args, data_dir, "ta_alone", seed, rate, "final")
+            if not any(r["arm"] == "ta_alone" and r["seed"] == seed and r.get("phase", "final") == "final"
+                       for r in done):
+                record(row)
+            teachers[seed] = run.network
+        return teachers[seed]
+
+    def train(arm: str, seed: int, lr: float, phase: str) -> tuple[dict, object]:
+        distill_from = teacher(seed) if arm == "offline_distill" else None
+        row, run = _train_row(args, data_dir, arm, seed, lr, phase, distill_from)
+        if arm == "ta_alone" and phase == "final":
+            teachers[seed] = run.network
+        return row, run
+
+    if "offline_distill" in args.arms and "ta_alone" not in args.arms:
+        raise ValueError("--arms: offline_distill needs ta_alone (its teacher)")
     if len(grid) > 1:
         finished = {(r["arm"], r["seed"], r["learning_rate"]) for r in done if r.get("phase") == "tune"}
         todo = [(arm, seed, lr) for arm in args.arms for lr in grid for seed in range(args.tune_seeds)
                 if (arm, seed, lr) not in finished]
         for arm, seed, lr in (bar := tqdm(todo, desc="tuning runs", unit="run")):
             bar.set_postfix(arm=arm, seed=seed, lr=lr)
-            record(_train_row(args, data_dir, arm, seed, lr, "tune")[0])
-    rates = chosen_learning_rates(done, args.arms, grid) if len(grid) > 1 else dict.fromkeys(args.arms, grid[0])
+            record(train(arm, seed, lr, "tune")[0])
+    rates = rates_so_far()
     finished = {(r["arm"], r["seed"]) for r in done if r.get("phase", "final") == "final"}
     todo = [(arm, seed) for seed in range(args.seeds) for arm in args.arms if (arm, seed) not in finished]
     for arm, seed in (bar := tqdm(todo, desc="ablation runs", unit="run")):
+        if (arm, seed) in {(r["arm"], r["seed"]) for r in done if r.get("phase", "final") == "final"}:
+            continue  # ta_alone trained earlier as offline_distill's teacher
         bar.set_postfix(arm=arm, seed=seed, lr=rates[arm])
-        row, run = _train_row(args, data_dir, arm, seed, rates[arm], "final")
-        if args.mixnmatch and arm == "matta_shampoo" and seed == 0:
+        row, run = train(arm, seed, rates[arm], "final")
+        if args.mixnmatch and arm in MIXNMATCH_ARMS and seed == 0:
             row["mixnmatch"] = mix_n_match(run.network, data_dir, args)
         record(row)
     return done
@@ -217,22 +257,64 @@ def summarize(rows: list[dict], args: argparse.Namespace) -> str:
         gap = (1 - ta_baseline[common]) - (1 - baseline[common])
         lines.append(f"Capacity gap (TA alone minus baseline Student, test AUROC): {gap.mean():+.4f} "
                      f"+- {gap.std():.4f}.")
-    mixnmatch = [row["mixnmatch"] for row in rows if row.get("mixnmatch")]
-    if mixnmatch:
+    mixnmatch = {row["arm"]: pd.DataFrame(row["mixnmatch"]) for row in rows if row.get("mixnmatch")}
+    for arm, table in mixnmatch.items():
         lines.append("")
-        lines.append(plot_mixnmatch(pd.DataFrame(mixnmatch[0]), float(baseline.get(0, np.nan)), args))
+        lines.append(plot_mixnmatch(table, float(baseline.get(0, np.nan)), args, arm))
+    if len(mixnmatch) > 1:
+        lines.append("")
+        lines.append(plot_strategies(mixnmatch, float(baseline.get(0, np.nan)), args))
     return "\n".join(lines)
 
 
-def plot_mixnmatch(table: pd.DataFrame, baseline: float, args: argparse.Namespace) -> str:
+def plot_strategies(tables: dict[str, pd.DataFrame], baseline: float, args: argparse.Namespace) -> str:
+    """Quality vs size of the same Mix'n'Match specs under each training strategy, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(args.out, "mixnmatch_strategies.png")
+    figure, axes = plt.subplots(1, len(tables), figsize=(6 * len(tables), 4.5), sharey=True)
+    lines = ["| spec | parameters | " + " | ".join(f"{arm} AucLoss" for arm in tables) + " |",
+             "|---|---|" + "---|" * len(tables)]
+    merged = None
+    for axis, (arm, table) in zip(np.atleast_1d(axes), tables.items(), strict=True):
+        valid = table.dropna(subset=["auc_loss"]).sort_values("parameters")
+        better = valid["auc_loss"] < baseline
+        axis.scatter(valid["parameters"], valid["auc_loss"], c=np.where(better, "C2", "C3"), s=24)
+        for _, row in valid.iterrows():
+            if row["spec"] in ("student", "ta"):
+                axis.annotate(row["spec"], (row["parameters"], row["auc_loss"]), fontsize=8, xytext=(3, 3),
+                              textcoords="offset points")
+        axis.axhline(baseline, color="gray", linestyle="--", label="baseline Student (trained alone)")
+        axis.set_title(f"{arm}: {int(better.sum())} of {len(valid)} sizes beat the baseline")
+        axis.set_xlabel("parameters")
+        axis.grid(alpha=0.3)
+        part = valid.set_index("spec")[["parameters", "auc_loss"]].rename(columns={"auc_loss": arm})
+        merged = part if merged is None else merged.join(part[[arm]], how="outer")
+    np.atleast_1d(axes)[0].set_ylabel("test AucLoss (lower is better)")
+    np.atleast_1d(axes)[0].legend(fontsize=8)
+    figure.suptitle(f"Mix'n'Match sizes, seed 0 ({args.data}): fixed MatTA vs sandwich")
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    plt.close(figure)
+    for spec, row in merged.sort_values("parameters").iterrows():
+        lines.append(f"| {spec} | {int(row['parameters']):,} | "
+                     + " | ".join(f"{row[arm]:.4f}" for arm in tables) + " |")
+    return f"Mix'n'Match by training strategy (seed 0; baseline Student {baseline:.4f}); plot `{path}`:\n\n" + \
+        "\n".join(lines)
+
+
+def plot_mixnmatch(table: pd.DataFrame, baseline: float, args: argparse.Namespace, arm: str) -> str:
     from matta_tf.extraction import plot_quality_vs_size
 
-    path = os.path.join(args.out, "mixnmatch.png")
+    path = os.path.join(args.out, f"mixnmatch_{arm}.png")
     invalid = int(table["auc_loss"].isna().sum())  # specs whose layer widths do not meet
     table = table.dropna(subset=["auc_loss"]).assign(pareto=False)
-    plot_quality_vs_size(table, path, baseline=baseline, title=f"Mix'n'Match, matta_shampoo seed 0 ({args.data})")
+    plot_quality_vs_size(table, path, baseline=baseline, title=f"Mix'n'Match, {arm} seed 0 ({args.data})")
     better = table[table["auc_loss"] < baseline]["spec"].tolist()
-    return (f"Mix'n'Match (matta_shampoo, seed 0): {len(table)} extracted sizes ({invalid} random specs skipped: "
+    return (f"Mix'n'Match ({arm}, seed 0): {len(table)} extracted sizes ({invalid} random specs skipped: "
             f"their layer widths do not meet), {len(better)} better than the seed-0 baseline Student (AucLoss "
             f"{baseline:.4f}): {', '.join(better) or 'none'}; parameters {int(table['parameters'].min()):,} to "
             f"{int(table['parameters'].max()):,}; plot `{path}`.")
@@ -243,6 +325,8 @@ def main() -> None:
     parser.add_argument("--data", choices=("synthetic", "movielens"), default="synthetic")
     parser.add_argument("--out", default=None, help="defaults to runs/ablation/<data>")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--labels", choices=("teacher", "event"), default=None,
+                        help="what the arms learn from: synthetic's soft labels (its default) or the drawn events")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {list(ARMS)}")
     parser.add_argument("--epochs", type=int, default=None, help="synthetic 1, movielens 2")
     parser.add_argument("--batch-size", type=int, default=None, help="synthetic 1024, movielens 512")
@@ -267,6 +351,9 @@ def main() -> None:
         args.grid = [float(rate) for rate in args.grid.split(",") if rate.strip()]
     except ValueError:
         parser.error(f"--grid: comma-separated learning rates. Received: {args.grid!r}")
+    if "offline_distill" in args.arms and "ta_alone" in args.arms:  # the teacher's tuning runs first
+        args.arms.remove("offline_distill")
+        args.arms.insert(args.arms.index("ta_alone") + 1, "offline_distill")
     unknown = [arm for arm in args.arms if arm not in ARMS]
     if unknown:
         parser.error(f"--arms: unknown arm(s) {unknown}; choose from {list(ARMS)}")

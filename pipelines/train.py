@@ -93,6 +93,16 @@ def evaluation_dataset(data_dir: str, split: str = "test", label: str | None = N
     return dataset.map(lambda x, y: (preprocessor(x), y)).cache()
 
 
+def _soft_labels(teacher: keras.Layer):
+    """A `(features, label) -> (features, teacher's TA probability)` map, the teacher frozen."""
+
+    def relabel(features: dict, labels: tf.Tensor) -> tuple:
+        _, ta_logits = teacher(features, training=False)
+        return features, tf.reshape(tf.sigmoid(tf.cast(ta_logits, tf.float32)), tf.shape(labels))
+
+    return relabel
+
+
 def evaluate_streams(network: keras.Layer, dataset: tf.data.Dataset, label: str) -> dict[str, dict[str, float]]:
     """AUROC, AucLoss and log loss of both streams' logits against `label` (>= 0.5 is positive)."""
     call = tf.function(lambda x: network(x, training=False))
@@ -150,6 +160,8 @@ def train_relevance(
     verbose: str | int = "auto",
     event_label: str | None = None,
     plateau: Plateau | None = None,
+    distill_from: keras.Layer | None = None,
+    training_strategy=None,
 ) -> TrainingRun:
     """Trains one arm on `data_dir`'s training split and evaluates it on validation and test.
 
@@ -168,6 +180,11 @@ def train_relevance(
             Defaults to the schema's only event label.
         plateau: Train to a plateau of the validation quality (`Plateau`; `training.epochs` is then the
             cap) and keep the best epoch; `None` trains `training.epochs` epochs. Needs a validation split.
+        distill_from: A trained pair-output network (frozen) whose TA stream's probabilities replace the
+            training labels: offline distillation, the ceiling MatTA's co-training is compared with.
+            Evaluation still reads the events' labels.
+        training_strategy: `MatTAModel`'s `training_strategy` (e.g. `matta_tf.training.Sandwich(k=2)`, which
+            also trains mixed Mix'n'Match sizes); `None` is MatTA's fixed Student+TA. Arms `"matta"` only.
 
     Training runs under the strategy the environment asks for (`TF_CONFIG` for a cluster of workers,
     several local GPUs, or one device: `matta_tf.training.distribute`); only the chief writes `out_dir`.
@@ -185,6 +202,8 @@ def train_relevance(
     eval_labels = tuple(name for name in (event_label, TEACHER_LABEL) if name in [lab.name for lab in schema.labels])
     keras.utils.set_random_seed(training.seed)
     datasets = input_datasets(data_dir, schema, label_name, training.batch_size, training.seed, eval_labels)
+    if distill_from is not None:
+        datasets["train"] = datasets["train"].map(_soft_labels(distill_from))
     # One pass counts the steps (for Shampoo's start step) and fills the preprocessed cache.
     steps = sum(1 for _ in datasets["train"]) * training.epochs
     with strategy.scope():
@@ -199,6 +218,7 @@ def train_relevance(
             distillation_schedule=DistillationSchedule(training.distillation_start_step,
                                                        training.distillation_ramp_steps,
                                                        training.distillation_ramp_shape),
+            training_strategy=training_strategy,
         )
         # XLA compiles Shampoo's eigendecompositions slowly on CPU (minutes); its step is fast without it.
         # XLA has no kernels for the collectives of a multi-worker step (CollectiveGatherV2 on XLA_CPU_JIT).

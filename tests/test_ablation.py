@@ -72,3 +72,18 @@ def test_each_arm_takes_the_grid_rate_with_the_best_mean_validation_auc_loss():
                                              student_auc_loss=0.3, ta_auc_loss=0.5, epochs_run=4)],
                                 argparse.Namespace(seeds=3, out="unused", data="synthetic"))
     assert _table_row(report, "baseline", "student")[2] == "2"  # tuning rows are not results
+
+
+def test_strategies_are_compared_on_the_same_specs_against_the_baseline(tmp_path):
+    import pandas as pd
+
+    tables = {
+        "matta_shampoo": pd.DataFrame({"spec": ["student", "random-0", "ta"], "parameters": [10, 20, 40],
+                                       "auc_loss": [0.30, 0.33, 0.25]}),
+        "matta_sandwich": pd.DataFrame({"spec": ["student", "random-0", "ta"], "parameters": [10, 20, 40],
+                                        "auc_loss": [0.30, 0.28, 0.25]}),
+    }
+    text = ablation.plot_strategies(tables, 0.31, argparse.Namespace(out=str(tmp_path), data="synthetic"))
+    assert (tmp_path / "mixnmatch_strategies.png").stat().st_size > 0
+    row = next(line for line in text.splitlines() if line.startswith("| random-0 "))
+    assert [c.strip() for c in row.strip("|").split("|")] == ["random-0", "20", "0.3300", "0.2800"]

@@ -70,3 +70,23 @@ def test_plateau_arguments_are_checked():
                             ({"stream": "teacher"}, "stream")):
         with pytest.raises(ValueError, match=f"`{message}`"):
             Plateau(**kwargs)
+
+
+def test_offline_distillation_trains_on_the_teachers_ta_probabilities():
+    import keras
+    import tensorflow as tf
+
+    from matta_tf.pipelines.train import _soft_labels
+
+    class Pair(keras.layers.Layer):  # a frozen "teacher": Student and TA logits from one input
+        def call(self, features, training=False):
+            x = features["x"]
+            return -x, 3.0 * x - 1.0
+
+    features = {"x": tf.constant([[-1.0], [0.0], [0.5], [2.0]])}
+    labels = tf.constant([1.0, 0.0, 1.0, 0.0])  # the events' labels: replaced
+    relabelled_features, targets = _soft_labels(Pair())(features, labels)
+    expected = 1.0 / (1.0 + np.exp(-(3.0 * np.array([-1.0, 0.0, 0.5, 2.0]) - 1.0)))
+    assert targets.shape == labels.shape
+    np.testing.assert_allclose(targets.numpy(), expected, rtol=1e-6)
+    assert relabelled_features is features
