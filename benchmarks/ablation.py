@@ -83,6 +83,8 @@ ARMS = {
 }
 STRATEGIES = {"matta_sandwich": lambda: Sandwich(k=2)}  # arm -> its MatTAModel training strategy
 MIXNMATCH_ARMS = ("matta_shampoo", "matta_sandwich")
+PAIRED = (("matta_shampoo", "shampoo_only"), ("matta_shampoo", "offline_distill"), ("matta_adam", "offline_distill"),
+          ("offline_distill", "baseline"), ("matta_sandwich", "matta_shampoo"), ("matta_shampoo", "init_control"))
 STUDENT_ARMS = ("baseline", "shampoo_only", "matta_adam", "matta_shampoo", "matta_sandwich", "no_sharing",
                 "init_control", "offline_distill")
 TA_ARMS = ("ta_alone", "matta_adam", "matta_shampoo", "matta_sandwich", "no_sharing")
@@ -257,6 +259,17 @@ def summarize(rows: list[dict], args: argparse.Namespace) -> str:
         gap = (1 - ta_baseline[common]) - (1 - baseline[common])
         lines.append(f"Capacity gap (TA alone minus baseline Student, test AUROC): {gap.mean():+.4f} "
                      f"+- {gap.std():.4f}.")
+    pairs = [(a, b) for a, b in PAIRED if {a, b} <= set(frame["arm"])]
+    if pairs:
+        lines += ["", "Further paired comparisons (Student test AucLoss, same seeds):", ""]
+    for a, b in pairs:
+        first = frame[frame["arm"] == a].set_index("seed")["student_auc_loss"]
+        second = frame[frame["arm"] == b].set_index("seed")["student_auc_loss"]
+        common = first.index.intersection(second.index)
+        relative = first[common] / second[common] - 1.0
+        p_value = f"{stats.ttest_rel(first[common], second[common]).pvalue:.3g}" if len(common) >= 2 else "-"
+        lines.append(f"- {a} vs {b}: {relative.mean():+.2%} +- {relative.std():.2%} (p = {p_value}, "
+                     f"{len(common)} seeds)")
     mixnmatch = {row["arm"]: pd.DataFrame(row["mixnmatch"]) for row in rows if row.get("mixnmatch")}
     for arm, table in mixnmatch.items():
         lines.append("")

@@ -87,3 +87,16 @@ def test_strategies_are_compared_on_the_same_specs_against_the_baseline(tmp_path
     assert (tmp_path / "mixnmatch_strategies.png").stat().st_size > 0
     row = next(line for line in text.splitlines() if line.startswith("| random-0 "))
     assert [c.strip() for c in row.strip("|").split("|")] == ["random-0", "20", "0.3300", "0.2800"]
+
+
+def test_further_pairs_are_compared_over_common_seeds(tmp_path):
+    rows, baseline, matta, _, _ = _rows()
+    shampoo = [0.29, 0.31, 0.285]
+    rows += [dict(arm="shampoo_only", seed=s, seconds=60, student_auc_loss=v, ta_auc_loss=v)
+             for s, v in enumerate(shampoo)]
+    report = ablation.summarize(rows, argparse.Namespace(seeds=3, out=str(tmp_path), data="synthetic"))
+    line = next(line for line in report.splitlines() if line.startswith("- matta_shampoo vs shampoo_only"))
+    relative = [m / s - 1 for m, s in zip(matta, shampoo, strict=True)]
+    p_value = stats.ttest_rel(matta, shampoo).pvalue
+    assert f"{sum(relative) / 3:+.2%}" in line and f"p = {p_value:.3g}" in line and "3 seeds" in line
+    assert "offline_distill" not in report  # pairs whose arms did not run are left out
