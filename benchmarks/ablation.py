@@ -227,7 +227,8 @@ def mix_n_match(network, data_dir: str, args: argparse.Namespace) -> list[dict]:
 
 def summarize(rows: list[dict], args: argparse.Namespace) -> str:
     rows = [row for row in rows if row.get("phase", "final") == "final"]
-    frame = pd.DataFrame([{k: v for k, v in row.items() if k not in ("config", "mixnmatch")} for row in rows])
+    frame = pd.DataFrame([{**{k: v for k, v in row.items() if k not in ("config", "mixnmatch")},
+                           **({"cap": row["config"]["epochs"]} if "config" in row else {})} for row in rows])
     frame = frame[frame["seed"] < args.seeds]
     baseline = frame[frame["arm"] == "baseline"].set_index("seed")["student_auc_loss"]
     ta_baseline = frame[frame["arm"] == "ta_alone"].set_index("seed")["ta_auc_loss"]
@@ -251,6 +252,8 @@ def summarize(rows: list[dict], args: argparse.Namespace) -> str:
             change = "-" if is_reference or relative.empty else f"{relative.mean():+.2%} +- {relative.std():.2%}"
             rate = f"{part['learning_rate'].iloc[0]:g}" if "learning_rate" in part else "-"
             epochs = f"{part['epochs_run'].mean():.1f}" if "epochs_run" in part else "-"
+            if "epochs_run" in part and "cap" in part:
+                epochs += f" ({int((part['epochs_run'] >= part['cap']).sum())} at the cap)"
             lines.append(f"| {arm} | {stream} | {len(values)} | {values.mean():.4f} | {values.std():.4f} | {change} "
                          f"| {p_value} | {part['seconds'].mean() / 60:.1f} | {rate} | {epochs} |")
     lines.append("")
