@@ -203,6 +203,11 @@ def train_relevance(
     keras.utils.set_random_seed(training.seed)
     datasets = input_datasets(data_dir, schema, label_name, training.batch_size, training.seed, eval_labels)
     if distill_from is not None:
+        if label.task != "binary":
+            raise ValueError(f"`distill_from` supports binary labels. Received: label {label.name!r} with "
+                             f"task={label.task!r}")
+        # The targets are now the teacher's probabilities, not class indices.
+        label = dataclasses.replace(label, source="teacher", representation="probabilities")
         datasets["train"] = datasets["train"].map(_soft_labels(distill_from))
     # One pass counts the steps (for Shampoo's start step) and fills the preprocessed cache.
     steps = sum(1 for _ in datasets["train"]) * training.epochs

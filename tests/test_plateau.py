@@ -90,3 +90,19 @@ def test_offline_distillation_trains_on_the_teachers_ta_probabilities():
     assert targets.shape == labels.shape
     np.testing.assert_allclose(targets.numpy(), expected, rtol=1e-6)
     assert relabelled_features is features
+
+
+def test_a_student_distilled_offline_learns_the_teachers_scores_from_event_labelled_data(events):
+    from matta_tf.pipelines.train import evaluation_dataset
+
+    model = RelevanceConfig(embedding_dim=4, tower_units=(8,), head_units=(8,))
+    training = TrainingConfig(labels="event", optimizer="adam", learning_rate=0.05, epochs=3, batch_size=128,
+                              model=model)
+    teacher = train_relevance(events, None, training, arm="ta_only", verbose=0).network
+    student = train_relevance(events, None, training, arm="student_only", verbose=0, distill_from=teacher).network
+    test = evaluation_dataset(events)
+    teacher_scores = np.concatenate([teacher(x, training=False)[1].numpy().ravel() for x, _ in test])
+    student_scores = np.concatenate([student(x, training=False)[0].numpy().ravel() for x, _ in test])
+    # Soft targets in [0, 1] are accepted for an event label (class indices) and learnt: the Student ranks
+    # the test events as its teacher does.
+    assert np.corrcoef(teacher_scores, student_scores)[0, 1] > 0.8
