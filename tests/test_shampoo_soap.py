@@ -209,3 +209,19 @@ def test_eigenbasis_guards_non_finite_input():
     rayleigh = basis[0].T @ good @ basis[0]
     np.testing.assert_allclose(rayleigh, np.diag(np.linalg.eigvalsh(good)), atol=1e-4)
     np.testing.assert_array_equal(basis[1], np.eye(4))
+
+
+def test_xla_step_matches_eager():
+    import tensorflow as tf
+
+    rng = np.random.default_rng(9)
+    initial = rng.normal(size=(6, 4)).astype("float32")
+    gradients = [rng.normal(size=(6, 4)).astype("float32") for _ in range(4)]
+    eager = _run(_soap(start_preconditioning_step=2, preconditioning_compute_steps=2), initial, gradients)
+    variable = keras.Variable(initial, name="kernel")
+    optimizer = _soap(start_preconditioning_step=2, preconditioning_compute_steps=2)
+    optimizer.build([variable])
+    step = tf.function(lambda g: optimizer.apply([g], [variable]), jit_compile=True)
+    for gradient in gradients:
+        step(tf.constant(gradient))
+    np.testing.assert_allclose(variable.numpy(), eager, atol=1e-4)

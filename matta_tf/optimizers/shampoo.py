@@ -270,7 +270,12 @@ class Shampoo(keras.optimizers.Optimizer):
     `0`, `eigenbasis_compute_steps` (must be `"auto"` or `None`) and `batch_roots` (each
     parameter's bases are computed in its own update). `grafting` must be `"adam"` and
     `root_method` `"eigh"`. A basis whose eigendecomposition is not finite is not used (the old
-    one is kept, with the first moment in it) and counted in `preconditioner_failures`.
+    one is kept, with the first moment in it) and counted in `preconditioner_failures`. Cost per
+    step and full factor of size `n` on `N` entries: about `2 n N` multiply-adds to rotate in and
+    out (Shampoo's step costs `n N`), plus the statistics; an `n x n` eigendecomposition on root
+    steps. Bases taken from a rank-deficient factor (fewer gradient columns than `n` so far, e.g.
+    from step 1) leave directions where Adam divides float32 rounding noise by a `sqrt(v') + eps`
+    about as small; a later `start_preconditioning_step` (the default 100) avoids it.
 
     **Defaults, chosen for recommendation models** (measured on the main job's MovieLens MatTA
     model, 1.6 M weights, batch 512, 2-core CPU; BENCHMARKS.md):
@@ -725,7 +730,9 @@ class Shampoo(keras.optimizers.Optimizer):
             batched = distribution.num_replicas_in_sync > 1 or not control_flow_util.GraphOrParentsInXlaContext(
                 tf.compat.v1.get_default_graph()
             )
-        if self.preconditioner == "soap" or not (batched and self._root_plan):
+        if self.preconditioner == "soap":  # SOAP's bases are computed in each parameter's update
+            batched = False
+        if not (batched and self._root_plan):
             return super()._distributed_tf_update_step(distribution, grads_and_vars, learning_rate)
         prepared = [
             distribution.extended.update(variable, self._prepare_update, args=(gradient, learning_rate), group=True)
