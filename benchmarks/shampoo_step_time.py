@@ -194,6 +194,9 @@ CANDIDATES = {
         block_size=128, diagonal_rank1=True, embedding_tables="diagonal", statistics_compute_steps=10
     ),
     "tables diagonal block 256": dict(block_size=256, diagonal_rank1=True, embedding_tables="diagonal"),
+    # Issue #20: SOAP (Adam in the factors' eigenbases, refreshed every k steps) on the same defaults.
+    "soap": dict(preconditioner="soap"),
+    "soap stats/1": dict(preconditioner="soap", statistics_compute_steps=1),
 }
 
 

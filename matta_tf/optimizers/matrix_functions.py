@@ -264,6 +264,31 @@ def matrix_inverse_root(
     return RootResult(root=roots, ok=ok, eigenvectors=basis if return_eigenvectors else None)
 
 
+def eigenbasis(matrix: tf.Tensor, retry_float64: bool = True) -> RootResult:
+    """Guarded eigenvectors of a batch of symmetric matrices `(..., n, n)`, eigenvalues ascending.
+
+    SOAP's rotation: no root is taken, so rank-deficient factors need no damping. As in
+    `matrix_inverse_root`, non-finite inputs never reach the solver and a float32 batch whose
+    eigenvectors are not all finite is recomputed in float64 when `retry_float64`.
+
+    Returns:
+        `RootResult(root=eigenvectors, ok, eigenvectors)`: the identity where the input was not
+        finite; `ok` (`(...)`, bool) false where the basis must not be used.
+    """
+    batch_rank = len(matrix.shape) - 2
+    input_ok = all_finite(matrix, batch_rank)
+    safe = tf.where(_expand(input_ok, 2), matrix, _eye_like(matrix))
+    _, basis = tf.linalg.eigh(safe)
+    if retry_float64 and matrix.dtype != tf.float64:
+
+        def in_float64():
+            return tf.cast(tf.linalg.eigh(tf.cast(safe, tf.float64))[1], matrix.dtype)
+
+        basis = tf.cond(tf.reduce_all(all_finite(basis, batch_rank)), lambda: basis, in_float64)
+    ok = input_ok & all_finite(basis, batch_rank)
+    return RootResult(root=basis, ok=ok, eigenvectors=basis)
+
+
 def diagonal_inverse_root(
     diagonal: tf.Tensor, root: float, epsilon: float = 0.0, relative_epsilon: bool = False
 ) -> RootResult:

@@ -14,6 +14,7 @@ from matta_tf.optimizers.partition import PreconditionerLayout, merge_blocks, pl
 
 ROOT_METHODS = ("eigh", "newton")
 EMBEDDING_TABLES = ("grafted", "diagonal", "shampoo")
+PRECONDITIONERS = ("shampoo", "soap")
 # `eigenbasis_compute_steps="auto"`: a full eigendecomposition every this many root periods.
 AUTO_EIGENBASIS_PERIODS = 10
 
@@ -118,6 +119,22 @@ def _apply_factor(block: tf.Tensor, root: tf.Tensor, dim: int, diagonal: bool) -
     if rank == 2:
         return tf.matmul(root, block) if dim == 0 else tf.matmul(block, root)
     moved = tf.tensordot(block, root, axes=[[dim], [0]])  # the new axis comes last
+    return tf.transpose(moved, list(range(dim)) + [rank - 1] + list(range(dim, rank - 1)))
+
+
+def _rotate(block: tf.Tensor, basis: tf.Tensor, dim: int, back: bool = False) -> tf.Tensor:
+    """SOAP's change of basis along `dim`: multiplies by `basis^T` (into the basis), or by `basis` (`back`).
+
+    For a matrix, into the bases: `Q_L^T G` along dimension 0 and `G Q_R` along dimension 1.
+    """
+    rank = len(block.shape)
+    if rank == 1:
+        return tf.linalg.matvec(basis, block, transpose_a=not back)
+    if rank == 2:
+        if dim == 0:
+            return tf.matmul(basis, block, transpose_a=not back)
+        return tf.matmul(block, basis, transpose_b=back)
+    moved = tf.tensordot(block, tf.transpose(basis) if back else basis, axes=[[dim], [0]])
     return tf.transpose(moved, list(range(dim)) + [rank - 1] + list(range(dim, rank - 1)))
 
 
@@ -227,6 +244,39 @@ class Shampoo(keras.optimizers.Optimizer):
     again for statistics unless `statistics_compute_steps > 1`). BENCHMARKS.md ("Shampoo step time")
     has measured step times.
 
+    **SOAP** (`preconditioner="soap"`; Vyas et al., 2024). Shampoo's factors (`L = sum G G^T`,
+    `R = sum G^T G` per block, or their EMA with `beta2 < 1`) serve only for their eigenbases `Q_L`,
+    `Q_R`, and Adam runs in the rotated coordinates: each step
+
+        G' = Q_L^T G Q_R,  m' <- b1 m' + (1 - b1) G',  v' <- b2 v' + (1 - b2) G'^2,
+        W <- W - learning_rate * Q_L N' Q_R^T,  N' = m' sqrt(1 - b2^t) / ((1 - b1^t) (sqrt(v') + eps))
+
+    with `b1, b2, eps = grafting_beta1, grafting_beta2, grafting_epsilon` (Keras's Adam epsilon
+    placement, which is also the SOAP authors' reference code); a tensor of any rank is rotated
+    along each of its dimensions, and a dimension with a diagonal factor (a bias with
+    `diagonal_rank1`, a dimension above `diagonal_threshold`, a table's vocabulary) is not rotated.
+    The bases are eigendecomposed afresh (`tf.linalg.eigh`, eigenvalues ascending) on the root
+    steps, `start_preconditioning_step + k * preconditioning_compute_steps`, after that step's
+    statistics update (so, as for Shampoo, the current gradient is in the factors); on a refresh the
+    first moment is carried into the new bases, `m' <- Q_new^T Q_old m' Q_old^T Q_new`, while `v'`
+    is kept as it is (its entries follow the eigenvalues' order). The bases start as the identity,
+    so before `start_preconditioning_step` the optimizer is Keras's Adam. There is no grafting
+    (Adam in the rotated basis sets the step's size); parameters that Shampoo sends to the grafted
+    method (embedding tables by `embedding_tables="grafted"`, a root of `0` in
+    `exponent_override`) take Adam's step. State per full factor of size `n`: its statistics and
+    its eigenbasis (two `n x n` matrices, no root), plus Adam's two slots per parameter (diagonal
+    factors keep their `n` statistics, unused). Ignored with SOAP: `epsilon`, `relative_epsilon`,
+    `root_error_threshold` (no inverse roots), the root orders of `exponent_override` other than
+    `0`, `eigenbasis_compute_steps` (must be `"auto"` or `None`) and `batch_roots` (each
+    parameter's bases are computed in its own update). `grafting` must be `"adam"` and
+    `root_method` `"eigh"`. A basis whose eigendecomposition is not finite is not used (the old
+    one is kept, with the first moment in it) and counted in `preconditioner_failures`. Cost per
+    step and full factor of size `n` on `N` entries: about `2 n N` multiply-adds to rotate in and
+    out (Shampoo's step costs `n N`), plus the statistics; an `n x n` eigendecomposition on root
+    steps. Bases taken from a rank-deficient factor (fewer gradient columns than `n` so far, e.g.
+    from step 1) leave directions where Adam divides float32 rounding noise by a `sqrt(v') + eps`
+    about as small; a later `start_preconditioning_step` (the default 100) avoids it.
+
     **Defaults, chosen for recommendation models** (measured on the main job's MovieLens MatTA
     model, 1.6 M weights, batch 512, 2-core CPU; BENCHMARKS.md):
 
@@ -323,6 +373,8 @@ class Shampoo(keras.optimizers.Optimizer):
             the relative bound off (non-finite norms are still skipped). Defaults to `100.0`.
         gradient_norm_decay: Decay of the running gradient norm's moving average.
             Defaults to `0.99`.
+        preconditioner: `"shampoo"` (the inverse-root step above) or `"soap"` (Adam in the factors'
+            eigenbases; see SOAP). Defaults to `"shampoo"`.
         batch_roots: `True`: root the full factors of all parameters that share a size and a root
             order in one batched call per size, and with several replicas in sync share the roots
             out between them (see Distribution); `False`: parameter by parameter, every replica
@@ -356,6 +408,7 @@ class Shampoo(keras.optimizers.Optimizer):
           Learning."
         - Shi et al., 2023. "A Distributed Data-Parallel PyTorch Implementation of the Distributed
           Shampoo Optimizer for Training Neural Networks At-Scale."
+        - Vyas et al., 2024. "SOAP: Improving and Stabilizing Shampoo using Adam."
     """
 
     def __init__(
@@ -385,6 +438,7 @@ class Shampoo(keras.optimizers.Optimizer):
         gradient_norm_bound=100.0,
         gradient_norm_decay=0.99,
         batch_roots="auto",
+        preconditioner="shampoo",
         weight_decay=None,
         clipnorm=None,
         clipvalue=None,
@@ -427,6 +481,9 @@ class Shampoo(keras.optimizers.Optimizer):
                 f"Received: `embedding_tables={embedding_tables!r}`"
             )
         check_positive_int("preconditioning_compute_steps", preconditioning_compute_steps)
+        _check_preconditioner(preconditioner, grafting, root_method, eigenbasis_compute_steps)
+        if preconditioner == "soap":
+            eigenbasis_compute_steps = None  # every basis refresh is a full eigendecomposition
         if eigenbasis_compute_steps == "auto":
             # Roots on every step ask for exact roots; the stored basis is an `eigh` option.
             exact = root_method != "eigh" or preconditioning_compute_steps == 1
@@ -485,6 +542,7 @@ class Shampoo(keras.optimizers.Optimizer):
                 f"`batch_roots` should be True, False or 'auto'. Received: `batch_roots={batch_roots!r}`"
             )
         self.batch_roots = batch_roots
+        self.preconditioner = preconditioner
 
     def build(self, var_list):
         """Creates the factor statistics, their inverse roots, grafting and momentum state.
@@ -525,6 +583,7 @@ class Shampoo(keras.optimizers.Optimizer):
             dtype = _state_dtype(variable)
             prefix = _variable_name(variable)
             statistics, roots, eigenvectors = [], [], []
+            soap = self.preconditioner == "soap"
             for group in groups:
                 kind = "diagonal" if group.diagonal else "full"
                 shape = (len(group.members), group.size) + (() if group.diagonal else (group.size,))
@@ -534,12 +593,12 @@ class Shampoo(keras.optimizers.Optimizer):
                     )
                 )
                 roots.append(
-                    self.add_variable(
+                    None if soap else self.add_variable(
                         shape, initializer=_identity_initializer, dtype=dtype, name=f"{prefix}_{kind}{group.size}_root"
                     )
                 )
-                # The last full eigenbasis, which root steps in between reuse.
-                keeps_basis = self.eigenbasis_compute_steps is not None and not group.diagonal
+                # The last full eigenbasis, which root steps in between reuse (SOAP's rotation).
+                keeps_basis = (soap or self.eigenbasis_compute_steps is not None) and not group.diagonal
                 eigenvectors.append(
                     self.add_variable(shape, initializer=_identity_initializer, dtype=dtype,
                                       name=f"{prefix}_{kind}{group.size}_eigenvectors")
@@ -671,6 +730,8 @@ class Shampoo(keras.optimizers.Optimizer):
             batched = distribution.num_replicas_in_sync > 1 or not control_flow_util.GraphOrParentsInXlaContext(
                 tf.compat.v1.get_default_graph()
             )
+        if self.preconditioner == "soap":  # SOAP's bases are computed in each parameter's update
+            batched = False
         if not (batched and self._root_plan):
             return super()._distributed_tf_update_step(distribution, grads_and_vars, learning_rate)
         prepared = [
@@ -873,8 +934,68 @@ class Shampoo(keras.optimizers.Optimizer):
             self._apply_update(index, direction, variable, learning_rate)
             return
         self._maybe_update_statistics(index, gradient, touched, step)
+        if self.preconditioner == "soap":
+            tf.cond(self._is_root_step(step), lambda: self._refresh_bases(index), lambda: None)
+            self._soap_step(index, gradient, variable, learning_rate, step)
+            return
         tf.cond(self._is_root_step(step), lambda: self._compute_roots(index, step), lambda: None)
         self._preconditioned_step(index, gradient, variable, learning_rate, step)
+
+    def _soap_bases(self, index):
+        """`{(block, dimension): Q}` of a parameter's full factors (diagonal ones are not rotated)."""
+        bases = {}
+        for group, eigenvectors in zip(self._factor_groups[index], self._eigenvectors[index], strict=True):
+            if not group.diagonal:
+                for position, member in enumerate(group.members):
+                    bases[member] = eigenvectors.value[position]
+        return bases
+
+    def _rotate_blocks(self, index, tensor, bases, back=False):
+        """`tensor` (a parameter's shape) rotated block by block into the bases, or `back` out of them."""
+        layout = self._layouts[index]
+        rotated = []
+        for block_index, block in enumerate(split_blocks(tensor, layout)):
+            for dim in range(layout.rank):
+                basis = bases.get((block_index, dim))
+                if basis is not None:
+                    block = _rotate(block, tf.cast(basis, block.dtype), dim, back)
+            rotated.append(block)
+        return tf.reshape(merge_blocks(rotated, layout), tensor.shape)
+
+    def _soap_step(self, index, gradient, variable, learning_rate, step):
+        """SOAP's step: Adam on the gradient in the factors' eigenbases, rotated back."""
+        bases = self._soap_bases(index)
+        direction, _ = self._graft(index, self._rotate_blocks(index, gradient, bases), step)
+        self._apply_update(index, self._rotate_blocks(index, direction, bases, back=True), variable, learning_rate)
+
+    def _refresh_bases(self, index):
+        """SOAP's refresh: new eigenbases of the full factors, Adam's first moment carried into them.
+
+        A factor whose basis is not finite keeps its old one (and counts a failure); its first moment
+        then stays as it is (the transition `Q_old^T Q_old` is the identity).
+        """
+        old_bases = self._soap_bases(index)
+        if not old_bases:  # diagonal factors only: nothing is rotated
+            return
+        failures = []
+        for group, statistics, eigenvectors in zip(
+            self._factor_groups[index], self._statistics[index], self._eigenvectors[index], strict=True
+        ):
+            if group.diagonal:
+                continue
+            result = matrix_functions.eigenbasis(statistics.value, self.retry_float64)
+            old = eigenvectors.value
+            self.assign(eigenvectors, tf.where(_expand_like(result.ok, old), result.eigenvectors, old))
+            failures.append(tf.reduce_sum(tf.cast(tf.logical_not(result.ok), tf.int64)))
+        # m' <- Q_new^T Q_old m' Q_old^T Q_new: rotating by the transitions Q_old^T Q_new.
+        transitions = {
+            member: tf.matmul(old_bases[member], new, transpose_a=True)
+            for member, new in self._soap_bases(index).items()
+        }
+        first_moment = self._grafting_slots[index][0]
+        moment = tf.cast(first_moment, self._statistics[index][0].dtype)
+        self.assign(first_moment, tf.cast(self._rotate_blocks(index, moment, transitions), first_moment.dtype))
+        self._add_failures(index, tf.add_n(failures))
 
     def _maybe_update_statistics(self, index, gradient, touched, step):
         if self.statistics_compute_steps == 1:  # static: no branch to pay for
@@ -1088,6 +1209,7 @@ class Shampoo(keras.optimizers.Optimizer):
                 "gradient_norm_bound": self.gradient_norm_bound,
                 "gradient_norm_decay": self.gradient_norm_decay,
                 "batch_roots": self.batch_roots,
+                "preconditioner": self.preconditioner,
             }
         )
         return config
@@ -1160,6 +1282,27 @@ def _variable_name(variable) -> str:
     return re.sub(r"[^A-Za-z0-9_]", "_", path)
 
 
+
+
+def _check_preconditioner(preconditioner, grafting, root_method, eigenbasis_compute_steps):
+    if preconditioner not in PRECONDITIONERS:
+        raise ValueError(
+            f"`preconditioner` should be one of {PRECONDITIONERS}. Received: `preconditioner={preconditioner!r}`"
+        )
+    if preconditioner != "soap":
+        return
+    # SOAP is Adam in the eigenbases: Adam is its grafted method, and `eigh` gives the bases.
+    if grafting != "adam":
+        raise ValueError(f"`preconditioner='soap'` needs `grafting='adam'`. Received: `grafting={grafting!r}`")
+    if root_method != "eigh":
+        raise ValueError(
+            f"`preconditioner='soap'` needs `root_method='eigh'`. Received: `root_method={root_method!r}`"
+        )
+    if eigenbasis_compute_steps not in ("auto", None):
+        raise ValueError(
+            "`preconditioner='soap'` refreshes its bases every `preconditioning_compute_steps` and takes no "
+            f"`eigenbasis_compute_steps`. Received: `eigenbasis_compute_steps={eigenbasis_compute_steps!r}`"
+        )
 
 
 def _check_exponent_override(value):
