@@ -172,16 +172,17 @@ def run_arms(args: argparse.Namespace, data_dir: str) -> list[dict]:
     grid = args.grid or [args.learning_rate]
     teachers: dict[int, object] = {}  # seed -> trained ta_alone network (offline_distill's teacher)
 
-    def rates_so_far() -> dict[str, float]:
-        return chosen_learning_rates(done, args.arms, grid) if len(grid) > 1 else dict.fromkeys(args.arms, grid[0])
+    def rates(arms: list[str]) -> dict[str, float]:
+        return chosen_learning_rates(done, arms, grid) if len(grid) > 1 else dict.fromkeys(arms, grid[0])
+
+    def has_final(arm: str, seed: int) -> bool:
+        return any(r["arm"] == arm and r["seed"] == seed and r.get("phase", "final") == "final" for r in done)
 
     def teacher(seed: int):
         """The seed's ta_alone at its chosen rate, trained to its plateau (recorded as its final run)."""
         if seed not in teachers:
-            rate = chosen_learning_rates(done, ["ta_alone"], grid)["ta_alone"] if len(grid) > 1 else grid[0]
-            row, run = _train_row(args, data_dir, "ta_alone", seed, rate, "final")
-            if not any(r["arm"] == "ta_alone" and r["seed"] == seed and r.get("phase", "final") == "final"
-                       for r in done):
+            row, run = _train_row(args, data_dir, "ta_alone", seed, rates(["ta_alone"])["ta_alone"], "final")
+            if not has_final("ta_alone", seed):
                 record(row)
             teachers[seed] = run.network
         return teachers[seed]
@@ -202,14 +203,13 @@ def run_arms(args: argparse.Namespace, data_dir: str) -> list[dict]:
         for arm, seed, lr in (bar := tqdm(todo, desc="tuning runs", unit="run")):
             bar.set_postfix(arm=arm, seed=seed, lr=lr)
             record(train(arm, seed, lr, "tune")[0])
-    rates = rates_so_far()
-    finished = {(r["arm"], r["seed"]) for r in done if r.get("phase", "final") == "final"}
-    todo = [(arm, seed) for seed in range(args.seeds) for arm in args.arms if (arm, seed) not in finished]
+    chosen = rates(args.arms)
+    todo = [(arm, seed) for seed in range(args.seeds) for arm in args.arms if not has_final(arm, seed)]
     for arm, seed in (bar := tqdm(todo, desc="ablation runs", unit="run")):
-        if (arm, seed) in {(r["arm"], r["seed"]) for r in done if r.get("phase", "final") == "final"}:
+        if has_final(arm, seed):
             continue  # ta_alone trained earlier as offline_distill's teacher
-        bar.set_postfix(arm=arm, seed=seed, lr=rates[arm])
-        row, run = train(arm, seed, rates[arm], "final")
+        bar.set_postfix(arm=arm, seed=seed, lr=chosen[arm])
+        row, run = train(arm, seed, chosen[arm], "final")
         if args.mixnmatch and arm in MIXNMATCH_ARMS and seed == 0:
             row["mixnmatch"] = mix_n_match(run.network, data_dir, args)
         record(row)

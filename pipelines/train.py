@@ -59,15 +59,21 @@ def make_optimizer(name: str, learning_rate: float, total_steps: int) -> keras.o
 
 
 def input_datasets(data_dir: str, schema: Schema, label: str, batch_size: int, seed: int,
-                   eval_labels: tuple[str, ...]) -> dict[str, tf.data.Dataset]:
-    """Preprocessed, cached training data (shuffled) and evaluation data (with every label in `eval_labels`)."""
+                   eval_labels: tuple[str, ...], relabel=None) -> dict[str, tf.data.Dataset]:
+    """Preprocessed, cached training data (shuffled) and evaluation data (with every label in `eval_labels`).
+
+    `relabel`, a `(features, labels) -> (features, labels)` map on preprocessed training batches, runs
+    once per batch, before the cache.
+    """
     preprocessor = relevance_preprocessor(schema)
 
     def preprocess(features: dict, labels: Any) -> tuple:
         return preprocessor(features), labels
 
-    train = make_dataset(os.path.join(data_dir, "train"), schema, batch_size, labels=label)
-    train = train.map(preprocess).cache().shuffle(64, seed=seed).prefetch(tf.data.AUTOTUNE)
+    train = make_dataset(os.path.join(data_dir, "train"), schema, batch_size, labels=label).map(preprocess)
+    if relabel is not None:
+        train = train.map(relabel)
+    train = train.cache().shuffle(64, seed=seed).prefetch(tf.data.AUTOTUNE)
     # Under a multi-worker strategy each worker takes its share of every global batch (sharding by
     # file would give workers unequal data when shards are few or uneven).
     options = tf.data.Options()
@@ -201,14 +207,14 @@ def train_relevance(
     label = schema.label(label_name)
     eval_labels = tuple(name for name in (event_label, TEACHER_LABEL) if name in [lab.name for lab in schema.labels])
     keras.utils.set_random_seed(training.seed)
-    datasets = input_datasets(data_dir, schema, label_name, training.batch_size, training.seed, eval_labels)
     if distill_from is not None:
         if label.task != "binary":
             raise ValueError(f"`distill_from` supports binary labels. Received: label {label.name!r} with "
                              f"task={label.task!r}")
         # The targets are now the teacher's probabilities, not class indices.
         label = dataclasses.replace(label, source="teacher", representation="probabilities")
-        datasets["train"] = datasets["train"].map(_soft_labels(distill_from))
+    datasets = input_datasets(data_dir, schema, label_name, training.batch_size, training.seed, eval_labels,
+                              relabel=None if distill_from is None else _soft_labels(distill_from))
     # One pass counts the steps (for Shampoo's start step) and fills the preprocessed cache.
     steps = sum(1 for _ in datasets["train"]) * training.epochs
     with strategy.scope():

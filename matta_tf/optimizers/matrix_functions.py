@@ -206,6 +206,27 @@ def inverse_root_diagonal(
     return tf.pow(damped_eigenvalues(diagonal, epsilon, relative_epsilon), -1.0 / root)
 
 
+def _finite_or_identity(matrix: tf.Tensor) -> tuple[tf.Tensor, tf.Tensor]:
+    """`(ok, safe)`: which matrices of the batch are finite, and the batch with the others replaced by
+    the identity (non-finite input never reaches a solver: CPU `eigh` would raise and end training)."""
+    input_ok = all_finite(matrix, len(matrix.shape) - 2)
+    return input_ok, tf.where(_expand(input_ok, 2), matrix, _eye_like(matrix))
+
+
+def _with_float64_retry(safe: tf.Tensor, solve, retry_float64: bool) -> tuple:
+    """`solve(safe)` (a tuple), recomputed in float64 when its first output is not all finite and
+    `retry_float64` (float32 and lower inputs only); outputs in `safe.dtype`."""
+    outputs = tuple(solve(safe))
+    if not retry_float64 or safe.dtype == tf.float64:
+        return outputs
+
+    def in_float64():
+        return tuple(tf.cast(x, safe.dtype) for x in solve(tf.cast(safe, tf.float64)))
+
+    finite = tf.reduce_all(all_finite(outputs[0], len(safe.shape) - 2))
+    return tuple(tf.cond(finite, lambda: outputs, in_float64))
+
+
 def matrix_inverse_root(
     matrix: tf.Tensor,
     root: float,
@@ -231,22 +252,13 @@ def matrix_inverse_root(
         `return_eigenvectors` (methods `"eigh"` and `"basis"`) the basis used.
     """
     batch_rank = len(matrix.shape) - 2
-    input_ok = all_finite(matrix, batch_rank)
-    safe = tf.where(_expand(input_ok, 2), matrix, _eye_like(matrix))
+    input_ok, safe = _finite_or_identity(matrix)
     basis = None
     if method == "eigh":
-        roots, basis = inverse_root_eigh(safe, root, epsilon, relative_epsilon, return_eigenvectors=True)
-        if retry_float64 and matrix.dtype != tf.float64:
-
-            def in_float64():
-                recomputed = inverse_root_eigh(
-                    tf.cast(safe, tf.float64), root, epsilon, relative_epsilon, return_eigenvectors=True
-                )
-                return tuple(tf.cast(x, matrix.dtype) for x in recomputed)
-
-            roots, basis = tf.cond(
-                tf.reduce_all(all_finite(roots, batch_rank)), lambda: (roots, basis), in_float64
-            )
+        roots, basis = _with_float64_retry(
+            safe, lambda m: inverse_root_eigh(m, root, epsilon, relative_epsilon, return_eigenvectors=True),
+            retry_float64,
+        )
         ok = input_ok & all_finite(roots, batch_rank)
     elif method == "basis":
         if eigenvectors is None:
@@ -275,17 +287,9 @@ def eigenbasis(matrix: tf.Tensor, retry_float64: bool = True) -> RootResult:
         `RootResult(root=eigenvectors, ok, eigenvectors)`: the identity where the input was not
         finite; `ok` (`(...)`, bool) false where the basis must not be used.
     """
-    batch_rank = len(matrix.shape) - 2
-    input_ok = all_finite(matrix, batch_rank)
-    safe = tf.where(_expand(input_ok, 2), matrix, _eye_like(matrix))
-    _, basis = tf.linalg.eigh(safe)
-    if retry_float64 and matrix.dtype != tf.float64:
-
-        def in_float64():
-            return tf.cast(tf.linalg.eigh(tf.cast(safe, tf.float64))[1], matrix.dtype)
-
-        basis = tf.cond(tf.reduce_all(all_finite(basis, batch_rank)), lambda: basis, in_float64)
-    ok = input_ok & all_finite(basis, batch_rank)
+    input_ok, safe = _finite_or_identity(matrix)
+    (basis,) = _with_float64_retry(safe, lambda m: (tf.linalg.eigh(m)[1],), retry_float64)
+    ok = input_ok & all_finite(basis, len(matrix.shape) - 2)
     return RootResult(root=basis, ok=ok, eigenvectors=basis)
 
 
