@@ -197,6 +197,10 @@ CANDIDATES = {
     # Issue #20: SOAP (Adam in the factors' eigenbases, refreshed every k steps) on the same defaults.
     "soap": dict(preconditioner="soap"),
     "soap stats/1": dict(preconditioner="soap", statistics_compute_steps=1),
+    # Issue #20: where `Shampoo()`'s step goes, one change at a time from the defaults.
+    "no guard": dict(gradient_norm_bound=None),
+    "unbatched": dict(batch_roots=False),
+    "never preconditioned": dict(start_preconditioning_step=10**9),
 }
 
 

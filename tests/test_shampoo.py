@@ -926,20 +926,48 @@ def test_embedding_tables_setting_decides_the_tables_factors(embedding_tables):
     assert_all_finite(optimizer.variables)
 
 
-def test_grafted_tables_take_adams_dense_step():
+@pytest.mark.parametrize("jit_compile", [None, False, True])
+def test_grafted_tables_take_adams_dense_step(jit_compile):
     """With tables on the grafted method, a table whose every row is touched moves as under Keras Adam
-    applied to the dense gradient (the Dense layer is preconditioned, so only the first step can agree)."""
+    applied to the dense gradient: eagerly, in a graph and under XLA (the fused Adam kernel's path), and
+    for a sparse gradient too (Shampoo's is made dense first)."""
     rng = np.random.default_rng(1)
     table = keras.Variable(rng.normal(size=(6, 3)).astype("float32"), name="embeddings")
     reference = keras.Variable(table.numpy(), name="reference")
     shampoo = Shampoo(0.01, start_preconditioning_step=1, preconditioning_compute_steps=1)
     adam = keras.optimizers.Adam(0.01)
-    for _ in range(4):
-        gradient = tf.constant(rng.normal(size=(6, 3)).astype("float32"))
+    shampoo.build([table])
+    assert shampoo._root_orders[0] == 0 and shampoo._fuses_adam(table)
+
+    def step(gradient):
         shampoo.apply([gradient], [table])
-        adam.apply([gradient], [reference])
+
+    if jit_compile is not None:
+        step = tf.function(step, jit_compile=jit_compile)
+    for index in range(4):
+        dense = rng.normal(size=(6, 3)).astype("float32")
+        if index % 2:  # every row touched, one twice
+            rows = np.array([0, 1, 2, 3, 4, 5, 2])
+            values = np.concatenate([dense, np.zeros((1, 3), "float32")])
+            step(tf.IndexedSlices(tf.constant(values), tf.constant(rows), tf.constant([6, 3])))
+        else:
+            step(tf.constant(dense))
+        adam.apply([tf.constant(dense)], [reference])
     assert "embedding" in table.path.lower()
     np.testing.assert_allclose(table.numpy(), reference.numpy(), rtol=2e-5, atol=1e-6)
+
+
+def test_half_precision_table_keeps_the_unfused_grafted_step():
+    """A float16 table's moments are float16 slots while its step is computed in float32: not fused."""
+    rng = np.random.default_rng(2)
+    table = keras.Variable(rng.normal(size=(5, 2)).astype("float16"), name="embeddings", dtype="float16")
+    shampoo = Shampoo(0.01, start_preconditioning_step=1)
+    shampoo.build([table])
+    assert not shampoo._fuses_adam(table)
+    before = table.numpy().astype("float32")
+    shampoo.apply([tf.constant(np.ones((5, 2), "float16"))], [table])
+    # Adam's first step moves every entry by the learning rate, against the gradient's sign.
+    np.testing.assert_allclose(before - table.numpy().astype("float32"), 0.01, rtol=0.05)
 
 
 # ---------------------------------------------------------------------------------------------
