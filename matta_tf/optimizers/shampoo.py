@@ -15,6 +15,7 @@ from matta_tf.optimizers.partition import PreconditionerLayout, merge_blocks, pl
 ROOT_METHODS = ("eigh", "newton")
 EMBEDDING_TABLES = ("grafted", "diagonal", "shampoo")
 PRECONDITIONERS = ("shampoo", "soap")
+EIGENBASIS_METHODS = ("auto", "eigh", "qr")
 # `eigenbasis_compute_steps="auto"`: a full eigendecomposition every this many root periods.
 AUTO_EIGENBASIS_PERIODS = 10
 
@@ -229,8 +230,11 @@ class Shampoo(keras.optimizers.Optimizer):
     in Keras's per-parameter `update_step`, and so does each replica where Keras runs the update in
     replica context (no `merge_call`: XLA on GPUs). There is no Python-side state per step, and the
     update runs under `MirroredStrategy`, `MultiWorkerMirroredStrategy` and in `jit_compile=True`
-    functions. Under XLA, `tf.linalg.eigh` is a slow Jacobi iteration on CPU and TPU: prefer
-    `root_method="newton"` there (and `retry_float64=False` on TPU).
+    functions. Under XLA, `tf.linalg.eigh` is a slow Jacobi iteration on CPU and TPU (on CPU about 50x
+    TensorFlow's own kernel): the defaults then refresh the stored eigenbasis by orthogonal iteration
+    (`eigenbasis_method="auto"`), so that only the first basis takes an `eigh`; with exact roots
+    (`eigenbasis_compute_steps=None`) prefer `root_method="newton"` there (and `retry_float64=False`
+    on TPU).
 
     **Cost.** Per step and per full factor of size `n` on a parameter with `N` entries: about
     `2 n N` multiply-adds for the statistics and as many to precondition (on top of the grafted
@@ -363,6 +367,15 @@ class Shampoo(keras.optimizers.Optimizer):
             step decomposes (exact). `"auto"`: `10 * preconditioning_compute_steps` with
             `root_method="eigh"` and `preconditioning_compute_steps > 1`, else `None`.
             Defaults to `"auto"`.
+        eigenbasis_method: How the stored eigenbasis is refreshed every `eigenbasis_compute_steps`:
+            `"eigh"` (a full eigendecomposition) or `"qr"` (one step of orthogonal iteration from
+            the stored basis, `Q <- QR(F Q)`, as SOAP's reference code refreshes its bases; the first
+            basis, at `start_preconditioning_step`, is always a full `eigh`). `"qr"` tracks the
+            eigenbasis of slowly drifting statistics at about a tenth of XLA's CPU `eigh` cost; it
+            is an approximation of its own, converging to the eigenbasis over refreshes.
+            `"auto"`: `"qr"` in an XLA-compiled step, where TensorFlow's `eigh` is a slow Jacobi
+            iteration (it took 2.5 s per refresh on the MovieLens model, 11x QR's), else `"eigh"`.
+            Only used with a stored basis. Defaults to `"auto"`.
         retry_float64: With `root_method="eigh"` and float32 factors, recompute a batch of roots in
             float64 when a float32 root is not finite. Turn off on devices without float64.
             Defaults to `True`.
@@ -433,6 +446,7 @@ class Shampoo(keras.optimizers.Optimizer):
         embedding_tables="grafted",
         root_method="eigh",
         eigenbasis_compute_steps="auto",
+        eigenbasis_method="auto",
         retry_float64=True,
         root_error_threshold=0.1,
         gradient_norm_bound=100.0,
@@ -488,6 +502,17 @@ class Shampoo(keras.optimizers.Optimizer):
             # Roots on every step ask for exact roots; the stored basis is an `eigh` option.
             exact = root_method != "eigh" or preconditioning_compute_steps == 1
             eigenbasis_compute_steps = None if exact else AUTO_EIGENBASIS_PERIODS * preconditioning_compute_steps
+        if eigenbasis_method not in EIGENBASIS_METHODS:
+            raise ValueError(
+                f"`eigenbasis_method` should be one of {EIGENBASIS_METHODS}. "
+                f"Received: `eigenbasis_method={eigenbasis_method!r}`"
+            )
+        if eigenbasis_method == "qr" and eigenbasis_compute_steps is None:
+            raise ValueError(
+                "`eigenbasis_method='qr'` refreshes a stored eigenbasis, which this configuration does not keep "
+                f"(`eigenbasis_compute_steps=None`, `preconditioner={preconditioner!r}`). "
+                f"Received: `eigenbasis_method={eigenbasis_method!r}`"
+            )
         grafting_lib.grafting_slot_names(grafting)  # validates `grafting`
         if root_method not in ROOT_METHODS:
             raise ValueError(f"`root_method` should be one of {ROOT_METHODS}. Received: `root_method={root_method!r}`")
@@ -532,6 +557,7 @@ class Shampoo(keras.optimizers.Optimizer):
         self.exponent_override = exponent_override
         self.root_method = root_method
         self.eigenbasis_compute_steps = eigenbasis_compute_steps
+        self.eigenbasis_method = eigenbasis_method
         self.retry_float64 = retry_float64
         self.root_error_threshold = root_error_threshold
         self.embedding_tables = embedding_tables
@@ -727,9 +753,7 @@ class Shampoo(keras.optimizers.Optimizer):
         batched = self.batch_roots
         if batched == "auto":
             # Under XLA the batched roots measured slower; across replicas they are what shares them out.
-            batched = distribution.num_replicas_in_sync > 1 or not control_flow_util.GraphOrParentsInXlaContext(
-                tf.compat.v1.get_default_graph()
-            )
+            batched = distribution.num_replicas_in_sync > 1 or not _in_xla()
         if self.preconditioner == "soap":  # SOAP's bases are computed in each parameter's update
             batched = False
         if not (batched and self._root_plan):
@@ -844,8 +868,23 @@ class Shampoo(keras.optimizers.Optimizer):
             )
             return result.root, result.ok, result.eigenvectors
 
-        is_basis_step = (step - self.start_preconditioning_step) % self.eigenbasis_compute_steps == 0
-        return tf.cond(is_basis_step, lambda: root("eigh"), lambda: root("basis"))
+        return self._stored_basis_root(step, root)
+
+    def _stored_basis_root(self, step, root):
+        """`root(method)` with the method of this step: a basis refresh every `eigenbasis_compute_steps`."""
+        start = self.start_preconditioning_step
+        is_basis_step = (step - start) % self.eigenbasis_compute_steps == 0
+        method = self.eigenbasis_method
+        if method == "auto":
+            method = "qr" if _in_xla() else "eigh"
+        if method == "eigh":
+            return tf.cond(is_basis_step, lambda: root("eigh"), lambda: root("basis"))
+        # The first basis is a full eigendecomposition; later refreshes iterate from the stored one.
+        return tf.cond(
+            step == start,
+            lambda: root("eigh"),
+            lambda: tf.cond(is_basis_step, lambda: root("qr"), lambda: root("basis")),
+        )
 
     def _sharded_root_batches(self, distribution, step, replicas):
         """Every batch's roots, each factor's computed by its owning replica, summed over replicas."""
@@ -1171,8 +1210,7 @@ class Shampoo(keras.optimizers.Optimizer):
             )
             return result.root, result.ok, result.eigenvectors
 
-        is_basis_step = (step - self.start_preconditioning_step) % self.eigenbasis_compute_steps == 0
-        roots, ok, basis = tf.cond(is_basis_step, lambda: root("eigh"), lambda: root("basis"))
+        roots, ok, basis = self._stored_basis_root(step, root)
         old = eigenvectors.value
         self.assign(eigenvectors, tf.where(_expand_like(ok, old), basis, old))
         return matrix_functions.RootResult(roots, ok)
@@ -1231,6 +1269,7 @@ class Shampoo(keras.optimizers.Optimizer):
                 "exponent_override": self.exponent_override,
                 "root_method": self.root_method,
                 "eigenbasis_compute_steps": self.eigenbasis_compute_steps,
+                "eigenbasis_method": self.eigenbasis_method,
                 "retry_float64": self.retry_float64,
                 "root_error_threshold": self.root_error_threshold,
                 "embedding_tables": self.embedding_tables,
@@ -1241,6 +1280,11 @@ class Shampoo(keras.optimizers.Optimizer):
             }
         )
         return config
+
+
+def _in_xla() -> bool:
+    """Whether the step being traced is XLA-compiled (decided at trace time)."""
+    return control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph())
 
 
 def _identity_initializer(shape, dtype=None):
