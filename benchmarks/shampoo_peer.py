@@ -59,10 +59,37 @@ def state_bytes(optimizer: torch.optim.Optimizer) -> int:
     return total
 
 
+class TablesApart:
+    """A peer optimizer on the network's Dense layers and AdamW on its embedding tables (as `Shampoo()`'s
+    default `embedding_tables="grafted"` does), stepped together."""
+
+    def __init__(self, parameters, make_peer):
+        parameters = list(parameters)
+        tables = [p for p in parameters if p.dim() == 2 and p.shape[0] in (5000, 2000) and p.shape[1] == 32]
+        others = [p for p in parameters if all(p is not t for t in tables)]
+        self.optimizers = [make_peer(others), torch.optim.AdamW(tables, lr=1e-3)]
+
+    @property
+    def state(self):
+        return {key: value for optimizer in self.optimizers for key, value in optimizer.state.items()}
+
+    def zero_grad(self, set_to_none=True):
+        for optimizer in self.optimizers:
+            optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self):
+        for optimizer in self.optimizers:
+            optimizer.step()
+
+
 def make_optimizers(period: int):
     import heavyball
 
+    def soap(p):
+        return heavyball.SOAP(p, lr=1e-3, precondition_frequency=period, compile_step=False)
+
     return {
+        f"heavyball SOAP f={period}, tables on AdamW": (lambda p: TablesApart(p, soap), period),
         "adamw": (lambda p: torch.optim.AdamW(p, lr=1e-3), 1),
         f"heavyball SOAP f={period}": (
             lambda p: heavyball.SOAP(p, lr=1e-3, precondition_frequency=period, compile_step=False), period),

@@ -15,6 +15,9 @@ Results (one JSON line per arm and seed) accumulate in `<out>/results.jsonl`, so
 resumes. From the repository root:
 
     python benchmarks/shampoo_quality.py --data movielens --seeds 5
+    # on 2 cores, two processes sharing the seeds (each appends its rows; either prints the table):
+    python benchmarks/shampoo_quality.py --data movielens --seeds 3 & \
+        python benchmarks/shampoo_quality.py --data movielens --first-seed 3 --seeds 5
     python benchmarks/shampoo_quality.py --data synthetic --seeds 5 --events 300000
 """
 
@@ -52,6 +55,10 @@ ARMS = {
     "exact": EXACT,
     "roots/10": {**EXACT, "preconditioning_compute_steps": 10},
     "roots/10 stored basis/100": {**EXACT, "preconditioning_compute_steps": 10, "eigenbasis_compute_steps": 100},
+    # The XLA default's basis refresh (one step of orthogonal iteration), here in graph mode.
+    "roots/10 stored basis/100 qr": {
+        **EXACT, "preconditioning_compute_steps": 10, "eigenbasis_compute_steps": 100, "eigenbasis_method": "qr",
+    },
     "statistics/10": {**EXACT, "statistics_compute_steps": 10, "preconditioning_compute_steps": 10},
     "block 128": {**EXACT, "block_size": 128},
     "biases diagonal": {**EXACT, "diagonal_rank1": True},
@@ -127,6 +134,8 @@ def main() -> None:
     parser.add_argument("--data", choices=("movielens", "synthetic"), default="movielens")
     parser.add_argument("--out", default=None, help="defaults to runs/shampoo_quality/<data>")
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0,
+                        help="run seeds from this one (two processes can share the seeds; results append)")
     parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated subset of {list(ARMS)}")
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=512)
@@ -147,7 +156,7 @@ def main() -> None:
         if arm not in ARMS:
             raise SystemExit(f"--arms: unknown arm {arm!r}; known: {list(ARMS)}")
     print(f"load average at start {os.getloadavg()[0]:.1f}", flush=True)
-    for seed in range(args.seeds):  # seed-major: an interrupted run has whole seeds
+    for seed in range(args.first_seed, args.seeds):  # seed-major: an interrupted run has whole seeds
         for arm in arms:
             if (arm, seed) in done:
                 continue
@@ -158,6 +167,8 @@ def main() -> None:
             print(f"{arm:28s} seed {seed}: Student AucLoss {row['student_auc_loss']:.4f} ({row['seconds']} s, "
                   f"load {os.getloadavg()[0]:.1f})", flush=True)
     print(f"load average at end {os.getloadavg()[0]:.1f}")
+    with open(path, encoding="utf-8") as handle:  # with what another process sharing the seeds wrote
+        rows = [json.loads(line) for line in handle if line.strip()]
     print(summarize([row for row in rows if row["seed"] < args.seeds]))
 
 

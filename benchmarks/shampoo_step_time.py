@@ -12,8 +12,10 @@ which is robust to a machine whose load drifts; wall-clock and process CPU-time 
 printed (on a shared machine the CPU time is the steadier measure of the work done).
 
 Shampoo runs with its defaults except `start_preconditioning_step=1` (every timed step is a
-preconditioned step) and, under XLA, `root_method="newton"` (XLA's `eigh` is a slow Jacobi iteration
-on CPU). `--tuned` adds configurations tuned for recommendation models (embedding tables take the
+preconditioned step); under XLA its defaults refresh the stored eigenbasis by orthogonal iteration
+(`eigenbasis_method="auto"`), and the previous defaults and exact roots use `root_method="newton"`
+(XLA's `eigh` is a slow Jacobi iteration on CPU). `--configs` adds named candidates, among them
+one-change diagnostics of `Shampoo()` ("no guard", "unbatched", "never preconditioned"). `--tuned` adds configurations tuned for recommendation models (embedding tables take the
 grafted Adam step, biases a diagonal factor, 128-blocks, statistics every 10 steps), and in graph mode
 the same with full eigendecompositions every 100 steps and roots in the stored eigenbasis every 10
 (`eigenbasis_compute_steps=100`), to show what a user can trade; the settings are printed.

@@ -173,3 +173,57 @@ def test_root_inverts_the_damped_matrix(size, rank, root, seed):
     # X^(-root) must give back A + eps I (A is PSD, so no clamping happens beyond rounding).
     power = np.linalg.matrix_power(np.linalg.inv(result), root)
     np.testing.assert_allclose(power, matrix + epsilon * np.eye(size), rtol=1e-8, atol=1e-8)
+
+
+# ---------------------------------------------------------------------------------------------
+# The stored basis refreshed by orthogonal iteration (`method="qr"`, Shampoo's XLA default).
+# ---------------------------------------------------------------------------------------------
+def test_qr_refresh_from_the_eigenbasis_is_exact():
+    matrix, basis = known_spectrum([1e-3, 0.1, 1.0, 2.0, 5.0, 9.0], seed=3)
+    result = mf.matrix_inverse_root(
+        tf.constant(matrix), 4, 1e-6, method="qr", eigenvectors=tf.constant(basis), return_eigenvectors=True
+    )
+    np.testing.assert_allclose(result.root.numpy(), numpy_inverse_root(matrix, 4, 1e-6), rtol=1e-9, atol=1e-12)
+    refreshed = result.eigenvectors.numpy()
+    np.testing.assert_allclose(refreshed.T @ refreshed, np.eye(6), atol=1e-12)
+    # An eigenbasis stays one: each new column is parallel to an old one.
+    np.testing.assert_allclose(np.abs(np.sum(refreshed * basis, axis=0)), 1.0, rtol=1e-9)
+
+
+def test_one_qr_refresh_is_numpys_qr_of_the_product():
+    rng = np.random.default_rng(4)
+    factor = rng.normal(size=(5, 9))
+    matrix = factor @ factor.T
+    start = np.linalg.qr(rng.normal(size=(5, 5)))[0]
+    refreshed = mf.orthogonal_iteration(tf.constant(matrix), tf.constant(start)).numpy()
+    expected = np.linalg.qr(matrix @ start)[0]
+    np.testing.assert_allclose(np.abs(np.sum(refreshed * expected, axis=0)), 1.0, rtol=1e-9)  # up to signs
+    np.testing.assert_allclose(refreshed.T @ refreshed, np.eye(5), atol=1e-12)
+
+
+def test_orthogonal_iteration_converges_to_the_inverse_root():
+    # Distinct eigenvalues, ratio 2 between neighbours: each step shrinks the error by about half.
+    matrix, _ = known_spectrum(2.0 ** -np.arange(6), seed=5)
+    basis = tf.constant(np.linalg.qr(np.random.default_rng(6).normal(size=(6, 6)))[0])
+    first = None
+    for _ in range(60):
+        result = mf.matrix_inverse_root(
+            tf.constant(matrix), 2, 1e-9, method="qr", eigenvectors=basis, return_eigenvectors=True
+        )
+        basis = result.eigenvectors
+        error = relative_error(result.root.numpy(), numpy_inverse_root(matrix, 2, 1e-9))
+        first = error if first is None else first
+    assert first > 1e-2 and error < 1e-9
+
+
+def test_qr_refresh_of_a_non_finite_matrix_fails_without_raising():
+    matrices = np.stack([np.eye(4), np.eye(4)])
+    matrices[1, 0, 1] = matrices[1, 1, 0] = np.nan
+    result = mf.matrix_inverse_root(
+        tf.constant(matrices), 2, 1e-6, method="qr", eigenvectors=tf.constant(np.stack([np.eye(4)] * 2)),
+        return_eigenvectors=True,
+    )
+    np.testing.assert_array_equal(result.ok.numpy(), [True, False])
+    assert np.all(np.isfinite(result.root.numpy())) and np.all(np.isfinite(result.eigenvectors.numpy()))
+    with pytest.raises(ValueError, match="eigenvectors"):
+        mf.matrix_inverse_root(tf.constant(matrices), 2, method="qr")

@@ -753,10 +753,12 @@ def test_get_config_round_trip():
         grafting="rmsprop",
         exponent_override={"kernel": 4},
         block_size=128,
+        eigenbasis_method="qr",
         weight_decay=1e-4,
         clipnorm=1.0,
     )
     config = optimizer.get_config()
+    assert config["eigenbasis_method"] == "qr"
     restored = keras.optimizers.deserialize(keras.optimizers.serialize(optimizer))
     assert isinstance(restored, Shampoo)
     restored_config = restored.get_config()
@@ -808,6 +810,9 @@ def test_model_fit_with_jit_compile_matches_graph_mode(root_method):
         (dict(root_method="svd"), "`root_method`"),
         (dict(eigenbasis_compute_steps=15, preconditioning_compute_steps=10), "`eigenbasis_compute_steps`"),
         (dict(eigenbasis_compute_steps=20, root_method="newton"), "`eigenbasis_compute_steps`"),
+        (dict(eigenbasis_method="svd"), "`eigenbasis_method` should be one of"),
+        (dict(eigenbasis_method="qr", eigenbasis_compute_steps=None), "`eigenbasis_method='qr'` refreshes"),
+        (dict(eigenbasis_method="qr", preconditioner="soap"), "`eigenbasis_method='qr'` refreshes"),
         (dict(exponent_override=-1), "`exponent_override`"),
         (dict(exponent_override={"kernel": -2}), "exponent_override"),
     ],
@@ -892,6 +897,66 @@ def test_root_in_basis_is_exact_in_the_eigenbasis_and_checked():
     assert bool(result.ok) and result.eigenvectors is not None
     with pytest.raises(ValueError, match="eigenvectors"):
         matrix_functions.matrix_inverse_root(tf.constant(matrix), 4, method="basis")
+
+
+def _left_factor_history(steps, **config):
+    """Shampoo on one 6x4 matrix in float64; per step, the left factor's statistics, basis and root."""
+    rng = np.random.default_rng(11)
+    variable = keras.Variable(rng.normal(size=(6, 4)), dtype="float64", name="W")
+    optimizer = Shampoo(
+        start_preconditioning_step=1, preconditioning_compute_steps=1, statistics_compute_steps=1,
+        eigenbasis_compute_steps=2, epsilon=1e-6, relative_epsilon=False, block_size=64, **config,
+    )
+    optimizer.build([variable])
+    left = [position for position, group in enumerate(optimizer._factor_groups[0]) if group.size == 6][0]
+    history = []
+    for _ in range(steps):
+        optimizer.apply([tf.constant(rng.normal(size=(6, 4)))], [variable])
+        history.append(tuple(store[0][left].value.numpy()[0] for store in (
+            optimizer._statistics, optimizer._eigenvectors, optimizer._roots)))
+    return history
+
+
+def test_qr_eigenbasis_refresh_follows_its_contract():
+    """Step 1: a full eigendecomposition; steps 3 and 5 (basis steps): Q <- QR(F Q); steps 2 and 4: the
+    roots in the stored basis. Checked against numpy at every step."""
+    history = _left_factor_history(5, eigenbasis_method="qr")
+    statistics, basis, root = history[0]
+    np.testing.assert_allclose(root, inverse_root(statistics, 4, 1e-6, relative=False), rtol=1e-8, atol=1e-10)
+    for step in range(2, 6):
+        statistics, basis, root = history[step - 1]
+        previous_basis = history[step - 2][1]
+        if step % 2:  # a refresh by orthogonal iteration from the stored basis
+            expected = np.linalg.qr(statistics @ previous_basis)[0]
+            np.testing.assert_allclose(np.abs(np.sum(basis * expected, axis=0)), 1.0, rtol=1e-8)
+        else:
+            np.testing.assert_array_equal(basis, previous_basis)
+        np.testing.assert_allclose(
+            root, inverse_root_in_basis(statistics, basis, 4, 1e-6, relative=False), rtol=1e-8, atol=1e-10
+        )
+    # ... which is not what a full eigendecomposition gives on the refresh steps.
+    eigh_root = _left_factor_history(3, eigenbasis_method="eigh")[2][2]
+    assert not np.allclose(history[2][2], eigh_root, rtol=1e-6)
+    np.testing.assert_allclose(eigh_root, inverse_root(history[2][0], 4, 1e-6, relative=False), rtol=1e-8)
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_eigenbasis_method_auto_is_qr_under_xla_only(jit_compile, monkeypatch):
+    methods = set()
+    original = matrix_functions.matrix_inverse_root
+
+    def recording(matrix, *args, **kwargs):
+        methods.add(kwargs.get("method", "eigh"))
+        return original(matrix, *args, **kwargs)
+
+    monkeypatch.setattr(matrix_functions, "matrix_inverse_root", recording)
+    variable = keras.Variable(np.ones((6, 4), "float32"), name="W")
+    optimizer = Shampoo(start_preconditioning_step=1, block_size=64)
+    assert optimizer.eigenbasis_method == "auto" and optimizer.eigenbasis_compute_steps == 100
+    optimizer.build([variable])
+    step = tf.function(lambda gradient: optimizer.apply([gradient], [variable]), jit_compile=jit_compile)
+    step(tf.ones((6, 4)))
+    assert methods == ({"eigh", "qr", "basis"} if jit_compile else {"eigh", "basis"})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -290,6 +290,9 @@ class Shampoo(keras.optimizers.Optimizer):
       preconditioning touches every row every step, while the batch touches few rows. A diagonal
       vocabulary factor (`"diagonal"`) keeps the cost linear in `V` but still preconditions the
       whole table every step (1.3-1.7x Adam's step in our measurement, against 1.2-1.5x grafted).
+      With Adam grafting and no momentum, a grafted-only parameter's step is one fused
+      `ResourceApplyAdam` kernel (Keras's Adam formula, as the unfused path), which made
+      `Shampoo()`'s optimizer step on that model 1.5x faster (the tables are 61% of its weights).
       On one MovieLens seed, exact Shampoo's test AucLoss was 0.2010, 0.2045 with grafted tables
       and 0.1997 with diagonal ones: within the seed-to-seed spread (about 0.007-0.010).
     - Biases (rank-1 parameters) take a diagonal factor (`diagonal_rank1=True`): a full `n x n`
