@@ -15,6 +15,7 @@ teacher-labelled data, labels drawn from the same teacher), with the exact AUROC
 | `matta_adam` | nested Student+TA | MatTA's three | Adam |
 | `matta_shampoo` | nested Student+TA | MatTA's three | Shampoo |
 | `no_sharing` | independent Student and TA | MatTA's three | Shampoo |
+| `no_sharing_shared_embeddings` | independent but the nested embedding tables (Table 4) | MatTA's three | Shampoo |
 | `init_control` | nested, Student sub-block drawn at TA size (`student_init="ta_slice"`) | CE(S, y) only | Adam |
 | `ta_alone` | nested network, TA stream | CE(TA, y) only | Adam |
 | `matta_sandwich` | nested Student+TA | MatTA's three + 2 sampled mixed sizes per step (`Sandwich(k=2)`) | Shampoo |
@@ -76,6 +77,7 @@ ARMS = {
     "matta_adam": ("matta", "adam", {}),
     "matta_shampoo": ("matta", "shampoo", {}),
     "no_sharing": ("no_sharing", "shampoo", {}),
+    "no_sharing_shared_embeddings": ("no_sharing_shared_embeddings", "shampoo", {}),
     "init_control": ("nested_student_only", "adam", {"model": {"student_init": "ta_slice"}}),
     "ta_alone": ("ta_only", "adam", {}),
     "matta_sandwich": ("matta", "shampoo", {}),  # with STRATEGIES below
@@ -84,10 +86,11 @@ ARMS = {
 STRATEGIES = {"matta_sandwich": lambda: Sandwich(k=2)}  # arm -> its MatTAModel training strategy
 MIXNMATCH_ARMS = ("matta_shampoo", "matta_sandwich")
 PAIRED = (("matta_shampoo", "shampoo_only"), ("matta_shampoo", "offline_distill"), ("matta_adam", "offline_distill"),
-          ("offline_distill", "baseline"), ("matta_sandwich", "matta_shampoo"), ("matta_shampoo", "init_control"))
+          ("offline_distill", "baseline"), ("matta_sandwich", "matta_shampoo"), ("matta_shampoo", "init_control"),
+          ("matta_shampoo", "no_sharing_shared_embeddings"))
 STUDENT_ARMS = ("baseline", "shampoo_only", "matta_adam", "matta_shampoo", "matta_sandwich", "no_sharing",
-                "init_control", "offline_distill")
-TA_ARMS = ("ta_alone", "matta_adam", "matta_shampoo", "matta_sandwich", "no_sharing")
+                "no_sharing_shared_embeddings", "init_control", "offline_distill")
+TA_ARMS = ("ta_alone", "matta_adam", "matta_shampoo", "matta_sandwich", "no_sharing", "no_sharing_shared_embeddings")
 
 
 def prepare_data(args: argparse.Namespace) -> str:

@@ -15,9 +15,11 @@ Shampoo runs with its defaults except `start_preconditioning_step=1` (every time
 preconditioned step); under XLA its defaults refresh the stored eigenbasis by orthogonal iteration
 (`eigenbasis_method="auto"`), and the previous defaults and exact roots use `root_method="newton"`
 (XLA's `eigh` is a slow Jacobi iteration on CPU). `--configs` adds named candidates, among them
-one-change diagnostics of `Shampoo()` ("no guard", "unbatched", "never preconditioned"). `--tuned` adds configurations tuned for recommendation models (embedding tables take the
-grafted Adam step, biases a diagonal factor, 128-blocks, statistics every 10 steps), and in graph mode
-the same with full eigendecompositions every 100 steps and roots in the stored eigenbasis every 10
+one-change diagnostics of `Shampoo()` ("no guard", "unbatched", "never preconditioned").
+
+`--tuned` adds configurations tuned for recommendation models (embedding tables take the grafted Adam
+step, biases a diagonal factor, 128-blocks, statistics every 10 steps), and in graph mode the same with
+full eigendecompositions every 100 steps and roots in the stored eigenbasis every 10
 (`eigenbasis_compute_steps=100`), to show what a user can trade; the settings are printed.
 
 The network is a hook: `--model MODULE:FUNCTION` is called with the batch size and returns

@@ -193,27 +193,53 @@ def build_relevance_network(schema: Schema, config: RelevanceConfig = RelevanceC
     """
     inputs = network_inputs(schema)
     embedded = {f.name: _embed(f, inputs[preprocessed_name(f)], config) for f in schema.model_features}
+    return keras.Model(inputs, list(_body(schema, embedded, config)), name=name)
+
+
+def build_shared_embedding_pair(schema: Schema, config: RelevanceConfig = RelevanceConfig(),
+                                name: str = "shared_embeddings") -> keras.Model:
+    """The paper's Table 4 ablation: Student and TA share only their embedding tables.
+
+    The tables are M-nested as in `build_relevance_network` (the Student reads the first
+    `embedding_dim` columns of the TA's `ta_embedding_dim`-wide tables); every layer after them is
+    the Student's own (`config.student_config()`, names prefixed `student_`) or the TA's own
+    (`config.ta_config()`, prefixed `ta_`, without TA-only blocks, as the independent TA of
+    `IndependentStudentTA`). Same inputs and outputs as `build_relevance_network`; its layers after
+    the tables are plain widths, so no Mix'n'Match size can be extracted from it.
+    """
+    inputs = network_inputs(schema)
+    embedded = {f.name: _embed(f, inputs[preprocessed_name(f)], config) for f in schema.model_features}
+    student_logits, _ = _body(schema, {n: (s, s) for n, (s, _) in embedded.items()}, config.student_config(),
+                              prefix="student_")
+    _, ta_logits = _body(schema, {n: (t, t) for n, (_, t) in embedded.items()}, config.ta_config(), prefix="ta_")
+    return keras.Model(inputs, [student_logits, ta_logits], name=name)
+
+
+def _body(schema: Schema, embedded: dict[str, tuple[Any, Any]], config: RelevanceConfig,
+          prefix: str = "") -> tuple[Any, Any]:
+    """Towers, cross layers and head over the embedded `(student, ta)` pairs -> `(student, ta)` logits."""
     towers = []
     for role in ROLES:
         features = [f for f in schema.model_features if f.role == role]
         if not features:
             continue
-        x = NestedConcatenate(name=f"{role}_features")([embedded[f.name] for f in features])
+        x = NestedConcatenate(name=f"{prefix}{role}_features")([embedded[f.name] for f in features])
         for index, units in enumerate(config.tower_units):
             x = NestedDense(units, config.ta_width(units), activation="relu", student_init=config.student_init,
-                            name=f"{role}_tower_{index}")(x)
+                            name=f"{prefix}{role}_tower_{index}")(x)
         towers.append(x)
-    x0 = NestedConcatenate(name="towers")(towers) if len(towers) > 1 else towers[0]
+    x0 = NestedConcatenate(name=f"{prefix}towers")(towers) if len(towers) > 1 else towers[0]
     x = x0
     for index in range(config.num_cross_layers):
-        x = NestedFeatureCross(student_init=config.student_init, name=f"cross_{index}")(x0, x)
+        x = NestedFeatureCross(student_init=config.student_init, name=f"{prefix}cross_{index}")(x0, x)
     for index, units in enumerate(config.head_units):
         x = NestedDense(units, config.ta_width(units), activation="relu", student_init=config.student_init,
-                        name=f"head_{index}")(x)
+                        name=f"{prefix}head_{index}")(x)
         if index == 0:
             # Depth nesting: residual blocks only the TA runs, where its features are in nested order.
             for block in range(config.ta_only_blocks):
-                dense = keras.layers.Dense(config.ta_width(units), activation="relu", name=f"ta_block_{block}_dense")
-                x = TAOnly(dense, name=f"ta_block_{block}")(x)
-    logits = NestedDense(config.num_logits, config.num_logits, student_init=config.student_init, name="logits")(x)
-    return keras.Model(inputs, list(logits), name=name)
+                dense = keras.layers.Dense(config.ta_width(units), activation="relu",
+                                           name=f"{prefix}ta_block_{block}_dense")
+                x = TAOnly(dense, name=f"{prefix}ta_block_{block}")(x)
+    return NestedDense(config.num_logits, config.num_logits, student_init=config.student_init,
+                       name=f"{prefix}logits")(x)

@@ -20,7 +20,12 @@ import tensorflow as tf
 from matta_tf.data import Schema, make_dataset
 from matta_tf.data.atomic import atomic_output, atomic_write
 from matta_tf.extraction import binary_metrics
-from matta_tf.models.relevance import RelevanceConfig, build_relevance_network, relevance_preprocessor
+from matta_tf.models.relevance import (
+    RelevanceConfig,
+    build_relevance_network,
+    build_shared_embedding_pair,
+    relevance_preprocessor,
+)
 from matta_tf.optimizers import Shampoo
 from matta_tf.pipelines.config import TrainingConfig
 from matta_tf.pipelines.layout import RunLayout
@@ -28,7 +33,7 @@ from matta_tf.pipelines.run_data import event_label_name
 from matta_tf.training import DistillationSchedule, IndependentStudentTA, MatTAModel, PlateauStopping
 from matta_tf.training.distribute import is_chief, strategy_from_environment
 
-ARMS = ("matta", "student_only", "ta_only", "no_sharing", "nested_student_only")
+ARMS = ("matta", "student_only", "ta_only", "no_sharing", "no_sharing_shared_embeddings", "nested_student_only")
 TEACHER_LABEL = "teacher_probability"
 
 
@@ -46,6 +51,8 @@ def build_network(schema: Schema, config: RelevanceConfig, arm: str) -> keras.La
         student = _single_output(build_relevance_network(schema, config.student_config(), name="s"), "student")
         ta = _single_output(build_relevance_network(schema, config.ta_config(), name="t"), "ta")
         return IndependentStudentTA(student, ta, name="independent")
+    if arm == "no_sharing_shared_embeddings":
+        return build_shared_embedding_pair(schema, config)
     return build_relevance_network(schema, config, name="nested")
 
 
@@ -177,7 +184,9 @@ def train_relevance(
             each atomically, `metrics.json` last (it marks the arm done); `None` writes nothing.
         training: Optimizer, learning rate, epochs, loss weights, ramp, and the sizes (`training.model`).
         arm: `"matta"` (nested, three losses), `"student_only"` (the baseline), `"ta_only"`,
-            `"no_sharing"` (MatTA losses on independent Student and TA networks), or
+            `"no_sharing"` (MatTA losses on independent Student and TA networks),
+            `"no_sharing_shared_embeddings"` (the same, but sharing the M-nested embedding tables, as the
+            paper's Table 4), or
             `"nested_student_only"` (the nested network, Student loss only: with
             `student_init="ta_slice"` it is the initialization control, a Student initialized at TA size).
         optimizer: Overrides `training.optimizer` (`"shampoo"` or `"adam"`).
@@ -219,8 +228,8 @@ def train_relevance(
     steps = sum(1 for _ in datasets["train"]) * training.epochs
     with strategy.scope():
         network = build_network(schema, training.model, arm)
-    mode = {"matta": "matta", "no_sharing": "matta", "student_only": "student_only", "ta_only": "ta_only",
-            "nested_student_only": "student_only"}[arm]
+    mode = {"matta": "matta", "no_sharing": "matta", "no_sharing_shared_embeddings": "matta",
+            "student_only": "student_only", "ta_only": "ta_only", "nested_student_only": "student_only"}[arm]
     weights = training.loss_weights if mode == "matta" else (1.0, 1.0, 0.0)
     optimizer_name = optimizer or training.optimizer
     with strategy.scope():

@@ -106,3 +106,17 @@ def test_a_student_distilled_offline_learns_the_teachers_scores_from_event_label
     # Soft targets in [0, 1] are accepted for an event label (class indices) and learnt: the Student ranks
     # the test events as its teacher does.
     assert np.corrcoef(teacher_scores, student_scores)[0, 1] > 0.8
+
+
+def test_the_shared_embedding_no_sharing_arm_trains_both_streams(events):
+    """`arm="no_sharing_shared_embeddings"` (Table 4's ablation) trains with MatTA's three losses end to end."""
+    model = RelevanceConfig(embedding_dim=4, tower_units=(8,), head_units=(8,))
+    training = TrainingConfig(labels="event", optimizer="adam", learning_rate=0.02, epochs=2, batch_size=128,
+                              model=model)
+    run = train_relevance(events, None, training, arm="no_sharing_shared_embeddings", verbose=0)
+    history = run.history
+    assert run.network.name == "shared_embeddings"
+    for stream in ("student", "ta"):
+        assert history[f"{stream}_loss"][-1] < history[f"{stream}_loss"][0], stream
+        assert run.metrics["test"]["label"][stream]["auc_loss"] < 0.5, stream
+    assert "distillation_loss" in history

@@ -1,5 +1,7 @@
 """The reference relevance model: preprocessing, nested towers, Student-stream exactness, saving."""
 
+import dataclasses
+
 import keras
 import numpy as np
 import pytest
@@ -7,7 +9,7 @@ import tensorflow as tf
 
 from matta_tf.data import Feature, Label, Schema
 from matta_tf.data.preprocessing import FeaturePreprocessor
-from matta_tf.models.relevance import ConfigError, RelevanceConfig, build_relevance_network
+from matta_tf.models.relevance import ConfigError, RelevanceConfig, build_relevance_network, build_shared_embedding_pair
 
 SCHEMA = Schema(
     features=(
@@ -113,3 +115,35 @@ def test_config_errors_name_the_field():
         RelevanceConfig.from_dict({"hidden": 3})
     with pytest.raises(ConfigError, match="student_init"):
         RelevanceConfig(student_init="random")
+
+
+def test_shared_embedding_pair_shares_the_tables_and_nothing_else(tmp_path):
+    """Table 4's ablation: the Student's loss reaches its own layers and its slice of the nested tables,
+    the TA's loss its own layers and the whole tables; no layer after the tables is shared."""
+    network = build_shared_embedding_pair(SCHEMA, dataclasses.replace(CONFIG, ta_only_blocks=1))
+    features = FeaturePreprocessor(SCHEMA)(_raw_batch(seed=2))
+    tables = [v for v in network.trainable_variables if "embedding" in v.path and len(v.shape) == 2
+              and "price" not in v.path and "score" not in v.path]
+    assert tables and all(v.shape[1] == 16 for v in tables)  # the TA's width, 4 x 4
+    gradients = {}
+    for stream in (0, 1):
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(network(features)[stream])
+        gradients[stream] = dict(zip([v.path for v in network.trainable_variables],
+                                     tape.gradient(loss, network.trainable_variables), strict=True))
+    embedding_paths = {v.path for v in network.trainable_variables if "_embedding/" in v.path}
+    for path in {v.path for v in network.trainable_variables} - embedding_paths:
+        student, ta = gradients[0][path], gradients[1][path]
+        assert (student is None) != (ta is None), path  # one stream's own layer
+        assert ("student_" in path) == (student is not None) and ("ta_" in path) == (ta is not None), path
+    for table in tables:
+        student = tf.convert_to_tensor(gradients[0][table.path]).numpy()
+        ta = tf.convert_to_tensor(gradients[1][table.path]).numpy()
+        assert np.abs(student[:, :4]).sum() > 0 and np.abs(student[:, 4:]).sum() == 0, table.path
+        assert np.abs(ta[:, 4:]).sum() > 0, table.path
+    nested = build_relevance_network(SCHEMA, CONFIG)
+    assert len(network.trainable_variables) > len(nested.trainable_variables)
+    network.save(tmp_path / "pair.keras")
+    restored = keras.saving.load_model(tmp_path / "pair.keras")
+    for a, b in zip(network(features), restored(features), strict=True):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
