@@ -317,8 +317,8 @@ class Shampoo(keras.optimizers.Optimizer):
       Shampoo's gain over Adam (+0.0059).** Alone, grafted tables cost +0.0031 +- 0.0001,
       statistics every 10 steps +0.0024 +- 0.0004, the stored eigenbasis +0.0011 +- 0.0006, and
       128-blocks nothing. Where quality matters more than the step time, set
-      `embedding_tables="diagonal"`, `statistics_compute_steps=1` and
-      `eigenbasis_compute_steps=None`.
+      `embedding_tables="shampoo"` (exact's; `"diagonal"` is cheaper, its quality not measured
+      there), `statistics_compute_steps=1` and `eigenbasis_compute_steps=None`.
     - Preconditioning starts at step 100 (`start_preconditioning_step=100`), so the first roots
       are taken from 100 steps of statistics; before it the optimizer is Adam.
 
