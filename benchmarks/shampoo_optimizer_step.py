@@ -7,10 +7,10 @@ Every configuration is built and warmed up first (tracing, compilation, a whole 
 timed in interleaved rounds with rotating order; the figure is the median over rounds of the wall and
 process CPU time per step. Adam (`keras.optimizers.Adam()`) is always the first configuration.
 
-Configurations are `NAME=KWARGS`, the keyword arguments of `Shampoo` as Python (`start_preconditioning_step=1`
+Configurations are `NAME=KWARGS`, keyword arguments of `Shampoo` with literal values (`start_preconditioning_step=1`
 unless given, so that every step is preconditioned):
 
-    python benchmarks/shampoo_optimizer_step.py "Shampoo()=" "never preconditioned=start_preconditioning_step=10**9"
+    python benchmarks/shampoo_optimizer_step.py "Shampoo()=" "never=start_preconditioning_step=1000000000"
     python benchmarks/shampoo_optimizer_step.py --jit on "Shampoo()=" "eigh refresh=eigenbasis_method='eigh'"
     python benchmarks/shampoo_optimizer_step.py --profile "Shampoo()="   # time per TensorFlow op type
 
@@ -21,6 +21,7 @@ with the most self time (summed over threads, so more than the wall time on 2 co
 from __future__ import annotations
 
 import argparse
+import ast
 import collections
 import glob
 import json
@@ -42,10 +43,18 @@ from matta_tf.optimizers import Shampoo  # noqa: E402
 
 
 def parse_config(spec: str):
+    """`NAME=key=literal,...` -> (name, Shampoo factory); values are Python literals only (no code runs)."""
     name, _, kwargs = spec.partition("=")
+    try:
+        call = ast.parse(f"f({kwargs})", mode="eval").body
+        settings = {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
+        if call.args or None in settings:
+            raise ValueError("positional arguments")
+    except (SyntaxError, ValueError) as error:
+        raise SystemExit(f"a configuration is NAME=key=literal,... Received: {spec!r} ({error})") from None
     if not name:
-        raise SystemExit(f"a configuration is NAME=KWARGS. Received: {spec!r}")
-    settings = {"start_preconditioning_step": 1, **eval(f"dict({kwargs})")}  # noqa: S307 (the user's own flags)
+        raise SystemExit(f"a configuration is NAME=key=literal,... Received: {spec!r}")
+    settings = {"start_preconditioning_step": 1, **settings}
     return name, lambda: Shampoo(**settings)
 
 
