@@ -65,6 +65,9 @@ import pandas as pd  # noqa: E402
 from scipy import stats  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _literals import keyword_literals  # noqa: E402
+
 from matta_tf.data import MovieLensConfig, SyntheticConfig, generate_synthetic, prepare_movielens  # noqa: E402
 from matta_tf.pipelines.config import TrainingConfig  # noqa: E402
 from matta_tf.pipelines.train import Plateau, evaluation_dataset, train_relevance  # noqa: E402
@@ -112,7 +115,7 @@ def prepare_data(args: argparse.Namespace) -> str:
 def training_config(args: argparse.Namespace, seed: int, overrides: dict) -> TrainingConfig:
     labels = args.labels or ("teacher" if args.data == "synthetic" else "event")
     overrides = dict(overrides)
-    model = dataclasses.replace(TrainingConfig.model, **overrides.pop("model", {}))
+    model = dataclasses.replace(TrainingConfig.model, **{**args.model, **overrides.pop("model", {})})
     return TrainingConfig(labels=labels, learning_rate=args.learning_rate, epochs=args.epochs,
                           batch_size=args.batch_size, seed=seed, model=model, **overrides)
 
@@ -357,6 +360,8 @@ def main() -> None:
                         help="train every arm to the plateau of its validation AucLoss (--epochs is the cap)")
     parser.add_argument("--patience", type=int, default=2, help="epochs without a validation gain before stopping")
     parser.add_argument("--mixnmatch", type=int, default=12, help="random sub-models to evaluate (0: none)")
+    parser.add_argument("--model", default="", help="RelevanceConfig fields for every arm, key=literal,... "
+                        "(e.g. \"embedding_dim=8,tower_units=(32, 16),ta_only_blocks=2\")")
     parser.add_argument("--events", type=int, default=1_000_000, help="synthetic events (all splits)")
     parser.add_argument("--users", type=int, default=2_000)
     parser.add_argument("--items", type=int, default=1_000)
@@ -365,6 +370,10 @@ def main() -> None:
     parser.add_argument("--interaction-scale", type=float, default=8.0)
     args = parser.parse_args()
     args.out = args.out or os.path.join("runs", "ablation", args.data)
+    args.model = keyword_literals(args.model, "--model")
+    unknown_fields = sorted(set(args.model) - {field.name for field in dataclasses.fields(TrainingConfig.model)})
+    if unknown_fields:
+        parser.error(f"--model: unknown RelevanceConfig field(s) {unknown_fields}")
     args.arms = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
     try:
         args.grid = [float(rate) for rate in args.grid.split(",") if rate.strip()]

@@ -21,7 +21,6 @@ with the most self time (summed over threads, so more than the wall time on 2 co
 from __future__ import annotations
 
 import argparse
-import ast
 import collections
 import glob
 import json
@@ -38,6 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
+from _literals import keyword_literals  # noqa: E402
 
 from matta_tf.optimizers import Shampoo  # noqa: E402
 
@@ -45,15 +45,9 @@ from matta_tf.optimizers import Shampoo  # noqa: E402
 def parse_config(spec: str):
     """`NAME=key=literal,...` -> (name, Shampoo factory); values are Python literals only (no code runs)."""
     name, _, kwargs = spec.partition("=")
-    try:
-        call = ast.parse(f"f({kwargs})", mode="eval").body
-        settings = {keyword.arg: ast.literal_eval(keyword.value) for keyword in call.keywords}
-        if call.args or None in settings:
-            raise ValueError("positional arguments")
-    except (SyntaxError, ValueError) as error:
-        raise SystemExit(f"a configuration is NAME=key=literal,... Received: {spec!r} ({error})") from None
     if not name:
         raise SystemExit(f"a configuration is NAME=key=literal,... Received: {spec!r}")
+    settings = keyword_literals(kwargs, f"configuration {name!r}")
     settings = {"start_preconditioning_step": 1, **settings}
     return name, lambda: Shampoo(**settings)
 

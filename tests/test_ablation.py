@@ -100,3 +100,21 @@ def test_further_pairs_are_compared_over_common_seeds(tmp_path):
     p_value = stats.ttest_rel(matta, shampoo).pvalue
     assert f"{sum(relative) / 3:+.2%}" in line and f"p = {p_value:.3g}" in line and "3 seeds" in line
     assert "offline_distill" not in report  # pairs whose arms did not run are left out
+
+
+def test_model_settings_reach_every_arm_and_the_arm_own_settings_win():
+    settings = ablation.keyword_literals("embedding_dim=8,tower_units=(32, 16),ta_only_blocks=3", "--model")
+    assert settings == {"embedding_dim": 8, "tower_units": (32, 16), "ta_only_blocks": 3}
+    args = argparse.Namespace(labels="event", data="synthetic", learning_rate=3e-3, epochs=2, batch_size=256,
+                              model=settings)
+    plain = ablation.training_config(args, 0, ablation.ARMS["baseline"][2]).model
+    control = ablation.training_config(args, 0, ablation.ARMS["init_control"][2]).model
+    for model in (plain, control):
+        assert (model.embedding_dim, model.tower_units, model.ta_only_blocks) == (8, (32, 16), 3)
+    assert (plain.student_init, control.student_init) == ("standalone", "ta_slice")
+
+
+@pytest.mark.parametrize("text", ["embedding_dim=__import__('os').getpid()", "8", "embedding_dim=", "a=[x]"])
+def test_model_settings_run_no_code_and_name_the_option(text):
+    with pytest.raises(SystemExit, match="--model is key=literal"):
+        ablation.keyword_literals(text, "--model")
