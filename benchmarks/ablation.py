@@ -41,6 +41,11 @@ Data:
   labels (`teacher_probability`) and are evaluated on held-out events whose labels are drawn from it.
 - `--data movielens`: MovieLens ratings (liked = rating >= 4), event labels, as in the main job.
 
+`--model` and `--training` set RelevanceConfig and TrainingConfig fields for every arm, as `key=literal,...`
+(read as literals, no code runs; an arm's own settings win): the regime and loss-weight checks of issue 16,
+for example `--training "loss_weights=(1.0, 1.0, 2.0),distillation_ramp_steps=1000"`. A run directory holds
+one setting: give each its own `--out` (a symlinked `data/` shares the events).
+
 Results (one JSON line per arm and seed) accumulate in `<out>/results.jsonl`, so an interrupted run
 resumes where it stopped; `<out>/ablation.md` holds the tables and `<out>/*.png` the plots.
 
@@ -112,12 +117,27 @@ def prepare_data(args: argparse.Namespace) -> str:
     return data_dir
 
 
+# TrainingConfig fields `--training` may set: the others have their own options (or are the seed)
+TRAINING_SETTINGS = {field.name for field in dataclasses.fields(TrainingConfig)} - {
+    "labels", "learning_rate", "epochs", "batch_size", "seed", "model"}
+
+
+def config_settings(text: str, option: str, fields: set[str]) -> dict:
+    """`key=literal,...` settings of a config's `fields`; anything else is refused, naming `option`."""
+    settings = keyword_literals(text, option)
+    unknown = sorted(set(settings) - fields)
+    if unknown:
+        raise SystemExit(f"{option}: unknown or not settable field(s) {unknown}; choose from {sorted(fields)}")
+    return settings
+
+
 def training_config(args: argparse.Namespace, seed: int, overrides: dict) -> TrainingConfig:
     labels = args.labels or ("teacher" if args.data == "synthetic" else "event")
     overrides = dict(overrides)
     model = dataclasses.replace(TrainingConfig.model, **{**args.model, **overrides.pop("model", {})})
     return TrainingConfig(labels=labels, learning_rate=args.learning_rate, epochs=args.epochs,
-                          batch_size=args.batch_size, seed=seed, model=model, **overrides)
+                          batch_size=args.batch_size, seed=seed, model=model,
+                          **{**args.training, **overrides})
 
 
 def _read_rows(path: str) -> list[dict]:
@@ -362,6 +382,8 @@ def main() -> None:
     parser.add_argument("--mixnmatch", type=int, default=12, help="random sub-models to evaluate (0: none)")
     parser.add_argument("--model", default="", help="RelevanceConfig fields for every arm, key=literal,... "
                         "(e.g. \"embedding_dim=8,tower_units=(32, 16),ta_only_blocks=2\")")
+    parser.add_argument("--training", default="", help="other TrainingConfig fields for every arm, key=literal,... "
+                        "(e.g. \"loss_weights=(1.0, 1.0, 2.0),distillation_ramp_steps=2000\")")
     parser.add_argument("--events", type=int, default=1_000_000, help="synthetic events (all splits)")
     parser.add_argument("--users", type=int, default=2_000)
     parser.add_argument("--items", type=int, default=1_000)
@@ -370,10 +392,8 @@ def main() -> None:
     parser.add_argument("--interaction-scale", type=float, default=8.0)
     args = parser.parse_args()
     args.out = args.out or os.path.join("runs", "ablation", args.data)
-    args.model = keyword_literals(args.model, "--model")
-    unknown_fields = sorted(set(args.model) - {field.name for field in dataclasses.fields(TrainingConfig.model)})
-    if unknown_fields:
-        parser.error(f"--model: unknown RelevanceConfig field(s) {unknown_fields}")
+    args.model = config_settings(args.model, "--model", {f.name for f in dataclasses.fields(TrainingConfig.model)})
+    args.training = config_settings(args.training, "--training", TRAINING_SETTINGS)
     args.arms = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
     try:
         args.grid = [float(rate) for rate in args.grid.split(",") if rate.strip()]

@@ -106,7 +106,7 @@ def test_model_settings_reach_every_arm_and_the_arm_own_settings_win():
     settings = ablation.keyword_literals("embedding_dim=8,tower_units=(32, 16),ta_only_blocks=3", "--model")
     assert settings == {"embedding_dim": 8, "tower_units": (32, 16), "ta_only_blocks": 3}
     args = argparse.Namespace(labels="event", data="synthetic", learning_rate=3e-3, epochs=2, batch_size=256,
-                              model=settings)
+                              model=settings, training={})
     plain = ablation.training_config(args, 0, ablation.ARMS["baseline"][2]).model
     control = ablation.training_config(args, 0, ablation.ARMS["init_control"][2]).model
     for model in (plain, control):
@@ -118,3 +118,16 @@ def test_model_settings_reach_every_arm_and_the_arm_own_settings_win():
 def test_model_settings_run_no_code_and_name_the_option(text):
     with pytest.raises(SystemExit, match="--model is key=literal"):
         ablation.keyword_literals(text, "--model")
+
+
+def test_training_settings_reach_every_arm_and_only_settable_fields_are_taken():
+    settings = ablation.config_settings("loss_weights=(1.0, 0.5, 2.0),distillation_ramp_steps=2000", "--training",
+                                        ablation.TRAINING_SETTINGS)
+    args = argparse.Namespace(labels="event", data="synthetic", learning_rate=3e-3, epochs=2, batch_size=256,
+                              model={}, training=settings)
+    for arm in ("baseline", "matta_shampoo", "init_control"):
+        config = ablation.training_config(args, 4, ablation.ARMS[arm][2])
+        assert (config.loss_weights, config.distillation_ramp_steps, config.seed) == ((1.0, 0.5, 2.0), 2000, 4)
+    for text in ("seed=3", "learning_rate=0.1", "loss_weight=(1, 1, 1)"):  # own options, or a typo
+        with pytest.raises(SystemExit, match=r"--training: unknown or not settable field\(s\) \['"):
+            ablation.config_settings(text, "--training", ablation.TRAINING_SETTINGS)
