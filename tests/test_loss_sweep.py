@@ -1,0 +1,45 @@
+"""The loss-weight sweep's table: seed 0's tuning figures and each setting's paired change against its default."""
+
+import importlib.util
+import pathlib
+
+from scipy import stats
+
+_PATH = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "loss_sweep.py"
+_SPEC = importlib.util.spec_from_file_location("loss_sweep", _PATH)
+loss_sweep = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(loss_sweep)
+
+
+def _row(setting, arm, seed, student, labels="teacher", w_d=1.0, validation=0.3):
+    config = {"labels": labels, "loss_weights": [1.0, 1.0, w_d], "distillation_ramp_steps": 200,
+              "distillation_start_step": 0, "distillation_ramp_shape": "linear"}
+    return {"setting": setting, "arm": arm, "seed": seed, "config": config, "validation_auc_loss": validation,
+            "student_auc_loss": student, "ta_auc_loss": 0.2}
+
+
+def _cells(report, setting):
+    for line in report.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        if cells[0] == setting:
+            return cells
+    raise AssertionError(f"no row for {setting} in\n{report}")
+
+
+def test_table_pairs_each_setting_with_the_default_and_baseline_of_its_own_labels():
+    default, half, baseline = [0.30, 0.31, 0.29], [0.29, 0.305, 0.282], [0.32, 0.335, 0.31]
+    rows = [_row("event_default", "matta_shampoo", 0, 0.9, labels="event")]  # other labels: never paired
+    for seed in range(3):
+        rows += [_row("default", "baseline", seed, baseline[seed]),
+                 _row("default", "matta_shampoo", seed, default[seed]),
+                 _row("wd0.5", "matta_shampoo", seed, half[seed], w_d=0.5, validation=0.25 + seed)]
+    report = loss_sweep.table(rows)
+    cells = _cells(report, "wd0.5")
+    change = sum(h / d - 1 for h, d in zip(half, default, strict=True)) / 3
+    assert cells[2] == "(1.0, 1.0, 0.5)" and cells[4] == "0.2500"  # seed 0's validation: the tuning figure
+    assert cells[7] == "3" and cells[8] == f"{sum(half) / 3:.4f}"
+    assert cells[9].startswith(f"{change:+.2%}") and f"p = {stats.ttest_rel(half, default).pvalue:.2g}" in cells[9]
+    to_baseline = sum(h / b - 1 for h, b in zip(half, baseline, strict=True)) / 3
+    assert cells[10].startswith(f"{to_baseline:+.2%}")
+    assert _cells(report, "default")[9] == "-"  # not against itself
+    assert _cells(report, "event_default")[9:] == ["-", "-"]  # one seed, and no event-label baseline
