@@ -131,6 +131,9 @@ class TrainingConfig:
         loss_weights: `(w_S, w_TA, w_D)`: weights of the Student, TA and distillation losses.
         distillation_start_step, distillation_ramp_steps, distillation_ramp_shape: The ramp of w_D
             (`linear` or `cosine`).
+            The defaults were kept after tuning them on validation (`benchmarks/loss_sweep.py`;
+            BENCHMARKS.md, "Loss weights and the ramp"): `w_D` up to 1 and the ramp variants tried
+            were within noise of them; `w_D >= 2` made the Student worse.
         model: The Student's sizes and the TA it is nested into (`matta_tf.models.relevance.RelevanceConfig`).
     """
 
