@@ -236,7 +236,7 @@ def run_arms(args: argparse.Namespace, data_dir: str) -> list[dict]:
             continue  # ta_alone trained earlier as offline_distill's teacher
         bar.set_postfix(arm=arm, seed=seed, lr=chosen[arm])
         row, run = train(arm, seed, chosen[arm], "final")
-        if args.mixnmatch and arm in MIXNMATCH_ARMS and seed == 0:
+        if args.mixnmatch and arm in MIXNMATCH_ARMS and seed < args.mixnmatch_seeds:
             row["mixnmatch"] = mix_n_match(run.network, data_dir, args)
         record(row)
     return done
@@ -299,7 +299,9 @@ def summarize(rows: list[dict], args: argparse.Namespace) -> str:
         p_value = f"{stats.ttest_rel(first[common], second[common]).pvalue:.3g}" if len(common) >= 2 else "-"
         lines.append(f"- {a} vs {b}: {relative.mean():+.2%} +- {relative.std():.2%} (p = {p_value}, "
                      f"{len(common)} seeds)")
-    mixnmatch = {row["arm"]: pd.DataFrame(row["mixnmatch"]) for row in rows if row.get("mixnmatch")}
+    lines += pareto_over_seeds(rows, frame)
+    mixnmatch = {row["arm"]: pd.DataFrame(row["mixnmatch"]) for row in rows
+                 if row.get("mixnmatch") and row["seed"] == 0}  # the plots: seed 0
     for arm, table in mixnmatch.items():
         lines.append("")
         lines.append(plot_mixnmatch(table, float(baseline.get(0, np.nan)), args, arm))
@@ -307,6 +309,34 @@ def summarize(rows: list[dict], args: argparse.Namespace) -> str:
         lines.append("")
         lines.append(plot_strategies(mixnmatch, float(baseline.get(0, np.nan)), args))
     return "\n".join(lines)
+
+
+def pareto_over_seeds(rows: list[dict], frame: pd.DataFrame) -> list[str]:
+    """Per Mix'n'Match arm over its evaluated seeds: how many sizes, and how many on each seed's Pareto front
+    (parameters vs test AucLoss), beat the same seed's baseline Student (the smallest baseline there is)."""
+    from matta_tf.extraction import pareto_frontier
+
+    baseline = frame[frame["arm"] == "baseline"].set_index("seed")["student_auc_loss"]
+    lines = []
+    for arm in MIXNMATCH_ARMS:
+        seeds = sorted({row["seed"] for row in rows if row["arm"] == arm and row.get("mixnmatch")
+                        and row["seed"] in baseline.index})
+        if not seeds:
+            continue
+        sizes = front = sizes_better = front_better = 0
+        worst = []
+        for seed in seeds:
+            row = next(r for r in rows if r["arm"] == arm and r["seed"] == seed and r.get("mixnmatch"))
+            table = pd.DataFrame(row["mixnmatch"]).dropna(subset=["auc_loss"])
+            on_front = pareto_frontier(table, "parameters", "auc_loss", higher_is_better=False)
+            better = table["auc_loss"] < baseline[seed]
+            sizes, sizes_better = sizes + len(table), sizes_better + int(better.sum())
+            front, front_better = front + int(on_front.sum()), front_better + int((better & on_front).sum())
+            worst.append(float(table.loc[on_front, "auc_loss"].max() / baseline[seed] - 1))
+        lines.append(f"- Mix'n'Match over seeds {seeds} ({arm}): {sizes_better} of {sizes} extracted sizes beat "
+                     f"the same seed's baseline Student; on the Pareto fronts {front_better} of {front}; the "
+                     f"worst front size per seed vs its baseline: {', '.join(f'{w:+.2%}' for w in worst)}.")
+    return ["", *lines] if lines else []
 
 
 def plot_strategies(tables: dict[str, pd.DataFrame], baseline: float, args: argparse.Namespace) -> str:
@@ -380,6 +410,8 @@ def main() -> None:
                         help="train every arm to the plateau of its validation AucLoss (--epochs is the cap)")
     parser.add_argument("--patience", type=int, default=2, help="epochs without a validation gain before stopping")
     parser.add_argument("--mixnmatch", type=int, default=12, help="random sub-models to evaluate (0: none)")
+    parser.add_argument("--mixnmatch-seeds", type=int, default=1,
+                        help="seeds whose Mix'n'Match sizes are evaluated (the same specs; the plots show seed 0)")
     parser.add_argument("--model", default="", help="RelevanceConfig fields for every arm, key=literal,... "
                         "(e.g. \"embedding_dim=8,tower_units=(32, 16),ta_only_blocks=2\")")
     parser.add_argument("--training", default="", help="other TrainingConfig fields for every arm, key=literal,... "

@@ -131,3 +131,23 @@ def test_training_settings_reach_every_arm_and_only_settable_fields_are_taken():
     for text in ("seed=3", "learning_rate=0.1", "loss_weight=(1, 1, 1)"):  # own options, or a typo
         with pytest.raises(SystemExit, match=r"--training: unknown or not settable field\(s\) \['"):
             ablation.config_settings(text, "--training", ablation.TRAINING_SETTINGS)
+
+
+def test_mixnmatch_over_seeds_counts_pareto_sizes_that_beat_the_same_seed_baseline():
+    import pandas as pd
+
+    def sizes(*pairs):
+        return [{"spec": f"s{i}", "parameters": p, "auc_loss": a} for i, (p, a) in enumerate(pairs)]
+
+    rows = [dict(arm="baseline", seed=0, student_auc_loss=0.30), dict(arm="baseline", seed=1, student_auc_loss=0.31),
+            # seed 0: 0.29 and 0.28 on the front and better; 0.31 off the front (a cheaper size is better); NaN: skipped
+            dict(arm="matta_sandwich", seed=0, student_auc_loss=0.29,
+                 mixnmatch=sizes((100, 0.29), (200, 0.31), (300, 0.28), (250, float("nan")))),
+            # seed 1: the Student (front) is worse than this seed's baseline, the TA (front) better
+            dict(arm="matta_sandwich", seed=1, student_auc_loss=0.315, mixnmatch=sizes((100, 0.315), (300, 0.30))),
+            dict(arm="matta_sandwich", seed=2, student_auc_loss=0.2, mixnmatch=sizes((100, 0.2)))]  # no baseline
+    frame = pd.DataFrame([{k: v for k, v in row.items() if k != "mixnmatch"} for row in rows])
+    (line,) = [text for text in ablation.pareto_over_seeds(rows, frame) if text]
+    assert "seeds [0, 1] (matta_sandwich)" in line
+    assert "3 of 5 extracted sizes beat" in line and "on the Pareto fronts 3 of 4" in line
+    assert f"{0.29 / 0.30 - 1:+.2%}, {0.315 / 0.31 - 1:+.2%}" in line
