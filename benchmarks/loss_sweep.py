@@ -152,6 +152,9 @@ def main() -> None:
         if not os.path.exists(os.path.join(out, "data")):
             os.symlink(data, os.path.join(out, "data"))
         arms = "baseline,matta_shampoo" if name in ("default", "event_default") else "matta_shampoo"
+        done = {(r["arm"], r["seed"]) for r in rows(args, [name]) if r.get("phase", "final") == "final"}
+        if all((arm, seed) in done for arm in arms.split(",") for seed in range(args.seeds)):
+            continue  # already run: rerunning would only rewrite its ablation.md with fewer seeds
         subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "ablation.py"),
                         "--data", "synthetic", "--events", str(args.events), "--grid", args.learning_rate,
                         "--mixnmatch", "0", "--labels", labels, "--out", out, "--arms", arms,
