@@ -319,15 +319,15 @@ def pareto_over_seeds(rows: list[dict], frame: pd.DataFrame) -> list[str]:
     baseline = frame[frame["arm"] == "baseline"].set_index("seed")["student_auc_loss"]
     lines = []
     for arm in MIXNMATCH_ARMS:
-        seeds = sorted({row["seed"] for row in rows if row["arm"] == arm and row.get("mixnmatch")
-                        and row["seed"] in baseline.index})
-        if not seeds:
+        evaluated = {row["seed"]: row["mixnmatch"] for row in rows
+                     if row["arm"] == arm and row.get("mixnmatch") and row["seed"] in baseline.index}
+        if not evaluated:
             continue
+        seeds = sorted(evaluated)
         sizes = front = sizes_better = front_better = 0
         worst = []
         for seed in seeds:
-            row = next(r for r in rows if r["arm"] == arm and r["seed"] == seed and r.get("mixnmatch"))
-            table = pd.DataFrame(row["mixnmatch"]).dropna(subset=["auc_loss"])
+            table = pd.DataFrame(evaluated[seed]).dropna(subset=["auc_loss"])
             on_front = pareto_frontier(table, "parameters", "auc_loss", higher_is_better=False)
             better = table["auc_loss"] < baseline[seed]
             sizes, sizes_better = sizes + len(table), sizes_better + int(better.sum())

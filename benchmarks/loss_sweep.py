@@ -74,14 +74,14 @@ def table(found: list[dict]) -> str:
     for setting, part in frame.groupby("setting", sort=False):
         part = part.drop_duplicates("seed").set_index("seed")
         first = part.loc[0] if 0 in part.index else part.iloc[0]
-        default = frame[frame["setting"] == ("default" if first["labels"] == "teacher" else "event_default")]
-        default = default.drop_duplicates("seed").set_index("seed")["student"]
+        default_name = "default" if first["labels"] == "teacher" else "event_default"
+        default = frame[frame["setting"] == default_name].drop_duplicates("seed").set_index("seed")["student"]
         baseline = (baselines.get_group(first["labels"]).drop_duplicates("seed").set_index("seed")["student"]
                     if first["labels"] in baselines.groups else pd.Series(dtype=float))
         paired = []
-        for reference in (default, baseline):
+        for reference in (pd.Series(dtype=float) if setting == default_name else default, baseline):
             common = part.index.intersection(reference.index)
-            if len(common) >= 2 and not part["student"][common].equals(reference[common]):
+            if len(common) >= 2:
                 change = part["student"][common] / reference[common] - 1
                 p_value = stats.ttest_rel(part["student"][common], reference[common]).pvalue
                 paired.append(f"{change.mean():+.2%} +- {change.std():.2%} (p = {p_value:.2g})")
@@ -99,10 +99,14 @@ def plot(found: list[dict], path: str, baseline: float | None) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    seed0 = {r["setting"]: r for r in found if r["seed"] == 0 and r["arm"] == "matta_shampoo"}
-    weighted = sorted((r["config"]["loss_weights"][2], r) for name, r in seed0.items()
-                      if r["config"]["loss_weights"][:2] == [1.0, 1.0] and r["config"]["distillation_ramp_steps"] == 200
-                      and r["config"]["distillation_start_step"] == 0 and not name.startswith("event"))
+    def only_w_d_changed(row: dict) -> bool:  # w_S = w_TA = 1 and the default ramp
+        config = row["config"]
+        return (config["loss_weights"][:2] == [1.0, 1.0] and config["distillation_ramp_steps"] == 200
+                and config["distillation_start_step"] == 0)
+
+    seed0 = {r["setting"]: r for r in found if r["seed"] == 0 and r["arm"] == "matta_shampoo"
+             and not r["setting"].startswith("event")}
+    weighted = sorted((r["config"]["loss_weights"][2], r) for r in seed0.values() if only_w_d_changed(r))
     figure, (left, right) = plt.subplots(1, 2, figsize=(11, 4.2))
     positions = range(len(weighted))  # evenly spaced: the weights span 0 to 4
     for key, label in (("validation_auc_loss", "Student validation"), ("student_auc_loss", "Student test"),
@@ -111,9 +115,7 @@ def plot(found: list[dict], path: str, baseline: float | None) -> None:
     left.set_xticks(list(positions), [f"{w:g}" for w, _ in weighted])
     left.set_xlabel("distillation weight w_D (w_S = w_TA = 1, 200-step linear ramp)")
     left.set_ylabel("AucLoss, seed 0 (lower is better)")
-    others = [(name, r) for name, r in seed0.items() if not name.startswith("event")
-              and not (r["config"]["loss_weights"][:2] == [1.0, 1.0] and r["config"]["distillation_ramp_steps"] == 200
-                       and r["config"]["distillation_start_step"] == 0)]
+    others = [(name, r) for name, r in seed0.items() if not only_w_d_changed(r)]
     others = [("default", seed0["default"])] + others if "default" in seed0 else others
     positions = range(len(others))
     for key, label in (("validation_auc_loss", "Student validation"), ("student_auc_loss", "Student test")):
