@@ -67,6 +67,7 @@ os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+import tensorflow as tf  # noqa: E402
 from scipy import stats  # noqa: E402
 from tqdm.auto import tqdm  # noqa: E402
 
@@ -74,7 +75,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _literals import keyword_literals  # noqa: E402
 
 from matta_tf.data import MovieLensConfig, SyntheticConfig, generate_synthetic, prepare_movielens  # noqa: E402
-from matta_tf.pipelines.config import TrainingConfig  # noqa: E402
+from matta_tf.data.atomic import atomic_write  # noqa: E402
+from matta_tf.data.tfrecords import read_records  # noqa: E402
+from matta_tf.extraction.evaluate import binary_metrics  # noqa: E402
+from matta_tf.pipelines.config import RunConfig, RunConfigError, TrainingConfig  # noqa: E402
 from matta_tf.pipelines.train import Plateau, evaluation_dataset, train_relevance  # noqa: E402
 from matta_tf.training import Sandwich  # noqa: E402
 
@@ -115,6 +119,18 @@ def prepare_data(args: argparse.Namespace) -> str:
     else:
         prepare_movielens(data_dir, MovieLensConfig())
     return data_dir
+
+
+def oracle_auc_loss(data_dir: str) -> float | None:
+    """Test AucLoss of the hidden truth's own logit (synthetic events' `true_logit`) against the drawn labels:
+    the best any model can score on these events, so `baseline - oracle` is the room there is. `None`
+    for events without a hidden truth (MovieLens)."""
+    with open(os.path.join(data_dir, "summary.json"), encoding="utf-8") as handle:
+        if json.load(handle).get("source") != "synthetic":
+            return None
+    spec = {"true_logit": tf.io.FixedLenFeature([], tf.float32), "label": tf.io.FixedLenFeature([], tf.int64)}
+    test = tf.io.parse_example(list(read_records(os.path.join(data_dir, "test"))), spec)
+    return binary_metrics(test["label"].numpy(), test["true_logit"].numpy())["auc_loss"]
 
 
 # TrainingConfig fields `--training` may set: the others have their own options (or are the seed)
@@ -251,7 +267,9 @@ def mix_n_match(network, data_dir: str, args: argparse.Namespace) -> list[dict]:
     return table[["spec", "parameters", "auc_loss"]].to_dict("records")
 
 
-def summarize(rows: list[dict], args: argparse.Namespace) -> str:
+def summarize(rows: list[dict], args: argparse.Namespace, oracle: float | None = None) -> str:
+    """The report: per-arm tables, paired comparisons, Mix'n'Match; `oracle` (the hidden truth's own test
+    AucLoss, `oracle_auc_loss`) adds how far each reference model is from the best possible score."""
     rows = [row for row in rows if row.get("phase", "final") == "final"]
     frame = pd.DataFrame([{**{k: v for k, v in row.items() if k not in ("config", "mixnmatch")},
                            **({"cap": row["config"]["epochs"]} if "config" in row else {})} for row in rows])
@@ -288,6 +306,11 @@ def summarize(rows: list[dict], args: argparse.Namespace) -> str:
         gap = (1 - ta_baseline[common]) - (1 - baseline[common])
         lines.append(f"Capacity gap (TA alone minus baseline Student, test AUROC): {gap.mean():+.4f} "
                      f"+- {gap.std():.4f}.")
+    if oracle is not None:
+        above = [f"{name} {(values.mean() / oracle - 1):+.1%}" for name, values
+                 in (("the baseline Student", baseline), ("the TA alone", ta_baseline)) if not values.empty]
+        lines.append(f"Oracle (the hidden truth's own logit) test AucLoss: {oracle:.4f}"
+                     + (f"; above it: {', '.join(above)}." if above else "."))
     pairs = [(a, b) for a, b in PAIRED if {a, b} <= set(frame["arm"])]
     if pairs:
         lines += ["", "Further paired comparisons (Student test AucLoss, same seeds):", ""]
@@ -426,6 +449,11 @@ def main() -> None:
     args.out = args.out or os.path.join("runs", "ablation", args.data)
     args.model = config_settings(args.model, "--model", {f.name for f in dataclasses.fields(TrainingConfig.model)})
     args.training = config_settings(args.training, "--training", TRAINING_SETTINGS)
+    for option, section in (("--model", {"model": args.model}), ("--training", args.training)):
+        try:  # the values checked now, before any events are generated, as `matta run` checks its config
+            RunConfig.from_dict({"training": section})
+        except RunConfigError as error:
+            parser.error(f"{option}: {error}")
     args.arms = [arm.strip() for arm in args.arms.split(",") if arm.strip()]
     try:
         args.grid = [float(rate) for rate in args.grid.split(",") if rate.strip()]
@@ -444,11 +472,10 @@ def main() -> None:
     os.makedirs(args.out, exist_ok=True)
     data_dir = prepare_data(args)
     rows = run_arms(args, data_dir)
-    report = summarize(rows, args)
-    with open(os.path.join(args.out, "ablation.md"), "w", encoding="utf-8") as handle:
-        command = " ".join(["python benchmarks/ablation.py", *sys.argv[1:]])
-        handle.write(f"# Ablation ({args.data})\n\nCommand: `{command}`\n\n")
-        handle.write(report + "\n")
+    report = summarize(rows, args, oracle=oracle_auc_loss(data_dir))
+    command = " ".join(["python benchmarks/ablation.py", *sys.argv[1:]])
+    atomic_write(os.path.join(args.out, "ablation.md"),
+                 f"# Ablation ({args.data})\n\nCommand: `{command}`\n\n{report}\n")
     print(report)
 
 

@@ -151,3 +151,43 @@ def test_mixnmatch_over_seeds_counts_pareto_sizes_that_beat_the_same_seed_baseli
     assert "seeds [0, 1] (matta_sandwich)" in line
     assert "3 of 5 extracted sizes beat" in line and "on the Pareto fronts 3 of 4" in line
     assert f"{0.29 / 0.30 - 1:+.2%}, {0.315 / 0.31 - 1:+.2%}" in line
+
+
+def test_oracle_is_the_exact_auroc_of_the_hidden_truth_on_the_test_events(tmp_path):
+    from matta_tf.data import SyntheticConfig, generate_synthetic
+    from matta_tf.data.synthetic import GroundTruth, generate_chunk
+
+    config = SyntheticConfig(num_users=50, num_items=40, num_events=3_000, chunk_size=10_000, num_shards=2,
+                             seed=7)
+    generate_synthetic(str(tmp_path / "data"), config, progress=False)
+    # Regenerated independently: one chunk per split, so the test events are chunk 2 (events 2700..2999).
+    test = generate_chunk(GroundTruth(config), 2, 2_700, 300)
+    positive, logits = test["label"].astype(bool), test["true_logit"]
+    difference = logits[positive][:, None] - logits[~positive][None, :]
+    pairs = (difference > 0).mean() + 0.5 * (difference == 0).mean()  # P(positive above negative), ties 1/2
+    assert ablation.oracle_auc_loss(str(tmp_path / "data")) == pytest.approx(1.0 - pairs, abs=1e-9)
+
+
+def test_oracle_is_reported_against_the_baseline_and_absent_without_a_hidden_truth(tmp_path):
+    rows, baseline, *_ = _rows()
+    args = argparse.Namespace(seeds=3, out=str(tmp_path), data="synthetic")
+    report = ablation.summarize(rows, args, oracle=0.25)
+    assert f"test AucLoss: 0.2500; above it: the baseline Student {sum(baseline) / 3 / 0.25 - 1:+.1%}" in report
+    assert "Oracle" not in ablation.summarize(rows, args)
+    (tmp_path / "summary.json").write_text('{"source": "movielens"}')
+    assert ablation.oracle_auc_loss(str(tmp_path)) is None
+
+
+@pytest.mark.parametrize(("option", "text", "named"), [
+    ("--training", "loss_weights=(1.0, 2.0)", "training.loss_weights"),
+    ("--training", "distillation_ramp_shape='step'", "training.distillation_ramp_shape"),
+    ("--model", "embedding_dim=0", "training.model.embedding_dim"),
+])
+def test_bad_settings_are_refused_before_any_event_is_generated(tmp_path, monkeypatch, capsys, option, text, named):
+    out = tmp_path / "run"
+    monkeypatch.setattr("sys.argv", ["ablation.py", "--out", str(out), "--events", "1000", option, text])
+    with pytest.raises(SystemExit):
+        ablation.main()
+    error = capsys.readouterr().err
+    assert f"{option}: {named}" in error and "Received" in error
+    assert not out.exists()
