@@ -105,17 +105,36 @@ STUDENT_ARMS = ("baseline", "shampoo_only", "matta_adam", "matta_shampoo", "matt
 TA_ARMS = ("ta_alone", "matta_adam", "matta_shampoo", "matta_sandwich", "no_sharing", "no_sharing_shared_embeddings")
 
 
+def synthetic_config(args: argparse.Namespace) -> SyntheticConfig:
+    return SyntheticConfig(
+        num_users=args.users, num_items=args.items, num_events=args.events, latent_dim=args.latent_dim,
+        nonlinear_units=args.nonlinear_units, interaction_scale=args.interaction_scale, teacher_labels=True,
+        seed=1234,
+    )
+
+
 def prepare_data(args: argparse.Namespace) -> str:
-    """The events directory, generated or prepared on first use."""
+    """The events directory, generated or prepared on first use. Synthetic events already there (or shared
+    through a symlinked `data/`) must be the ones the options describe: a mismatch is refused, naming the
+    options, rather than measured on other events than the command says."""
     data_dir = os.path.join(args.out, "data")
-    if os.path.exists(os.path.join(data_dir, "summary.json")):
+    summary_path = os.path.join(data_dir, "summary.json")
+    if os.path.exists(summary_path):
+        if args.data == "synthetic":
+            with open(summary_path, encoding="utf-8") as handle:
+                existing = json.load(handle).get("config", {})
+            wanted = json.loads(json.dumps(dataclasses.asdict(synthetic_config(args))))
+            options = {"num_users": "--users", "num_items": "--items", "num_events": "--events",
+                       "latent_dim": "--latent-dim", "nonlinear_units": "--nonlinear-units",
+                       "interaction_scale": "--interaction-scale"}
+            differ = [f"{options.get(k, k)} {wanted[k]!r} (the events have {existing.get(k)!r})"
+                      for k in wanted if existing.get(k) != wanted[k]]
+            if differ:
+                raise SystemExit(f"{data_dir} holds other synthetic events than the options ask for: "
+                                 f"{'; '.join(differ)}. Pass the events' options, or choose another --out.")
         return data_dir
     if args.data == "synthetic":
-        generate_synthetic(data_dir, SyntheticConfig(
-            num_users=args.users, num_items=args.items, num_events=args.events, latent_dim=args.latent_dim,
-            nonlinear_units=args.nonlinear_units, interaction_scale=args.interaction_scale, teacher_labels=True,
-            seed=1234,
-        ))
+        generate_synthetic(data_dir, synthetic_config(args))
     else:
         prepare_movielens(data_dir, MovieLensConfig())
     return data_dir

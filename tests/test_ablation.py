@@ -191,3 +191,15 @@ def test_bad_settings_are_refused_before_any_event_is_generated(tmp_path, monkey
     error = capsys.readouterr().err
     assert f"{option}: {named}" in error and "Received" in error
     assert not out.exists()
+
+
+def test_events_already_there_must_be_the_ones_the_options_describe(tmp_path):
+    from matta_tf.data import generate_synthetic
+
+    args = argparse.Namespace(out=str(tmp_path), data="synthetic", users=30, items=20, events=600, latent_dim=4,
+                              nonlinear_units=8, interaction_scale=8.0)
+    generate_synthetic(str(tmp_path / "data"), ablation.synthetic_config(args), progress=False)
+    assert ablation.prepare_data(args) == str(tmp_path / "data")  # the same options: reused
+    with pytest.raises(SystemExit, match=r"--interaction-scale 16\.0 \(the events have 8\.0\)") as refused:
+        ablation.prepare_data(argparse.Namespace(**{**vars(args), "interaction_scale": 16.0}))
+    assert "--users" not in str(refused.value)
