@@ -73,6 +73,7 @@ from tqdm.auto import tqdm  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from _literals import keyword_literals  # noqa: E402
+from _synthetic_options import SYNTHETIC_OPTIONS  # noqa: E402
 
 from matta_tf.data import MovieLensConfig, SyntheticConfig, generate_synthetic, prepare_movielens  # noqa: E402
 from matta_tf.data.atomic import atomic_write  # noqa: E402
@@ -113,25 +114,36 @@ def synthetic_config(args: argparse.Namespace) -> SyntheticConfig:
     )
 
 
+def events_mismatch(summary: dict, args: argparse.Namespace) -> list[str]:
+    """How the events a `summary.json` describes differ from the ones `args` ask for (empty: the same).
+
+    A summary lacking a field (written before the field existed) is read with the field's default;
+    `num_shards` and `chunk_size` only lay the same events out differently, so they are not compared."""
+    source = summary.get("source")
+    if (source == "synthetic") != (args.data == "synthetic"):
+        return [f"--data {args.data!r} (the events are {source!r})"]
+    if args.data != "synthetic":
+        return []
+    defaults = json.loads(json.dumps(dataclasses.asdict(SyntheticConfig())))
+    existing = {**defaults, **summary.get("config", {})}
+    wanted = json.loads(json.dumps(dataclasses.asdict(synthetic_config(args))))
+    named = {k: SYNTHETIC_OPTIONS.get(k, f"{k} (not an ablation.py option)") for k in wanted}
+    return [f"{named[k]} {wanted[k]!r} (the events have {existing[k]!r})"
+            for k in wanted if k not in ("num_shards", "chunk_size") and existing[k] != wanted[k]]
+
+
 def prepare_data(args: argparse.Namespace) -> str:
-    """The events directory, generated or prepared on first use. Synthetic events already there (or shared
-    through a symlinked `data/`) must be the ones the options describe: a mismatch is refused, naming the
-    options, rather than measured on other events than the command says."""
+    """The events directory, generated or prepared on first use. Events already there (or shared through a
+    symlinked `data/`) must be the ones the options describe: a mismatch is refused, naming the options,
+    rather than measured on other events than the command says."""
     data_dir = os.path.join(args.out, "data")
     summary_path = os.path.join(data_dir, "summary.json")
     if os.path.exists(summary_path):
-        if args.data == "synthetic":
-            with open(summary_path, encoding="utf-8") as handle:
-                existing = json.load(handle).get("config", {})
-            wanted = json.loads(json.dumps(dataclasses.asdict(synthetic_config(args))))
-            options = {"num_users": "--users", "num_items": "--items", "num_events": "--events",
-                       "latent_dim": "--latent-dim", "nonlinear_units": "--nonlinear-units",
-                       "interaction_scale": "--interaction-scale"}
-            differ = [f"{options.get(k, k)} {wanted[k]!r} (the events have {existing.get(k)!r})"
-                      for k in wanted if existing.get(k) != wanted[k]]
-            if differ:
-                raise SystemExit(f"{data_dir} holds other synthetic events than the options ask for: "
-                                 f"{'; '.join(differ)}. Pass the events' options, or choose another --out.")
+        with open(summary_path, encoding="utf-8") as handle:
+            differ = events_mismatch(json.load(handle), args)
+        if differ:
+            raise SystemExit(f"{os.path.realpath(data_dir)} holds other events than the options ask for: "
+                             f"{'; '.join(differ)}. Pass the events' options, or choose another --out.")
         return data_dir
     if args.data == "synthetic":
         generate_synthetic(data_dir, synthetic_config(args))
@@ -142,8 +154,8 @@ def prepare_data(args: argparse.Namespace) -> str:
 
 def oracle_auc_loss(data_dir: str) -> float | None:
     """Test AucLoss of the hidden truth's own logit (synthetic events' `true_logit`) against the drawn labels:
-    the best any model can score on these events, so `baseline - oracle` is the room there is. `None`
-    for events without a hidden truth (MovieLens)."""
+    the best any model can score in expectation (on a finite test split one can land slightly below it),
+    so `baseline - oracle` is the room there is. `None` for events without a hidden truth (MovieLens)."""
     with open(os.path.join(data_dir, "summary.json"), encoding="utf-8") as handle:
         if json.load(handle).get("source") != "synthetic":
             return None

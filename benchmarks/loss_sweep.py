@@ -1,8 +1,9 @@
 """MatTA's loss weights and distillation ramp, tuned on validation (issue 16): one ablation run per setting.
 
 Each setting is `benchmarks/ablation.py --arms matta_shampoo --training <setting>` in its own run directory
-`<root>/<name>` (the events shared through a symlinked `data/`), at the arm's tuned learning rate, under
-the ablation's stopping rule. `--seeds 1` is the tuning pass (chosen on the validation AucLoss of the
+`<root>/<name>` (the events shared through a symlinked `data/`, and their options read from its
+`summary.json`), at the arm's tuned learning rate, under the ablation's stopping rule; a reference run
+that set `--model` or `--epochs` needs the same here. `--seeds 1` is the tuning pass (chosen on the validation AucLoss of the
 Student, as the learning rate is); rerun a chosen setting with `--seeds 5 --only NAME` to test it on
 the seeds of the reference run. Runs resume from each directory's `results.jsonl`, so rerunning only
 redraws. Writes `<root>/loss_sweep.md` (the table) and `<root>/loss_sweep.png` (AucLoss vs the
@@ -19,6 +20,9 @@ import json
 import os
 import subprocess
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from _synthetic_options import SYNTHETIC_OPTIONS  # noqa: E402
 
 # name -> (labels, --training settings); "" is TrainingConfig's default: (1, 1, 1), a 200-step linear ramp from step 0
 SETTINGS = {
@@ -133,13 +137,21 @@ def plot(found: list[dict], path: str, baseline: float | None) -> None:
     plt.close(figure)
 
 
+def reference_events(data: str) -> list[str]:
+    """ablation.py's options for the synthetic events in `data` (the reference run's), read from its summary."""
+    with open(os.path.join(data, "summary.json"), encoding="utf-8") as handle:
+        config = json.load(handle)["config"]
+    return [text for field, option in SYNTHETIC_OPTIONS.items() for text in (option, str(config[field]))]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--reference", required=True, help="the ablation run directory: its data/, its default")
     parser.add_argument("--root", default="runs/losses")
     parser.add_argument("--only", default="", help=f"comma-separated setting names (default: all of {list(SETTINGS)})")
     parser.add_argument("--seeds", type=int, default=1)
-    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--model", default="", help="ablation.py's --model, for a reference run that set one")
+    parser.add_argument("--epochs", default=None, help="ablation.py's --epochs (the cap), if the reference set one")
     parser.add_argument("--learning-rate", default="3e-3", help="matta_shampoo's tuned rate (a one-value grid)")
     args = parser.parse_args()
     names = [n for n in args.only.split(",") if n] or list(SETTINGS)
@@ -147,6 +159,7 @@ def main() -> None:
     if unknown:
         parser.error(f"--only: unknown setting(s) {unknown}; choose from {list(SETTINGS)}")
     data = os.path.abspath(os.path.join(args.reference, "data"))
+    events = reference_events(data)
     for name in names:
         labels, training = SETTINGS[name]
         out = run_directory(args, name)
@@ -158,9 +171,10 @@ def main() -> None:
         if all((arm, seed) in done for arm in arms.split(",") for seed in range(args.seeds)):
             continue  # already run: rerunning would only rewrite its ablation.md with fewer seeds
         subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "ablation.py"),
-                        "--data", "synthetic", "--events", str(args.events), "--grid", args.learning_rate,
+                        "--data", "synthetic", *events, "--grid", args.learning_rate,
                         "--mixnmatch", "0", "--labels", labels, "--out", out, "--arms", arms,
-                        "--seeds", str(args.seeds), "--training", training], check=True)
+                        "--seeds", str(args.seeds), "--training", training, "--model", args.model,
+                        *(["--epochs", args.epochs] if args.epochs else [])], check=True)
     found = rows(args, list(SETTINGS))
     baseline = next((r["student_auc_loss"] for r in found if r["arm"] == "baseline" and r["seed"] == 0
                      and r["setting"] == "default"), None)

@@ -172,7 +172,9 @@ def test_oracle_is_reported_against_the_baseline_and_absent_without_a_hidden_tru
     rows, baseline, *_ = _rows()
     args = argparse.Namespace(seeds=3, out=str(tmp_path), data="synthetic")
     report = ablation.summarize(rows, args, oracle=0.25)
-    assert f"test AucLoss: 0.2500; above it: the baseline Student {sum(baseline) / 3 / 0.25 - 1:+.1%}" in report
+    ta = sum(row["ta_auc_loss"] for row in rows if row["arm"] == "ta_alone") / 3
+    assert (f"test AucLoss: 0.2500; above it: the baseline Student {sum(baseline) / 3 / 0.25 - 1:+.1%}, "
+            f"the TA alone {ta / 0.25 - 1:+.1%}.") in report
     assert "Oracle" not in ablation.summarize(rows, args)
     (tmp_path / "summary.json").write_text('{"source": "movielens"}')
     assert ablation.oracle_auc_loss(str(tmp_path)) is None
@@ -193,13 +195,37 @@ def test_bad_settings_are_refused_before_any_event_is_generated(tmp_path, monkey
     assert not out.exists()
 
 
+def test_good_settings_pass_the_check_and_reach_the_events(tmp_path, monkeypatch):
+    reached = []
+    monkeypatch.setattr(ablation, "prepare_data", lambda args: reached.append(args) or str(tmp_path))
+    monkeypatch.setattr(ablation, "run_arms", lambda args, data_dir: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr("sys.argv", ["ablation.py", "--out", str(tmp_path), "--training", "loss_weights=(1.0,1.0,0.5)",
+                                     "--model", "tower_units=(32, 16),embedding_dim=2"])
+    with pytest.raises(KeyboardInterrupt):
+        ablation.main()
+    assert reached[0].training == {"loss_weights": (1.0, 1.0, 0.5)}
+
+
 def test_events_already_there_must_be_the_ones_the_options_describe(tmp_path):
+    import json
+    import os
+
     from matta_tf.data import generate_synthetic
 
-    args = argparse.Namespace(out=str(tmp_path), data="synthetic", users=30, items=20, events=600, latent_dim=4,
-                              nonlinear_units=8, interaction_scale=8.0)
-    generate_synthetic(str(tmp_path / "data"), ablation.synthetic_config(args), progress=False)
-    assert ablation.prepare_data(args) == str(tmp_path / "data")  # the same options: reused
+    args = argparse.Namespace(out=str(tmp_path / "run"), data="synthetic", users=30, items=20, events=600,
+                              latent_dim=4, nonlinear_units=8, interaction_scale=8.0)
+    generate_synthetic(str(tmp_path / "events"), ablation.synthetic_config(args), progress=False)
+    os.makedirs(args.out)
+    os.symlink(tmp_path / "events", tmp_path / "run" / "data")  # shared events, as the sweeps share them
+    assert ablation.prepare_data(args) == str(tmp_path / "run" / "data")  # the same options: reused
     with pytest.raises(SystemExit, match=r"--interaction-scale 16\.0 \(the events have 8\.0\)") as refused:
         ablation.prepare_data(argparse.Namespace(**{**vars(args), "interaction_scale": 16.0}))
-    assert "--users" not in str(refused.value)
+    assert "--users" not in str(refused.value) and str(tmp_path / "events") in str(refused.value)
+    with pytest.raises(SystemExit, match=r"--data 'movielens' \(the events are 'synthetic'\)"):
+        ablation.prepare_data(argparse.Namespace(**{**vars(args), "data": "movielens"}))
+    summary = json.loads((tmp_path / "events" / "summary.json").read_text())
+    del summary["config"]["teacher_labels"]  # a summary from before a field existed: read with its default
+    assert ablation.events_mismatch(summary, args) == ["teacher_labels (not an ablation.py option) True "
+                                                       "(the events have False)"]
+    summary["config"].update(teacher_labels=True, num_shards=1, seed=0)  # the layout is not the events
+    assert ablation.events_mismatch(summary, args) == ["seed (not an ablation.py option) 1234 (the events have 0)"]

@@ -43,3 +43,26 @@ def test_table_pairs_each_setting_with_the_default_and_baseline_of_its_own_label
     assert cells[10].startswith(f"{to_baseline:+.2%}")
     assert _cells(report, "default")[9] == "-"  # not against itself
     assert _cells(report, "event_default")[9:] == ["-", "-"]  # one seed, and no event-label baseline
+
+
+def test_the_reference_run_events_are_passed_on_so_that_ablation_accepts_them(tmp_path):
+    import argparse
+    import json
+
+    _ablation_path = _PATH.parent / "ablation.py"
+    spec = importlib.util.spec_from_file_location("ablation", _ablation_path)
+    ablation = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ablation)
+    wanted = argparse.Namespace(data="synthetic", users=500, items=500, events=200_000, latent_dim=64,
+                                nonlinear_units=64, interaction_scale=16.0)
+    summary = {"source": "synthetic", "config": json.loads(json.dumps(
+        ablation.dataclasses.asdict(ablation.synthetic_config(wanted))))}
+    (tmp_path / "summary.json").write_text(json.dumps(summary))
+    options = loss_sweep.reference_events(str(tmp_path))
+    assert options[options.index("--interaction-scale") + 1] == "16.0" and "--users" in options
+    parser = argparse.ArgumentParser()  # read back as ablation.py reads them
+    for option, kind in (("--users", int), ("--items", int), ("--events", int), ("--latent-dim", int),
+                         ("--nonlinear-units", int), ("--interaction-scale", float)):
+        parser.add_argument(option, type=kind)
+    args = parser.parse_args(options)
+    assert ablation.events_mismatch(summary, argparse.Namespace(data="synthetic", **vars(args))) == []
