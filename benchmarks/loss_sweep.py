@@ -3,11 +3,11 @@
 Each setting is `benchmarks/ablation.py --arms matta_shampoo --training <setting>` in its own run directory
 `<root>/<name>` (the events shared through a symlinked `data/`, and their options read from its
 `summary.json`), at the arm's tuned learning rate, under the ablation's stopping rule; a reference run
-that set `--model` or `--epochs` needs the same here. `--seeds 1` is the tuning pass (chosen on the validation AucLoss of the
-Student, as the learning rate is); rerun a chosen setting with `--seeds 5 --only NAME` to test it on
-the seeds of the reference run. Runs resume from each directory's `results.jsonl`, so rerunning only
-redraws. Writes `<root>/loss_sweep.md` (the table) and `<root>/loss_sweep.png` (AucLoss vs the
-distillation weight w_D, and the ramp settings beside the default).
+that set `--model` or `--epochs` needs the same here. `--seeds 1` is the tuning pass (chosen on the
+validation AucLoss of the Student, as the learning rate is); rerun a chosen setting with
+`--seeds 5 --only NAME` to test it on the seeds of the reference run. Runs resume from each directory's
+`results.jsonl`, so rerunning only redraws. Writes `<root>/loss_sweep.md` (the table) and
+`<root>/loss_sweep.png` (AucLoss vs the distillation weight w_D, and the ramp settings beside the default).
 
     python benchmarks/loss_sweep.py --reference runs/ablation/synthetic200k --root runs/losses
     python benchmarks/loss_sweep.py --reference runs/ablation/synthetic200k --root runs/losses --only wd0.5 --seeds 5
