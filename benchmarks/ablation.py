@@ -107,11 +107,9 @@ TA_ARMS = ("ta_alone", "matta_adam", "matta_shampoo", "matta_sandwich", "no_shar
 
 
 def synthetic_config(args: argparse.Namespace) -> SyntheticConfig:
-    return SyntheticConfig(
-        num_users=args.users, num_items=args.items, num_events=args.events, latent_dim=args.latent_dim,
-        nonlinear_units=args.nonlinear_units, interaction_scale=args.interaction_scale, teacher_labels=True,
-        seed=1234,
-    )
+    """The events the options describe: each SYNTHETIC_OPTIONS field from its option, the rest fixed."""
+    options = {field: getattr(args, option[2:].replace("-", "_")) for field, option in SYNTHETIC_OPTIONS.items()}
+    return SyntheticConfig(**options, teacher_labels=True, seed=1234)
 
 
 def events_mismatch(summary: dict, args: argparse.Namespace) -> list[str]:
@@ -446,7 +444,7 @@ def plot_mixnmatch(table: pd.DataFrame, baseline: float, args: argparse.Namespac
             f"{int(table['parameters'].max()):,}; plot `{path}`.")
 
 
-def main() -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--data", choices=("synthetic", "movielens"), default="synthetic")
     parser.add_argument("--out", default=None, help="defaults to runs/ablation/<data>")
@@ -476,6 +474,11 @@ def main() -> None:
     parser.add_argument("--latent-dim", type=int, default=64)
     parser.add_argument("--nonlinear-units", type=int, default=64)
     parser.add_argument("--interaction-scale", type=float, default=8.0)
+    return parser
+
+
+def main() -> None:
+    parser = build_parser()
     args = parser.parse_args()
     args.out = args.out or os.path.join("runs", "ablation", args.data)
     args.model = config_settings(args.model, "--model", {f.name for f in dataclasses.fields(TrainingConfig.model)})

@@ -49,8 +49,7 @@ def test_the_reference_run_events_are_passed_on_so_that_ablation_accepts_them(tm
     import argparse
     import json
 
-    _ablation_path = _PATH.parent / "ablation.py"
-    spec = importlib.util.spec_from_file_location("ablation", _ablation_path)
+    spec = importlib.util.spec_from_file_location("ablation", _PATH.parent / "ablation.py")
     ablation = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(ablation)
     wanted = argparse.Namespace(data="synthetic", users=500, items=500, events=200_000, latent_dim=64,
@@ -60,9 +59,5 @@ def test_the_reference_run_events_are_passed_on_so_that_ablation_accepts_them(tm
     (tmp_path / "summary.json").write_text(json.dumps(summary))
     options = loss_sweep.reference_events(str(tmp_path))
     assert options[options.index("--interaction-scale") + 1] == "16.0" and "--users" in options
-    parser = argparse.ArgumentParser()  # read back as ablation.py reads them
-    for option, kind in (("--users", int), ("--items", int), ("--events", int), ("--latent-dim", int),
-                         ("--nonlinear-units", int), ("--interaction-scale", float)):
-        parser.add_argument(option, type=kind)
-    args = parser.parse_args(options)
-    assert ablation.events_mismatch(summary, argparse.Namespace(data="synthetic", **vars(args))) == []
+    args = ablation.build_parser().parse_args(["--data", "synthetic", *options])  # read back as ablation.py does
+    assert ablation.events_mismatch(summary, args) == []
