@@ -1,7 +1,9 @@
 """The loss-weight sweep's table: seed 0's tuning figures and each setting's paired change against its default."""
 
 import importlib.util
+import json
 import pathlib
+import sys
 
 from scipy import stats
 
@@ -61,3 +63,64 @@ def test_the_reference_run_events_are_passed_on_so_that_ablation_accepts_them(tm
     assert options[options.index("--interaction-scale") + 1] == "16.0" and "--users" in options
     args = ablation.build_parser().parse_args(["--data", "synthetic", *options])  # read back as ablation.py does
     assert ablation.events_mismatch(summary, args) == []
+
+
+def _reference(tmp_path):
+    data = tmp_path / "reference" / "data"
+    data.mkdir(parents=True)
+    config = {"num_events": 1000, "num_users": 50, "num_items": 40, "latent_dim": 8, "nonlinear_units": 4,
+              "interaction_scale": 16.0}
+    (data / "summary.json").write_text(json.dumps({"source": "synthetic", "config": config}))
+    return tmp_path / "reference"
+
+
+def _fake_ablation(calls):
+    """Stands in for ablation.py: records its options and appends one final row per arm and seed."""
+    def run(command, check):
+        assert check
+        options = dict(zip(command[2::2], command[3::2], strict=False))
+        calls.append(options)
+        training = options["--training"]
+        weights = [1.0, 1.0, 0.5] if "0.5)" in training else [1.0, 1.0, 1.0]
+        with open(pathlib.Path(options["--out"]) / "results.jsonl", "a", encoding="utf-8") as handle:
+            for seed in range(int(options["--seeds"])):
+                config = {"labels": options["--labels"], "loss_weights": weights, "distillation_ramp_steps": 200,
+                          "distillation_start_step": 0, "distillation_ramp_shape": "linear"}
+                handle.write(json.dumps({"arm": options["--arms"], "seed": seed, "phase": "final", "config": config,
+                                         "learning_rate": float(options["--grid"]), "validation_auc_loss": 0.3,
+                                         "student_auc_loss": 0.25 + 0.01 * seed, "ta_auc_loss": 0.2}) + "\n")
+    return run
+
+
+def test_main_runs_each_setting_with_the_sweep_labels_and_the_baseline_at_its_own_rate(tmp_path, monkeypatch):
+    reference, root, calls = _reference(tmp_path), tmp_path / "sweep", []
+    monkeypatch.setattr(loss_sweep.subprocess, "run", _fake_ablation(calls))
+    argv = ["loss_sweep.py", "--reference", str(reference), "--root", str(root), "--labels", "event",
+            "--only", "default,wd0.5", "--seeds", "2", "--learning-rate", "3e-3", "--baseline-learning-rate", "1e-2",
+            "--model", "embedding_dim=2", "--epochs", "40"]
+    monkeypatch.setattr(sys, "argv", argv)
+    loss_sweep.main()
+    ran = [(c["--out"], c["--arms"], c["--grid"], c["--labels"], c["--training"]) for c in calls]
+    assert ran == [(str(root / "event_default"), "baseline", "1e-2", "event", ""),
+                   (str(root / "event_default"), "matta_shampoo", "3e-3", "event", ""),
+                   (str(root / "event_wd0.5"), "matta_shampoo", "3e-3", "event", "loss_weights=(1.0,1.0,0.5)")]
+    assert all(c["--model"] == "embedding_dim=2" and c["--epochs"] == "40" and c["--interaction-scale"] == "16.0"
+               and c["--users"] == "50" for c in calls)
+    assert (root / "event_wd0.5" / "data").resolve() == (reference / "data").resolve()
+    report = (root / "loss_sweep.md").read_text()
+    assert _cells(report, "event_wd0.5")[10].startswith("+0.00%")  # paired with the event-label baseline
+    assert (root / "loss_sweep.png").stat().st_size > 0
+    loss_sweep.main()  # every run is there: nothing is rerun
+    assert len(calls) == 3
+
+
+def test_main_refuses_a_reference_without_events_and_a_rate_that_is_not_a_number(tmp_path, monkeypatch, capsys):
+    import pytest
+
+    for argv, wanted in ((["--reference", str(tmp_path)], "--reference"),
+                         (["--reference", str(_reference(tmp_path)), "--baseline-learning-rate", "fast"],
+                          "--baseline-learning-rate: a positive number is needed. Received 'fast'")):
+        monkeypatch.setattr(sys, "argv", ["loss_sweep.py", *argv, "--root", str(tmp_path / "sweep")])
+        with pytest.raises(SystemExit):
+            loss_sweep.main()
+        assert wanted in capsys.readouterr().err
