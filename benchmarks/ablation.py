@@ -212,9 +212,22 @@ def _train_row(args: argparse.Namespace, data_dir: str, arm: str, seed: int, lea
         "student_log_loss": test["student"]["log_loss"], "ta_log_loss": test["ta"]["log_loss"],
         "validation_auc_loss": validation[stream]["auc_loss"] if validation else None,
         "epochs_run": run.metrics.get("plateau", {}).get("epochs_run", config.epochs),
+        "validation_per_epoch": run.metrics.get("plateau", {}).get("validation_auc_loss_per_epoch"),
+        **_at_its_own_best(run.metrics, label),
         "config": dataclasses.asdict(config),
     }
     return row, run
+
+
+def _at_its_own_best(metrics: dict, label: str) -> dict:
+    """The stream the plateau did not decide on, at its own best validation epoch: `ta_own_best_auc_loss` and
+    `ta_own_best_epoch` for a Student-decided arm (the TA of a nested pair peaks at another epoch)."""
+    other = metrics.get("plateau", {}).get("at_its_own_best")
+    if not other or "test" not in other:
+        return {}
+    stream = other["stream"]
+    return {f"{stream}_own_best_auc_loss": other["test"][label]["auc_loss"],
+            f"{stream}_own_best_epoch": other["best_epoch"]}
 
 
 def chosen_learning_rates(rows: list[dict], arms: list[str], grid: list[float]) -> dict[str, float]:
@@ -309,12 +322,20 @@ def summarize(rows: list[dict], args: argparse.Namespace, oracle: float | None =
              "baseline (negative is better), paired t-test over seeds.", ""]
     lines += ["| arm | stream | seeds | AucLoss mean | std | vs baseline | p (paired t) | minutes per run "
               "| learning rate | epochs |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for stream, arms, reference in (("student", STUDENT_ARMS, baseline), ("ta", TA_ARMS, ta_baseline)):
+    # The TA of a Student-decided arm is reported at the Student's best epoch ("ta"), and where it was
+    # recorded also at its own best validation epoch ("ta, own best epoch").
+    own_best = [arm for arm in TA_ARMS[1:] if "ta_own_best_auc_loss" in frame
+                and frame.loc[frame["arm"] == arm, "ta_own_best_auc_loss"].notna().any()]
+    for stream, arms, reference in (("student", STUDENT_ARMS, baseline), ("ta", TA_ARMS, ta_baseline),
+                                    ("ta, own best epoch", own_best, ta_baseline)):
         for arm in arms:
             part = frame[frame["arm"] == arm].set_index("seed")
+            if stream == "ta, own best epoch":
+                part = part[part["ta_own_best_auc_loss"].notna()]
+                part = part.assign(epochs_run=part["ta_own_best_epoch"]).drop(columns="cap", errors="ignore")
             if part.empty:
                 continue
-            values = part[f"{stream}_auc_loss"]
+            values = part["ta_own_best_auc_loss" if stream == "ta, own best epoch" else f"{stream}_auc_loss"]
             common = values.index.intersection(reference.index)
             relative = (values[common] / reference[common] - 1.0) if len(common) else pd.Series(dtype=float)
             is_reference = (stream == "student" and arm == "baseline") or (stream == "ta" and arm == "ta_alone")

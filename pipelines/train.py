@@ -159,9 +159,14 @@ class Plateau:
 
 @dataclasses.dataclass
 class TrainingRun:
+    """A trained arm: `network` (at the plateau's best epoch, if one was given), Keras's `history`, the
+    `metrics`, and with a plateau, `best_weights`: each stream's weights at its own best validation epoch
+    (`network.set_weights(run.best_weights["ta"])` puts the TA at its best, e.g. to export it)."""
+
     network: keras.Layer
     history: dict[str, list[float]]
     metrics: dict[str, Any]
+    best_weights: dict[str, list[np.ndarray]] = dataclasses.field(default_factory=dict)
 
 
 def train_relevance(
@@ -195,6 +200,9 @@ def train_relevance(
             Defaults to the schema's only event label.
         plateau: Train to a plateau of the validation quality (`Plateau`; `training.epochs` is then the
             cap) and keep the best epoch; `None` trains `training.epochs` epochs. Needs a validation split.
+            `metrics["plateau"]` then holds both streams' exact validation AucLoss after every epoch
+            (`validation_auc_loss_per_epoch`), and the other stream at its own best epoch (`at_its_own_best`:
+            the epoch, its validation and test figures); `TrainingRun.best_weights` holds both epochs' weights.
         distill_from: A trained pair-output network (frozen) whose TA stream's probabilities replace the
             training labels: offline distillation, the ceiling MatTA's co-training is compared with.
             Evaluation still reads the events' labels.
@@ -248,19 +256,34 @@ def train_relevance(
     if plateau is not None:
         if "validation" not in datasets:
             raise ValueError(f"`plateau` needs a validation split: {data_dir}/validation does not exist")
-        callbacks.append(PlateauStopping(
-            lambda: evaluate_streams(network, datasets["validation"], event_label)[plateau.stream], "auc_loss",
-            patience=plateau.patience, min_delta=plateau.min_delta, weights_of=network,
-            log_name=f"val_{plateau.stream}_exact_auc_loss"))
+        other = "ta" if plateau.stream == "student" else "student"
+        callbacks.append(PlateauStopping(  # both streams scored (one pass), `plateau.stream` decides
+            lambda: {stream: scores["auc_loss"]
+                     for stream, scores in evaluate_streams(network, datasets["validation"], event_label).items()},
+            plateau.stream, patience=plateau.patience, min_delta=plateau.min_delta, weights_of=network,
+            log_name=f"val_{plateau.stream}_exact_auc_loss", keep_best_of=(other,)))
     history = model.fit(datasets["train"], epochs=training.epochs, verbose=verbose, callbacks=callbacks)
     metrics: dict[str, Any] = {"arm": arm, "optimizer": optimizer or training.optimizer, "labels": label_name}
     if plateau is not None:
         stopping = callbacks[0]
         metrics["plateau"] = {"epochs_run": stopping.epochs_run, "best_epoch": stopping.best_epoch + 1,
-                              "validation_auc_loss": stopping.best, **dataclasses.asdict(plateau)}
+                              "validation_auc_loss": stopping.best, **dataclasses.asdict(plateau),
+                              "validation_auc_loss_per_epoch": {stream: [scores[stream] for scores in stopping.scores]
+                                                                for stream in ("student", "ta")}}
     for split in ("validation", "test"):
         if split in datasets:
             metrics[split] = {name: evaluate_streams(network, datasets[split], name) for name in eval_labels}
+    best_weights = {}
+    if plateau is not None:
+        best_weights = {stream: weights for stream, (_, _, weights) in stopping.best_of.items()}
+        if other in stopping.best_of:
+            epoch, value, weights = stopping.best_of[other]
+            network.set_weights(weights)  # the other stream at its own best epoch, then back
+            metrics["plateau"]["at_its_own_best"] = {
+                "stream": other, "best_epoch": epoch + 1, "validation_auc_loss": value,
+                **({"test": {name: evaluate_streams(network, datasets["test"], name)[other] for name in eval_labels}}
+                   if "test" in datasets else {})}
+            network.set_weights(best_weights[plateau.stream])
     if out_dir is not None and is_chief():
         os.makedirs(out_dir, exist_ok=True)
         with atomic_output(os.path.join(out_dir, RunLayout.NETWORK)) as temporary:
@@ -268,4 +291,4 @@ def train_relevance(
         atomic_write(os.path.join(out_dir, RunLayout.HISTORY),
                      json.dumps({k: [float(v) for v in vs] for k, vs in history.history.items()}, indent=1))
         atomic_write(os.path.join(out_dir, RunLayout.METRICS), json.dumps(metrics, indent=1))
-    return TrainingRun(network, history.history, metrics)
+    return TrainingRun(network, history.history, metrics, best_weights)

@@ -56,6 +56,24 @@ def test_summary_reports_relative_change_paired_test_and_gap(tmp_path):
     assert f"{gap:+.4f}" in report
 
 
+def test_the_ta_at_its_own_best_epoch_is_a_row_of_its_own_paired_with_the_ta_alone(tmp_path):
+    rows, _, _, ta, _ = _rows()
+    own = [0.24, 0.27, 0.245]
+    for row in rows:
+        if row["arm"] == "matta_shampoo":
+            row.update(ta_own_best_auc_loss=own[row["seed"]], ta_own_best_epoch=3 + row["seed"], epochs_run=9)
+    report = ablation.summarize(rows, argparse.Namespace(seeds=3, out=str(tmp_path), data="synthetic"))
+    cells = _table_row(report, "matta_shampoo", "ta, own best epoch")
+    relative = sum(o / t - 1 for o, t in zip(own, ta, strict=True)) / 3
+    assert cells[3] == f"{sum(own) / 3:.4f}" and cells[5].startswith(f"{relative:+.2%}")
+    assert float(cells[6]) == pytest.approx(stats.ttest_rel(own, ta).pvalue, rel=1e-2)
+    assert cells[9] == "4.0"  # the TA's own best epoch, not the epochs run
+    assert _table_row(report, "matta_shampoo", "ta")[9] == "9.0"
+    del rows[1]["ta_own_best_auc_loss"]  # an old row without it: left out, not read as missing data
+    assert _table_row(ablation.summarize(rows, argparse.Namespace(seeds=3, out=str(tmp_path), data="synthetic")),
+                      "matta_shampoo", "ta, own best epoch")[2] == "2"
+
+
 def test_each_arm_takes_the_grid_rate_with_the_best_mean_validation_auc_loss():
     rows = []
     for arm, best in (("baseline", 1e-2), ("matta_shampoo", 2e-3)):

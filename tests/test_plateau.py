@@ -65,6 +65,65 @@ def test_training_stops_at_the_plateau_and_keeps_the_best_epoch(events):
     assert run.metrics["validation"]["label"]["student"]["auc_loss"] == pytest.approx(min(curve), abs=1e-9)
 
 
+def test_the_callback_keeps_another_metrics_best_epoch_without_restoring_or_deciding_by_it():
+    import keras
+
+    from matta_tf.training import PlateauStopping
+
+    network = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
+    curves = iter([{"student": 0.40, "ta": 0.30}, {"student": 0.35, "ta": 0.20}, {"student": 0.33, "ta": 0.25},
+                   {"student": 0.34, "ta": float("nan")}, {"student": 0.36, "ta": 0.10}])
+    callback = PlateauStopping(lambda: next(curves), "student", patience=2, weights_of=network, keep_best_of=["ta"])
+    callback.set_model(network)
+    network.stop_training = False
+    for epoch in range(5):
+        network.set_weights([np.full_like(w, epoch + 1.0) for w in network.get_weights()])
+        callback.on_epoch_end(epoch)
+        if network.stop_training:
+            break
+    callback.on_train_end()
+    assert callback.epochs_run == 5 and callback.best_epoch == 2  # the TA's best (epoch 5) decided nothing
+    assert callback.best_of["ta"][:2] == (4, 0.10)  # a NaN TA epoch is no best
+    assert all((w == 3.0).all() for w in network.get_weights())  # restored: the Student's best epoch
+    assert all((w == 5.0).all() for w in callback.best_of["ta"][2])
+    for bad in ("ta", ["student"]):
+        with pytest.raises(ValueError, match="keep_best_of"):
+            PlateauStopping(lambda: {}, "student", keep_best_of=bad)
+
+
+def test_both_streams_are_scored_every_epoch_and_the_deciding_one_picks_the_epoch_restored(events):
+    training = TrainingConfig(labels="event", optimizer="adam", learning_rate=0.05, epochs=3, batch_size=256,
+                              model=RelevanceConfig(embedding_dim=2, tower_units=(4,), head_units=(4,)))
+    run = train_relevance(events, None, training, arm="matta", verbose=0, plateau=Plateau(patience=1, stream="ta"))
+    plateau = run.metrics["plateau"]
+    per_epoch = plateau["validation_auc_loss_per_epoch"]
+    assert len(per_epoch["student"]) == len(per_epoch["ta"]) == plateau["epochs_run"]
+    assert run.history["val_ta_exact_auc_loss"] == pytest.approx(per_epoch["ta"])  # the deciding stream's log
+    best = plateau["best_epoch"] - 1
+    assert per_epoch["ta"][best] == min(per_epoch["ta"]) == pytest.approx(plateau["validation_auc_loss"])
+    # Restored to the TA's best epoch: the validation evaluated afterwards is that epoch's, for both streams.
+    validation = run.metrics["validation"]["label"]
+    assert validation["ta"]["auc_loss"] == pytest.approx(per_epoch["ta"][best], abs=1e-9)
+    assert validation["student"]["auc_loss"] == pytest.approx(per_epoch["student"][best], abs=1e-9)
+    # The Student at its own best epoch (kept, not restored): its validation figure and its weights.
+    own = plateau["at_its_own_best"]
+    student_best = int(np.argmin(per_epoch["student"]))
+    assert own["stream"] == "student" and own["best_epoch"] == student_best + 1
+    assert own["validation_auc_loss"] == min(per_epoch["student"]) and set(own["test"]) == {"label"}
+    network = run.network
+    restored = [np.array(w) for w in network.get_weights()]
+    network.set_weights(run.best_weights["student"])
+    from matta_tf.extraction.evaluate import binary_metrics
+    from matta_tf.pipelines.train import evaluation_dataset
+
+    pairs = [(np.asarray(network(x, training=False)[0]).reshape(-1), np.asarray(y).reshape(-1))
+             for x, y in evaluation_dataset(events, "validation", batch_size=512)]
+    student_logits, labels = (np.concatenate(part) for part in zip(*pairs, strict=True))
+    assert binary_metrics(labels, student_logits)["auc_loss"] == pytest.approx(min(per_epoch["student"]), abs=1e-9)
+    for weight, expected in zip(run.best_weights["ta"], restored, strict=True):
+        np.testing.assert_array_equal(weight, expected)  # the network as returned: the TA's best epoch
+
+
 def test_plateau_arguments_are_checked():
     for kwargs, message in (({"patience": 0}, "patience"), ({"min_delta": -1.0}, "min_delta"),
                             ({"stream": "teacher"}, "stream")):

@@ -19,7 +19,7 @@ assert stopping.best == min(scores["mse"] for scores in stopping.scores)
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import keras
 import numpy as np
@@ -39,26 +39,41 @@ class PlateauStopping(keras.callbacks.Callback):
             to `False`.
         weights_of: The layer or model whose weights are kept and restored. Defaults to the model being fit.
         log_name: If given, `metric`'s value is added to the epoch's logs (and so to the history) under it.
+        keep_best_of: Other metrics of `score()` whose best epoch's weights are kept too (by the same rule of
+            improvement), without deciding anything or being restored: e.g. a TA stream that peaks at another
+            epoch than the Student, to be served from its own best epoch. Defaults to none.
 
     Attributes:
         scores: Every epoch's `score()`. `best_epoch` is 0-based (-1 before the first epoch), `best` its
             value, `epochs_run` the epochs that ran.
+        best_of: For `metric` and each of `keep_best_of`: `(best epoch (0-based), its value, its weights)`.
 
     Raises:
         FloatingPointError: the metric is not finite (training diverged, or the split lacks a class).
     """
 
     def __init__(self, score: Callable[[], dict[str, float]], metric: str, patience: int = 2, min_delta: float = 0.0,
-                 higher_is_better: bool = False, weights_of: keras.Layer | None = None, log_name: str | None = None):
+                 higher_is_better: bool = False, weights_of: keras.Layer | None = None, log_name: str | None = None,
+                 keep_best_of: Sequence[str] = ()):
         super().__init__()
         check_positive_int("patience", patience)
         check_at_least("min_delta", min_delta, 0.0)
+        if isinstance(keep_best_of, str) or metric in keep_best_of:
+            raise ValueError(f"`keep_best_of` must be a sequence of metrics other than {metric!r}. "
+                             f"Received: keep_best_of={keep_best_of!r}")
         self.score, self.metric, self.patience, self.min_delta = score, metric, patience, min_delta
         self.higher_is_better, self.weights_of, self.log_name = higher_is_better, weights_of, log_name
+        self.keep_best_of = tuple(keep_best_of)
         self.scores: list[dict[str, float]] = []
-        self.best_epoch = -1
-        self.best = float("nan")
-        self._best_weights: list[np.ndarray] | None = None
+        self.best_of: dict[str, tuple[int, float, list[np.ndarray]]] = {}
+
+    @property
+    def best_epoch(self) -> int:
+        return self.best_of[self.metric][0] if self.metric in self.best_of else -1
+
+    @property
+    def best(self) -> float:
+        return self.best_of[self.metric][1] if self.metric in self.best_of else float("nan")
 
     @property
     def epochs_run(self) -> int:
@@ -76,13 +91,22 @@ class PlateauStopping(keras.callbacks.Callback):
                                      "diverged (lower the learning rate), or the validation split lacks a class")
         if logs is not None and self.log_name:
             logs[self.log_name] = value
-        gain = (value - self.best) if self.higher_is_better else (self.best - value)
-        if self.best_epoch < 0 or gain > self.min_delta:
-            self.best, self.best_epoch = value, epoch
-            self._best_weights = [np.array(weight) for weight in self._target().get_weights()]
-        elif epoch - self.best_epoch >= self.patience:
+        weights = None  # one copy however many metrics improved
+        for name in (self.metric, *self.keep_best_of):
+            if name not in scores:
+                raise KeyError(f"`score()` returned no {name!r}; it returned {sorted(scores)}")
+            if self._improved(name, scores[name]):
+                weights = weights or [np.array(weight) for weight in self._target().get_weights()]
+                self.best_of[name] = (epoch, scores[name], weights)
+        if epoch - self.best_epoch >= self.patience:
             self.model.stop_training = True
 
+    def _improved(self, name: str, value: float) -> bool:
+        if name not in self.best_of:
+            return bool(np.isfinite(value)) or name == self.metric
+        best = self.best_of[name][1]
+        return ((value - best) if self.higher_is_better else (best - value)) > self.min_delta
+
     def on_train_end(self, logs: dict | None = None) -> None:
-        if self._best_weights is not None:
-            self._target().set_weights(self._best_weights)
+        if self.metric in self.best_of:
+            self._target().set_weights(self.best_of[self.metric][2])
