@@ -213,7 +213,7 @@ def _train_row(args: argparse.Namespace, data_dir: str, arm: str, seed: int, lea
         "validation_auc_loss": validation[stream]["auc_loss"] if validation else None,
         "epochs_run": run.metrics.get("plateau", {}).get("epochs_run", config.epochs),
         "validation_per_epoch": run.metrics.get("plateau", {}).get("validation_auc_loss_per_epoch"),
-        **_at_its_own_best(run.metrics, label),
+        **(_at_its_own_best(run.metrics, label) if arm in TA_ARMS and stream == "student" else {}),
         "config": dataclasses.asdict(config),
     }
     return row, run
@@ -324,7 +324,7 @@ def summarize(rows: list[dict], args: argparse.Namespace, oracle: float | None =
               "| learning rate | epochs |", "|---|---|---|---|---|---|---|---|---|---|"]
     # The TA of a Student-decided arm is reported at the Student's best epoch ("ta"), and where it was
     # recorded also at its own best validation epoch ("ta, own best epoch").
-    own_best = [arm for arm in TA_ARMS[1:] if "ta_own_best_auc_loss" in frame
+    own_best = [arm for arm in TA_ARMS if arm != "ta_alone" and "ta_own_best_auc_loss" in frame
                 and frame.loc[frame["arm"] == arm, "ta_own_best_auc_loss"].notna().any()]
     for stream, arms, reference in (("student", STUDENT_ARMS, baseline), ("ta", TA_ARMS, ta_baseline),
                                     ("ta, own best epoch", own_best, ta_baseline)):
@@ -351,6 +351,10 @@ def summarize(rows: list[dict], args: argparse.Namespace, oracle: float | None =
             lines.append(f"| {arm} | {stream} | {len(values)} | {values.mean():.4f} | {values.std():.4f} | {change} "
                          f"| {p_value} | {part['seconds'].mean() / 60:.1f} | {rate} | {epochs} |")
     lines.append("")
+    if own_best:
+        lines += ["Rows \"ta, own best epoch\": the same runs' TA at the epoch of its own best validation AucLoss "
+                  "(its epochs column is that epoch); the \"ta\" rows take it at the Student's best epoch, the one "
+                  "the network was put back to.", ""]
     if not baseline.empty and not ta_baseline.empty:
         common = baseline.index.intersection(ta_baseline.index)
         gap = (1 - ta_baseline[common]) - (1 - baseline[common])

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -177,7 +178,7 @@ def main() -> None:
     for option in ("learning_rate", "baseline_learning_rate"):
         value = getattr(args, option)
         try:
-            if value is not None and not float(value) > 0:
+            if value is not None and not (math.isfinite(float(value)) and float(value) > 0):
                 raise ValueError
         except ValueError:
             parser.error(f"--{option.replace('_', '-')}: a positive number is needed. Received {value!r}")

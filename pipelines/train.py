@@ -161,7 +161,8 @@ class Plateau:
 class TrainingRun:
     """A trained arm: `network` (at the plateau's best epoch, if one was given), Keras's `history`, the
     `metrics`, and with a plateau, `best_weights`: each stream's weights at its own best validation epoch
-    (`network.set_weights(run.best_weights["ta"])` puts the TA at its best, e.g. to export it)."""
+    (`network.set_weights(run.best_weights["ta"])` puts the TA at its best, e.g. to export it). Streams that
+    peaked at the same epoch share one list of arrays: copy before changing one in place."""
 
     network: keras.Layer
     history: dict[str, list[float]]
@@ -202,7 +203,9 @@ def train_relevance(
             cap) and keep the best epoch; `None` trains `training.epochs` epochs. Needs a validation split.
             `metrics["plateau"]` then holds both streams' exact validation AucLoss after every epoch
             (`validation_auc_loss_per_epoch`), and the other stream at its own best epoch (`at_its_own_best`:
-            the epoch, its validation and test figures); `TrainingRun.best_weights` holds both epochs' weights.
+            the epoch, its validation AucLoss against the event label, its test figures for every evaluated
+            label); `TrainingRun.best_weights` holds each stream's best epoch's weights (a stream never
+            finite is absent). A second copy of the weights is held in host memory while training.
         distill_from: A trained pair-output network (frozen) whose TA stream's probabilities replace the
             training labels: offline distillation, the ceiling MatTA's co-training is compared with.
             Evaluation still reads the events' labels.
@@ -264,26 +267,25 @@ def train_relevance(
             log_name=f"val_{plateau.stream}_exact_auc_loss", keep_best_of=(other,)))
     history = model.fit(datasets["train"], epochs=training.epochs, verbose=verbose, callbacks=callbacks)
     metrics: dict[str, Any] = {"arm": arm, "optimizer": optimizer or training.optimizer, "labels": label_name}
+    best_weights = {}
     if plateau is not None:
         stopping = callbacks[0]
         metrics["plateau"] = {"epochs_run": stopping.epochs_run, "best_epoch": stopping.best_epoch + 1,
                               "validation_auc_loss": stopping.best, **dataclasses.asdict(plateau),
                               "validation_auc_loss_per_epoch": {stream: [scores[stream] for scores in stopping.scores]
                                                                 for stream in ("student", "ta")}}
-    for split in ("validation", "test"):
-        if split in datasets:
-            metrics[split] = {name: evaluate_streams(network, datasets[split], name) for name in eval_labels}
-    best_weights = {}
-    if plateau is not None:
-        best_weights = {stream: weights for stream, (_, _, weights) in stopping.best_of.items()}
+        best_weights = {stream: kept for stream, (_, _, kept) in stopping.best_of.items()}
         if other in stopping.best_of:
-            epoch, value, weights = stopping.best_of[other]
-            network.set_weights(weights)  # the other stream at its own best epoch, then back
+            other_epoch, other_value, other_weights = stopping.best_of[other]
+            network.set_weights(other_weights)  # the other stream at its own best epoch, then back
             metrics["plateau"]["at_its_own_best"] = {
-                "stream": other, "best_epoch": epoch + 1, "validation_auc_loss": value,
+                "stream": other, "best_epoch": other_epoch + 1, "validation_auc_loss": other_value,
                 **({"test": {name: evaluate_streams(network, datasets["test"], name)[other] for name in eval_labels}}
                    if "test" in datasets else {})}
             network.set_weights(best_weights[plateau.stream])
+    for split in ("validation", "test"):
+        if split in datasets:
+            metrics[split] = {name: evaluate_streams(network, datasets[split], name) for name in eval_labels}
     if out_dir is not None and is_chief():
         os.makedirs(out_dir, exist_ok=True)
         with atomic_output(os.path.join(out_dir, RunLayout.NETWORK)) as temporary:

@@ -124,3 +124,15 @@ def test_main_refuses_a_reference_without_events_and_a_rate_that_is_not_a_number
         with pytest.raises(SystemExit):
             loss_sweep.main()
         assert wanted in capsys.readouterr().err
+
+
+def test_main_sweeps_the_sandwich_arm_beside_an_earlier_sweep_of_fixed_matta(tmp_path, monkeypatch):
+    reference, root, calls = _reference(tmp_path), tmp_path / "sweep", []
+    monkeypatch.setattr(loss_sweep.subprocess, "run", _fake_ablation(calls))
+    base = ["loss_sweep.py", "--reference", str(reference), "--root", str(root), "--only", "default", "--seeds", "2"]
+    monkeypatch.setattr(sys, "argv", base)
+    loss_sweep.main()  # fixed MatTA first (its default's baseline included)
+    monkeypatch.setattr(sys, "argv", [*base, "--arm", "matta_sandwich"])
+    loss_sweep.main()
+    assert [c["--arms"] for c in calls] == ["baseline", "matta_shampoo", "matta_sandwich"]  # the baseline is reused
+    assert "| default | teacher |" in (root / "loss_sweep.md").read_text()

@@ -72,11 +72,12 @@ def test_the_callback_keeps_another_metrics_best_epoch_without_restoring_or_deci
 
     network = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
     curves = iter([{"student": 0.40, "ta": 0.30}, {"student": 0.35, "ta": 0.20}, {"student": 0.33, "ta": 0.25},
-                   {"student": 0.34, "ta": float("nan")}, {"student": 0.36, "ta": 0.10}])
+                   {"student": 0.34, "ta": float("nan")}, {"student": 0.36, "ta": 0.10},
+                   {"student": 0.10, "ta": 0.05}])  # never reached: the Student's plateau stops at epoch 5
     callback = PlateauStopping(lambda: next(curves), "student", patience=2, weights_of=network, keep_best_of=["ta"])
     callback.set_model(network)
     network.stop_training = False
-    for epoch in range(5):
+    for epoch in range(6):
         network.set_weights([np.full_like(w, epoch + 1.0) for w in network.get_weights()])
         callback.on_epoch_end(epoch)
         if network.stop_training:
@@ -89,6 +90,11 @@ def test_the_callback_keeps_another_metrics_best_epoch_without_restoring_or_deci
     for bad in ("ta", ["student"]):
         with pytest.raises(ValueError, match="keep_best_of"):
             PlateauStopping(lambda: {}, "student", keep_best_of=bad)
+    for metric, kept in (("student", ["ta"]), ("loss", [])):
+        missing = PlateauStopping(lambda: {"student": 0.3}, metric, keep_best_of=kept)
+        missing.set_model(network)
+        with pytest.raises(KeyError, match=r"returned no \['(ta|loss)'\]; it returned \['student'\]"):
+            missing.on_epoch_end(0)
 
 
 def test_both_streams_are_scored_every_epoch_and_the_deciding_one_picks_the_epoch_restored(events):

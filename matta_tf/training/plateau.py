@@ -46,7 +46,8 @@ class PlateauStopping(keras.callbacks.Callback):
     Attributes:
         scores: Every epoch's `score()`. `best_epoch` is 0-based (-1 before the first epoch), `best` its
             value, `epochs_run` the epochs that ran.
-        best_of: For `metric` and each of `keep_best_of`: `(best epoch (0-based), its value, its weights)`.
+        best_of: For `metric` and each of `keep_best_of`: `(best epoch (0-based), its value, its weights)`;
+            metrics that peaked at the same epoch share one list of arrays.
 
     Raises:
         FloatingPointError: the metric is not finite (training diverged, or the split lacks a class).
@@ -84,6 +85,9 @@ class PlateauStopping(keras.callbacks.Callback):
 
     def on_epoch_end(self, epoch: int, logs: dict | None = None) -> None:
         scores = self.score()
+        missing = [name for name in (self.metric, *self.keep_best_of) if name not in scores]
+        if missing:
+            raise KeyError(f"`score()` returned no {missing}; it returned {sorted(scores)}")
         self.scores.append(scores)
         value = scores[self.metric]
         if not np.isfinite(value):
@@ -93,8 +97,6 @@ class PlateauStopping(keras.callbacks.Callback):
             logs[self.log_name] = value
         weights = None  # one copy however many metrics improved
         for name in (self.metric, *self.keep_best_of):
-            if name not in scores:
-                raise KeyError(f"`score()` returned no {name!r}; it returned {sorted(scores)}")
             if self._improved(name, scores[name]):
                 weights = weights or [np.array(weight) for weight in self._target().get_weights()]
                 self.best_of[name] = (epoch, scores[name], weights)
