@@ -326,16 +326,18 @@ def summarize(rows: list[dict], args: argparse.Namespace, oracle: float | None =
     # recorded also at its own best validation epoch ("ta, own best epoch").
     own_best = [arm for arm in TA_ARMS if arm != "ta_alone" and "ta_own_best_auc_loss" in frame
                 and frame.loc[frame["arm"] == arm, "ta_own_best_auc_loss"].notna().any()]
-    for stream, arms, reference in (("student", STUDENT_ARMS, baseline), ("ta", TA_ARMS, ta_baseline),
-                                    ("ta, own best epoch", own_best, ta_baseline)):
+    groups = (("student", STUDENT_ARMS, baseline, "student_auc_loss", "epochs_run"),
+              ("ta", TA_ARMS, ta_baseline, "ta_auc_loss", "epochs_run"),
+              ("ta, own best epoch", own_best, ta_baseline, "ta_own_best_auc_loss", "ta_own_best_epoch"))
+    for stream, arms, reference, column, epochs_column in groups:
         for arm in arms:
             part = frame[frame["arm"] == arm].set_index("seed")
-            if stream == "ta, own best epoch":
-                part = part[part["ta_own_best_auc_loss"].notna()]
-                part = part.assign(epochs_run=part["ta_own_best_epoch"]).drop(columns="cap", errors="ignore")
+            if epochs_column != "epochs_run":  # rows that recorded it; that epoch, not the epochs run
+                part = part[part[column].notna()]
+                part = part.assign(epochs_run=part[epochs_column]).drop(columns="cap", errors="ignore")
             if part.empty:
                 continue
-            values = part["ta_own_best_auc_loss" if stream == "ta, own best epoch" else f"{stream}_auc_loss"]
+            values = part[column]
             common = values.index.intersection(reference.index)
             relative = (values[common] / reference[common] - 1.0) if len(common) else pd.Series(dtype=float)
             is_reference = (stream == "student" and arm == "baseline") or (stream == "ta" and arm == "ta_alone")

@@ -105,7 +105,7 @@ class PlateauStopping(keras.callbacks.Callback):
 
     def _improved(self, name: str, value: float) -> bool:
         if name not in self.best_of:
-            return bool(np.isfinite(value)) or name == self.metric
+            return bool(np.isfinite(value))  # the deciding metric was checked finite already
         best = self.best_of[name][1]
         return ((value - best) if self.higher_is_better else (best - value)) > self.min_delta
 
